@@ -1,0 +1,32 @@
+"""Weighted FedAvg over flat parameter vectors, as one tensor operation."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from meshfl.core.params import Params
+
+
+def weighted_average(vectors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+    """sum_i w_i x_i / sum_i w_i, accumulated in float64 so the order of peers barely matters."""
+    if not vectors:
+        raise ValueError("weighted_average: no vectors")
+    if len(vectors) != len(weights):
+        raise ValueError(f"weighted_average: {len(vectors)} vectors but {len(weights)} weights")
+    w = torch.tensor(weights, dtype=torch.float64)
+    if bool((w < 0).any()) or float(w.sum()) <= 0:
+        raise ValueError(f"weighted_average: weights must be >= 0 with a positive sum, got {list(weights)}")
+    if len(vectors) == 1:
+        return vectors[0].clone()
+    stacked = torch.stack(list(vectors)).to(torch.float64)
+    return ((w / w.sum()) @ stacked).to(torch.float32)
+
+
+def fedavg(models: Sequence[Params], weights: Sequence[float]) -> Params:
+    """FedAvg of Params sharing one layout; weights are usually sample counts."""
+    layouts = {m.layout.fingerprint for m in models}
+    if len(layouts) > 1:
+        raise ValueError("fedavg: models have different layouts")
+    return Params(weighted_average([m.flat for m in models], weights), models[0].layout)

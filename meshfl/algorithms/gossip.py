@@ -1,0 +1,301 @@
+"""Gossip FedAvg with P2PFL's round workflow.
+
+Round 0 diffuses the initiator's model to every peer. Each round r >= 1 then:
+1. VOTE: every peer votes for `votes_per_peer` random peers with random weights; votes are
+   flooded, and every peer tallies the same train set (most votes, ties by lower id).
+2. TRAIN: train-set peers train locally.
+3. AGGREGATE: peers gossip disjoint partial aggregates (each step to `gossip_fanout`
+   neighbours the parts they lack, train-set neighbours first) until they hold every
+   train-set model, or a timeout passes. Peers outside the train set wait for the model.
+4. DIFFUSE: a peer with the round's model gossips it to neighbours that lack it.
+5. EVALUATE and log. A peer that timed out goes on with what it has and logs what it missed.
+
+Neighbours confirm what they hold with `HaveModels`; a sender waits for that confirmation
+(or `resend_timeout_s`) before sending the same neighbour another model.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from meshfl.aggregate.partial import Part, PartialAggregates
+from meshfl.config import GossipConfig
+from meshfl.core.context import NodeContext
+from meshfl.core.messages import AggregatedModel, HaveModels, Message, PartialModel, Vote
+from meshfl.core.params import Params
+
+
+class Phase(enum.Enum):
+    INITIAL_MODEL = "initial_model"
+    VOTE = "vote"
+    TRAIN = "train"
+    AGGREGATE = "aggregate"
+    WAIT_MODEL = "wait_model"
+    DIFFUSE = "diffuse"
+    EVALUATE = "evaluate"
+    DONE = "done"
+
+
+# ---- the maths, as plain functions -------------------------------------------------------
+
+def make_vote(rng: np.random.Generator, peers: tuple[int, ...], votes_per_peer: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """P2PFL's ballot: k distinct random candidates, the i-th weighted floor(U[0,1000] / (i+1))."""
+    count = min(votes_per_peer, len(peers))
+    candidates = rng.choice(np.asarray(peers), size=count, replace=False)
+    weights = [int(rng.integers(0, 1001)) // (i + 1) for i in range(count)]
+    return tuple(int(c) for c in candidates), tuple(weights)
+
+
+def tally_votes(votes: Iterable[Vote], train_set_size: int) -> tuple[int, ...]:
+    """The `train_set_size` peers with the most vote weight; ties go to the lower peer id."""
+    totals: dict[int, int] = {}
+    for vote in votes:
+        for candidate, weight in zip(vote.candidates, vote.weights, strict=True):
+            totals[candidate] = totals.get(candidate, 0) + weight
+    ranked = sorted(totals, key=lambda peer: (-totals[peer], peer))
+    return tuple(sorted(ranked[:train_set_size]))
+
+
+def choose_targets(rng: np.random.Generator, preferred: list[int], others: list[int], fanout: int) -> list[int]:
+    """Up to `fanout` random targets from `preferred`, falling back to `others` only if it is empty."""
+    pool = sorted(preferred) if preferred else sorted(others)
+    if len(pool) <= fanout:
+        return pool
+    return sorted(int(p) for p in rng.choice(np.asarray(pool), size=fanout, replace=False))
+
+
+# ---- per-round state ------------------------------------------------------------------------
+
+@dataclass
+class RoundState:
+    votes: dict[int, Vote] = field(default_factory=dict)
+    train_set: tuple[int, ...] = ()
+    parts: PartialAggregates = field(default_factory=PartialAggregates)
+    aggregated: AggregatedModel | None = None
+    model: Params | None = None
+    neighbour_holds: dict[int, frozenset[int]] = field(default_factory=dict)
+    neighbour_complete: set[int] = field(default_factory=set)
+    awaiting_ack: dict[int, float] = field(default_factory=dict)
+
+
+class GossipPeer:
+    """One peer's side of the protocol; `run` drives it through the phases."""
+
+    def __init__(self, config: GossipConfig, rounds: int) -> None:
+        self.config = config
+        self.rounds = rounds
+        self.phase = Phase.INITIAL_MODEL
+        self.round = 0
+        self._states: dict[int, RoundState] = {}
+        self._ctx: NodeContext | None = None
+
+    def state(self, round: int) -> RoundState:
+        if round not in self._states:
+            self._states[round] = RoundState()
+        return self._states[round]
+
+    # ---- driving ----------------------------------------------------------------------------
+
+    async def run(self, ctx: NodeContext) -> None:
+        self._ctx = ctx
+        model = await self._initial_model(ctx)
+        for round in range(1, self.rounds + 1):
+            self.round = round
+            self._states.pop(round - 2, None)
+            model = await self._run_round(ctx, round, model)
+        self.phase = Phase.DONE
+
+    async def _initial_model(self, ctx: NodeContext) -> Params:
+        state = self.state(0)
+        if ctx.peer_id == self.config.initiator:
+            self._complete_round(ctx, 0, ctx.initial_params())
+        else:
+            await self._pump(ctx, lambda: state.aggregated is not None, ctx.now() + self.config.wait_model_timeout_s)
+            if state.aggregated is None:
+                ctx.log("missed_initial_model", 1, round=0)
+                self._complete_round(ctx, 0, ctx.initial_params())
+            else:
+                self._complete_round(ctx, 0, state.aggregated.params)
+        await self._diffuse(ctx, 0)
+        return state.model
+
+    async def _run_round(self, ctx: NodeContext, round: int, model: Params) -> Params:
+        state = self.state(round)
+        self.phase = Phase.VOTE
+        state.train_set = await self._elect_train_set(ctx, round)
+        if ctx.peer_id in state.train_set:
+            self.phase = Phase.TRAIN
+            result = await ctx.train(model)
+            ctx.log("train_loss", result.loss, round=round)
+            state.parts.add(Part(result.params, frozenset([ctx.peer_id]), float(max(ctx.num_samples, 1))))
+            self.phase = Phase.AGGREGATE
+            timeout = self.config.aggregation_timeout_s
+        else:
+            self.phase = Phase.WAIT_MODEL
+            timeout = self.config.wait_model_timeout_s
+        await self._pump(ctx, lambda: self._complete_model(state) is not None, ctx.now() + timeout,
+                         on_tick=lambda: self._gossip_parts(ctx, round))
+        self._complete_round(ctx, round, self._best_model(ctx, state, model))
+        await self._diffuse(ctx, round)
+        self.phase = Phase.EVALUATE
+        for metric, value in (await ctx.evaluate(state.model)).items():
+            ctx.log(metric, value, round=round)
+        return state.model
+
+    async def _elect_train_set(self, ctx: NodeContext, round: int) -> tuple[int, ...]:
+        state = self.state(round)
+        candidates, weights = make_vote(ctx.rng, ctx.peers, self.config.votes_per_peer)
+        vote = Vote(sender=ctx.peer_id, round=round, origin=ctx.peer_id, candidates=candidates, weights=weights)
+        self._handle_vote(ctx, vote)
+        everyone = len(ctx.peers)
+        await self._pump(ctx, lambda: len(state.votes) >= everyone, ctx.now() + self.config.vote_timeout_s)
+        if len(state.votes) < everyone:
+            ctx.log("missed_votes", everyone - len(state.votes), round=round)
+        return tally_votes(state.votes.values(), min(self.config.train_set_size, everyone))
+
+    async def _diffuse(self, ctx: NodeContext, round: int) -> None:
+        """DIFFUSE: send the round's model to neighbours not known to hold it, until all do."""
+        self.phase = Phase.DIFFUSE
+        state = self.state(round)
+        everyone_has_it = lambda: state.neighbour_complete.issuperset(ctx.neighbours)  # noqa: E731
+        await self._pump(ctx, everyone_has_it, ctx.now() + self.config.diffusion_timeout_s,
+                         on_tick=lambda: self._gossip_model(ctx, round))
+
+    async def _pump(self, ctx: NodeContext, done: Callable[[], bool], deadline: float,
+                    on_tick: Callable[[], None] | None = None) -> bool:
+        """Handle messages (and gossip every period) until `done()` or the deadline."""
+        next_tick = ctx.now()
+        while not done():
+            now = ctx.now()
+            if now >= deadline:
+                return False
+            if on_tick is not None and now >= next_tick:
+                on_tick()
+                next_tick = now + self.config.gossip_period_s
+            wake = min(deadline, next_tick) if on_tick is not None else deadline
+            message = await ctx.recv(wake - now)
+            if message is not None:
+                self.handle(ctx, message)
+        return True
+
+    # ---- round model ----------------------------------------------------------------------
+
+    def _complete_model(self, state: RoundState) -> Params | None:
+        """The round's model if this peer holds all of it, else None."""
+        if state.aggregated is not None and state.aggregated.contributors.issuperset(state.train_set):
+            return state.aggregated.params
+        if state.train_set and state.parts.covers(state.train_set):
+            return state.parts.result().params
+        return None
+
+    def _best_model(self, ctx: NodeContext, state: RoundState, previous: Params) -> Params:
+        complete = self._complete_model(state)
+        if complete is not None:
+            return complete
+        have = state.parts.covered
+        if state.aggregated is not None and len(state.aggregated.contributors) >= len(have):
+            have = state.aggregated.contributors
+            best = state.aggregated.params
+        else:
+            best = state.parts.result().params if have else previous
+        ctx.log("missed_models", len(set(state.train_set) - have), round=self.round)
+        return best
+
+    def _complete_round(self, ctx: NodeContext, round: int, model: Params) -> None:
+        state = self.state(round)
+        state.model = model
+        contributors = frozenset(state.train_set) if round else frozenset()
+        for neighbour in ctx.neighbours:
+            ctx.send(neighbour, HaveModels(sender=ctx.peer_id, round=round, contributors=contributors, complete=True))
+
+    # ---- gossip steps ---------------------------------------------------------------------
+
+    def _ready_for(self, ctx: NodeContext, state: RoundState, neighbour: int) -> bool:
+        sent_at = state.awaiting_ack.get(neighbour)
+        return sent_at is None or ctx.now() - sent_at >= self.config.resend_timeout_s
+
+    def _gossip_parts(self, ctx: NodeContext, round: int) -> None:
+        state = self.state(round)
+        lacking = {}
+        for neighbour in ctx.neighbours:
+            if neighbour in state.neighbour_complete or not self._ready_for(ctx, state, neighbour):
+                continue
+            held = state.neighbour_holds.get(neighbour, frozenset())
+            if neighbour in state.train_set:
+                held = held | {neighbour}
+            part = state.parts.for_neighbour(held)
+            if part is not None:
+                lacking[neighbour] = part
+        train_set = set(state.train_set)
+        preferred = [n for n in lacking if n in train_set]
+        others = [n for n in lacking if n not in train_set]
+        for target in choose_targets(ctx.rng, preferred, others, self.config.gossip_fanout):
+            part = lacking[target]
+            ctx.send(target, PartialModel(sender=ctx.peer_id, round=round, params=part.params,
+                                          contributors=part.contributors, weight=part.weight))
+            state.awaiting_ack[target] = ctx.now()
+
+    def _gossip_model(self, ctx: NodeContext, round: int) -> None:
+        state = self.state(round)
+        lacking = [n for n in ctx.neighbours
+                   if n not in state.neighbour_complete and self._ready_for(ctx, state, n)]
+        contributors = frozenset(state.train_set) if round else frozenset()
+        for target in choose_targets(ctx.rng, lacking, [], self.config.gossip_fanout):
+            ctx.send(target, AggregatedModel(sender=ctx.peer_id, round=round, params=state.model,
+                                             contributors=contributors))
+            state.awaiting_ack[target] = ctx.now()
+
+    # ---- receiving ------------------------------------------------------------------------
+
+    def handle(self, ctx: NodeContext, message: Message) -> None:
+        if isinstance(message, Vote):
+            self._handle_vote(ctx, message)
+        elif isinstance(message, HaveModels):
+            self._handle_have(message)
+        elif isinstance(message, (PartialModel, AggregatedModel)):
+            self._handle_model(ctx, message)
+
+    def _handle_vote(self, ctx: NodeContext, vote: Vote) -> None:
+        if vote.round < self.round or vote.origin in self.state(vote.round).votes:
+            return
+        self.state(vote.round).votes[vote.origin] = vote
+        relayed = Vote(sender=ctx.peer_id, round=vote.round, origin=vote.origin,
+                       candidates=vote.candidates, weights=vote.weights)
+        for neighbour in ctx.neighbours:
+            if neighbour not in (vote.sender, vote.origin):
+                ctx.send(neighbour, relayed)
+
+    def _handle_have(self, message: HaveModels) -> None:
+        if message.round < self.round - 1:
+            return
+        state = self.state(message.round)
+        previous = state.neighbour_holds.get(message.sender, frozenset())
+        state.neighbour_holds[message.sender] = previous | message.contributors
+        state.awaiting_ack.pop(message.sender, None)
+        if message.complete:
+            state.neighbour_complete.add(message.sender)
+
+    def _handle_model(self, ctx: NodeContext, message: PartialModel | AggregatedModel) -> None:
+        state = self.state(message.round)
+        if message.round < self.round or state.model is not None:
+            ctx.send(message.sender, HaveModels(sender=ctx.peer_id, round=message.round,
+                                                contributors=message.contributors, complete=True))
+            return
+        if isinstance(message, AggregatedModel):
+            state.neighbour_complete.add(message.sender)
+            if state.aggregated is None or len(message.contributors) > len(state.aggregated.contributors):
+                state.aggregated = message
+            return
+        kept = state.parts.add(Part(message.params, message.contributors, message.weight))
+        have = HaveModels(sender=ctx.peer_id, round=message.round, contributors=state.parts.covered)
+        for neighbour in (ctx.neighbours if kept else (message.sender,)):
+            ctx.send(neighbour, have)
+
+
+def build_gossip(config: GossipConfig, rounds: int) -> Callable[[int], Callable[[NodeContext], object]]:
+    """Factory per peer, as the runtimes expect."""
+    return lambda peer_id: GossipPeer(config, rounds).run

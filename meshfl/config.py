@@ -1,0 +1,186 @@
+"""Typed experiment configuration: every knob has a default and a one-line description.
+
+The CLI, `meshfl config` and the docs all read the descriptions from here, so a field is
+documented in exactly one place. Dotted keys (`gossip.gossip_fanout`) address nested fields.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(_Section):
+    dataset: Literal["digits", "mnist", "numpy", "csv", "parquet"] = Field(
+        "digits", description="digits ships with scikit-learn (offline); mnist reads IDX files; numpy/csv/parquet read `path`")
+    path: str | None = Field(
+        None, description="mnist: directory with the IDX files (default $MESHFL_DATA/mnist); numpy: .npz with x,y[,x_test,y_test]; csv/parquet: a table file")
+    download: bool = Field(True, description="mnist: download from the public mirrors into the cache when the files are missing")
+    label_column: str = Field("label", description="csv/parquet: name of the column holding the integer class label")
+    test_fraction: float = Field(0.2, gt=0, lt=1, description="numpy/csv/parquet/digits without a test split: fraction held out as the global test set")
+    partition: Literal["iid", "dirichlet", "shards", "quantity"] = Field(
+        "iid", description="how training samples are split among peers")
+    dirichlet_alpha: float = Field(0.5, gt=0, description="dirichlet: concentration; small values give strong label skew")
+    classes_per_peer: int = Field(2, ge=1, description="shards: number of distinct classes each peer holds")
+    min_samples: int = Field(50, ge=1, description="quantity: smallest number of training samples a peer gets")
+    max_samples: int = Field(500, ge=1, description="quantity: largest number of training samples a peer gets")
+    local_test_fraction: float = Field(0.1, ge=0, lt=1, description="fraction of each peer's samples kept as its local test split")
+
+    @model_validator(mode="after")
+    def _sizes_ordered(self) -> DataConfig:
+        if self.min_samples > self.max_samples:
+            raise ValueError("data.min_samples must be <= data.max_samples")
+        return self
+
+
+class TrainConfig(_Section):
+    model: Literal["mlp", "cnn"] = Field("mlp", description="model zoo entry: mlp (in-256-128-out) or cnn (two convolutions)")
+    optimizer: Literal["sgd", "adam"] = Field("sgd", description="local optimizer")
+    learning_rate: float = Field(0.1, gt=0, description="local optimizer learning rate")
+    momentum: float = Field(0.0, ge=0, lt=1, description="sgd momentum (state is reset every round)")
+    batch_size: int = Field(32, ge=1, description="local mini-batch size")
+    local_epochs: int = Field(3, ge=0, description="passes over the local train split per round (ignored when local_steps is set)")
+    local_steps: int | None = Field(None, ge=1, description="fixed number of mini-batch steps per round instead of epochs")
+    device: Literal["cpu", "cuda"] = Field("cpu", description="where local training and evaluation run")
+
+
+class TopologyConfig(_Section):
+    kind: Literal["full", "ring", "line", "star", "grid", "random", "small_world"] = Field(
+        "full", description="overlay graph between peers")
+    edge_probability: float = Field(0.3, gt=0, le=1, description="random: Erdos-Renyi edge probability p")
+    small_world_neighbours: int = Field(4, ge=2, description="small_world: each peer links to this many nearest ring neighbours (even)")
+    rewire_probability: float = Field(0.1, ge=0, le=1, description="small_world: probability of rewiring each edge")
+
+
+class NetworkConfig(_Section):
+    latency_s: float = Field(0.01, ge=0, description="one-way latency of every link, seconds")
+    bandwidth_mbps: float = Field(100.0, gt=0, description="bandwidth of every link, megabits per second")
+    loss: float = Field(0.0, ge=0, lt=1, description="probability that a message is dropped on a link")
+
+
+class ComputeConfig(_Section):
+    seconds_per_sample: float = Field(0.0001, ge=0, description="virtual seconds one training sample costs on a speed-1 peer")
+    speed_min: float = Field(1.0, gt=0, description="slowest peer speed factor (peers draw uniformly in [speed_min, speed_max])")
+    speed_max: float = Field(1.0, gt=0, description="fastest peer speed factor")
+
+    @model_validator(mode="after")
+    def _speeds_ordered(self) -> ComputeConfig:
+        if self.speed_min > self.speed_max:
+            raise ValueError("compute.speed_min must be <= compute.speed_max")
+        return self
+
+
+class GossipConfig(_Section):
+    train_set_size: int = Field(8, ge=1, description="number of peers elected each round to train (capped at the number of peers)")
+    votes_per_peer: int = Field(4, ge=1, description="number of candidates each peer votes for in the train-set election")
+    gossip_fanout: int = Field(2, ge=1, description="neighbours a peer sends models to per gossip step")
+    gossip_period_s: float = Field(0.1, gt=0, description="virtual/real seconds between gossip steps")
+    vote_timeout_s: float = Field(30.0, gt=0, description="how long a peer waits for every vote before tallying what it has")
+    aggregation_timeout_s: float = Field(300.0, gt=0, description="how long a train-set peer waits for every train-set model")
+    wait_model_timeout_s: float = Field(300.0, gt=0, description="how long a peer outside the train set waits for the aggregated model")
+    diffusion_timeout_s: float = Field(60.0, gt=0, description="how long a peer keeps sending the round's model to neighbours that lack it")
+    resend_timeout_s: float = Field(5.0, gt=0, description="how long a sender waits for a neighbour to confirm a model before sending it another")
+    initiator: int = Field(0, ge=0, description="peer whose initial model is diffused to every peer")
+
+
+class ExperimentConfig(_Section):
+    name: str = Field("default", description="experiment name, used for the run folder")
+    seed: int = Field(0, ge=0, description="run seed: a simulated run is a pure function of (config, seed)")
+    peers: int = Field(8, ge=1, description="number of peers")
+    rounds: int = Field(10, ge=1, description="number of federated rounds")
+    algorithm: Literal["gossip"] = Field("gossip", description="peer algorithm, registered by name in meshfl.algorithms")
+    max_virtual_time_s: float = Field(1e6, gt=0, description="hard end of a simulated run; waits still pending then fail with their peers named")
+    data: DataConfig = Field(default_factory=DataConfig, description="dataset and partitioning")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="local training")
+    topology: TopologyConfig = Field(default_factory=TopologyConfig, description="overlay graph")
+    network: NetworkConfig = Field(default_factory=NetworkConfig, description="simulated links")
+    compute: ComputeConfig = Field(default_factory=ComputeConfig, description="simulated compute speed")
+    gossip: GossipConfig = Field(default_factory=GossipConfig, description="gossip algorithm (P2PFL round workflow)")
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> ExperimentConfig:
+        if self.gossip.initiator >= self.peers:
+            raise ValueError(f"gossip.initiator must be < peers ({self.peers})")
+        k = self.topology.small_world_neighbours
+        if self.topology.kind == "small_world" and (k % 2 or k >= self.peers):
+            raise ValueError(f"topology.small_world_neighbours must be even and < peers ({self.peers}), got {k}")
+        return self
+
+
+class ConfigError(ValueError):
+    """A user-fixable config problem; its message is one line naming the field."""
+
+
+def _format_validation_error(err: ValidationError) -> str:
+    first = err.errors()[0]
+    field = ".".join(str(p) for p in first["loc"]) or "config"
+    message = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "literal_error":
+        allowed = first.get("ctx", {}).get("expected", "")
+        message = f"must be one of {allowed}"
+    elif first["type"] == "extra_forbidden":
+        message = "is not a known field (see `meshfl config`)"
+    got = first.get("input")
+    got_text = "" if first["type"] in ("extra_forbidden", "missing") or isinstance(got, dict) else f" (got {got!r})"
+    if field == "config" or "must be" in message and message.startswith(field):
+        return f"{message}{got_text}"
+    return f"{field}: {message}{got_text}"
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, raw: str) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{dotted}: {key} is not a section")
+        node = child
+    node[keys[-1]] = yaml.safe_load(raw) if raw != "" else None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
+    """Load YAML (or defaults), apply `key=value` overrides, validate; raise ConfigError with one line."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{p}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping of fields")
+        tree = loaded or {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set peers=4")
+        key, raw = item.split("=", 1)
+        _set_dotted(tree, key.strip(), raw.strip())
+    try:
+        return ExperimentConfig.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err)) from None
+
+
+def dump_config(config: ExperimentConfig) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+def describe_fields(model: type[BaseModel] = ExperimentConfig, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted name, default, description) for every leaf field, for `meshfl config` and --help."""
+    rows: list[tuple[str, str, str]] = []
+    for name, field in model.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            rows.extend(describe_fields(annotation, f"{prefix}{name}."))
+            continue
+        rows.append((f"{prefix}{name}", repr(field.get_default(call_default_factory=True)), field.description or ""))
+    return rows

@@ -1,0 +1,127 @@
+"""A model as one flat float32 tensor plus an immutable layout.
+
+Averaging, deltas, norms and layer slicing become single tensor operations on the flat
+vector; the layout says which slice is which named tensor. A learner binds its module's
+parameters as *views* into a flat buffer, so loading Params into a model is one copy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Names, shapes and offsets of the tensors packed in a flat vector."""
+
+    names: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+
+    def __post_init__(self) -> None:
+        if len(self.names) != len(self.shapes):
+            raise ValueError("Layout: names and shapes differ in length")
+        if len(set(self.names)) != len(self.names):
+            raise ValueError("Layout: duplicate tensor names")
+
+    @cached_property
+    def sizes(self) -> tuple[int, ...]:
+        return tuple(_numel(s) for s in self.shapes)
+
+    @cached_property
+    def offsets(self) -> tuple[int, ...]:
+        out, total = [], 0
+        for size in self.sizes:
+            out.append(total)
+            total += size
+        return tuple(out)
+
+    @cached_property
+    def numel(self) -> int:
+        return sum(self.sizes)
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """Short stable hash of names and shapes: two peers can exchange Params iff equal."""
+        text = ";".join(f"{n}:{'x'.join(map(str, s))}" for n, s in zip(self.names, self.shapes, strict=True))
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def slice_of(self, name: str) -> slice:
+        i = self.names.index(name)
+        return slice(self.offsets[i], self.offsets[i] + self.sizes[i])
+
+    @classmethod
+    def of_module(cls, module: torch.nn.Module) -> Layout:
+        named = list(module.named_parameters())
+        return cls(tuple(n for n, _ in named), tuple(tuple(p.shape) for _, p in named))
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+@dataclass(frozen=True, eq=False)
+class Params:
+    """One contiguous 1-D float32 tensor and its layout. Treat as immutable once shared."""
+
+    flat: torch.Tensor
+    layout: Layout
+
+    def __post_init__(self) -> None:
+        if self.flat.dim() != 1 or self.flat.numel() != self.layout.numel:
+            raise ValueError(f"Params: flat tensor has shape {tuple(self.flat.shape)}, layout needs ({self.layout.numel},)")
+        if self.flat.dtype != torch.float32:
+            raise ValueError(f"Params: dtype must be float32, got {self.flat.dtype}")
+
+    @property
+    def nbytes(self) -> int:
+        return self.flat.numel() * self.flat.element_size()
+
+    def tensor(self, name: str) -> torch.Tensor:
+        i = self.layout.names.index(name)
+        return self.flat[self.layout.slice_of(name)].view(self.layout.shapes[i])
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {n: self.tensor(n) for n in self.layout.names}
+
+    def clone(self) -> Params:
+        return Params(self.flat.clone(), self.layout)
+
+    @classmethod
+    def from_module(cls, module: torch.nn.Module) -> Params:
+        layout = Layout.of_module(module)
+        flat = torch.cat([p.detach().reshape(-1).to(torch.float32).cpu() for p in module.parameters()])
+        return cls(flat, layout)
+
+    def to_module(self, module: torch.nn.Module) -> None:
+        """Copy these values into `module` (layouts must match)."""
+        if Layout.of_module(module).fingerprint != self.layout.fingerprint:
+            raise ValueError("Params.to_module: layout fingerprint differs from the module's")
+        with torch.no_grad():
+            for p, name in zip(module.parameters(), self.layout.names, strict=True):
+                p.copy_(self.tensor(name))
+
+    def equal(self, other: Params) -> bool:
+        return self.layout == other.layout and torch.equal(self.flat, other.flat)
+
+
+def bind_flat(module: torch.nn.Module) -> torch.Tensor:
+    """Re-point every parameter of `module` at a slice of one new flat buffer; return it.
+
+    Afterwards `buffer.copy_(params.flat)` loads a model and `buffer.clone()` reads it,
+    with no per-tensor Python loop on the hot path.
+    """
+    params = list(module.parameters())
+    flat = torch.cat([p.detach().reshape(-1) for p in params]).contiguous()
+    offset = 0
+    for p in params:
+        n = p.numel()
+        p.data = flat[offset:offset + n].view_as(p)
+        offset += n
+    return flat

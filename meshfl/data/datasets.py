@@ -1,0 +1,234 @@
+"""Datasets as two plain tensors, and the loaders that build them from `DataConfig`.
+
+Every loader returns (train, global_test) with x already normalised, so the learners never
+need to know where the data came from. Splits are drawn from numpy Generators derived from
+the run seed, never from a global RNG, so a run is a pure function of (config, seed).
+"""
+
+from __future__ import annotations
+
+import zipfile
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from meshfl.config import DataConfig
+
+
+class DataError(ValueError):
+    """User-fixable data problem; message is ONE line naming the field/variable and the fix."""
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Features x (float32 [N, *feature_shape]) and labels y (int64 [N]) in 0..num_classes-1."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    num_classes: int
+    name: str
+
+    def __post_init__(self) -> None:
+        # Coerce once here so every consumer can rely on dtype and layout.
+        object.__setattr__(self, "x", self.x.to(torch.float32).contiguous())
+        object.__setattr__(self, "y", self.y.to(torch.int64).contiguous())
+        if self.y.ndim != 1 or self.x.ndim < 1 or self.x.shape[0] != self.y.shape[0]:
+            raise ValueError(f"Dataset {self.name}: x {tuple(self.x.shape)} and y {tuple(self.y.shape)} disagree on N")
+        if self.num_classes < 1:
+            raise ValueError(f"Dataset {self.name}: num_classes must be >= 1")
+        if len(self.y) and (int(self.y.min()) < 0 or int(self.y.max()) >= self.num_classes):
+            raise ValueError(f"Dataset {self.name}: labels must lie in 0..{self.num_classes - 1}")
+
+    def __len__(self) -> int:
+        return int(self.y.shape[0])
+
+    @property
+    def feature_shape(self) -> tuple[int, ...]:
+        return tuple(self.x.shape[1:])
+
+    def subset(self, indices: np.ndarray | torch.Tensor) -> Dataset:
+        """A copy holding only `indices`; num_classes is kept so label vectors stay aligned."""
+        if isinstance(indices, torch.Tensor):
+            idx = indices.to(torch.int64)
+        else:
+            idx = torch.from_numpy(np.asarray(indices, dtype=np.int64))
+        return Dataset(self.x[idx], self.y[idx], self.num_classes, self.name)
+
+
+def load_dataset(config: DataConfig, seed: int) -> tuple[Dataset, Dataset]:
+    """Build (train, global_test) for `config.dataset`; raise DataError on user-fixable problems."""
+    if config.dataset == "mnist":
+        from meshfl.data.mnist import load_mnist
+
+        return load_mnist(config)
+    rng = np.random.default_rng([seed, 0])
+    if config.dataset == "digits":
+        x, y = _digits_arrays()
+        return _hold_out(x, y, 10, "digits", config.test_fraction, rng)
+    path = _require_path(config)
+    if config.dataset == "numpy":
+        return _load_npz(path, config.test_fraction, rng)
+    return _load_table(path, config, rng)
+
+
+def stratified_split(labels: np.ndarray, fraction: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted (keep, held_out) indices; each class gives ~fraction of its samples, at least one kept."""
+    n = len(labels)
+    order = np.lexsort((rng.random(n), labels))  # grouped by class, random within class
+    sorted_labels = labels[order]
+    starts = np.flatnonzero(np.r_[True, sorted_labels[1:] != sorted_labels[:-1]])
+    sizes = np.diff(np.r_[starts, n])
+    n_out = np.minimum(np.floor(fraction * sizes + 0.5).astype(np.int64), sizes - 1)
+    rank = np.arange(n) - np.repeat(starts, sizes)
+    held = rank < np.repeat(n_out, sizes)
+    return np.sort(order[~held]), np.sort(order[held])
+
+
+def _hold_out(
+    x: np.ndarray, y: np.ndarray, num_classes: int, name: str, fraction: float, rng: np.random.Generator
+) -> tuple[Dataset, Dataset]:
+    keep, held = stratified_split(y, fraction, rng)
+    if len(held) == 0:
+        raise DataError(f"data.test_fraction: {fraction} of {len(y)} samples holds out nothing; raise it or use more data")
+    # Fancy indexing copies, so the tensors never alias a cached read-only array.
+    train = Dataset(torch.from_numpy(x[keep]), torch.from_numpy(y[keep]), num_classes, name)
+    test = Dataset(torch.from_numpy(x[held]), torch.from_numpy(y[held]), num_classes, name)
+    return train, test
+
+
+@lru_cache(maxsize=1)
+def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """sklearn's 8x8 digits scaled to [0, 1]; cached because tests and sweeps reload it often."""
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    x = (bunch.data.astype(np.float32) / 16.0).reshape(-1, 1, 8, 8)
+    y = bunch.target.astype(np.int64)
+    x.flags.writeable = False
+    y.flags.writeable = False
+    return x, y
+
+
+def _require_path(config: DataConfig) -> Path:
+    if not config.path:
+        raise DataError(f"data.path: required for dataset={config.dataset}; set it to the input file")
+    path = Path(config.path).expanduser()
+    if not path.is_file():
+        raise DataError(f"data.path: file {path} does not exist (dataset={config.dataset})")
+    return path
+
+
+# ---------------------------------------------------------------- numpy .npz
+
+
+def _load_npz(path: Path, fraction: float, rng: np.random.Generator) -> tuple[Dataset, Dataset]:
+    arrays = _read_npz(path)
+    if "x" not in arrays or "y" not in arrays:
+        raise DataError(f"data.path: {path} must contain arrays 'x' and 'y' (found {sorted(arrays)})")
+    if ("x_test" in arrays) != ("y_test" in arrays):
+        raise DataError(f"data.path: {path} has only one of 'x_test'/'y_test'; provide both or neither")
+    x, y = _npz_pair(path, arrays["x"], arrays["y"], "x", "y")
+    name = path.stem
+    if "x_test" not in arrays:
+        return _hold_out(x, y, int(y.max()) + 1, name, fraction, rng)
+    xt, yt = _npz_pair(path, arrays["x_test"], arrays["y_test"], "x_test", "y_test")
+    if xt.shape[1:] != x.shape[1:]:
+        raise DataError(f"data.path: {path} x_test feature shape {xt.shape[1:]} differs from x {x.shape[1:]}")
+    num_classes = int(max(y.max(), yt.max())) + 1
+    return (Dataset(torch.from_numpy(x), torch.from_numpy(y), num_classes, name),
+            Dataset(torch.from_numpy(xt), torch.from_numpy(yt), num_classes, name))
+
+
+def _read_npz(path: Path) -> dict[str, np.ndarray]:
+    """Read every array eagerly with allow_pickle=False: an .npz must never execute code."""
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            return {key: npz[key] for key in npz.files}
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
+        raise DataError(f"data.path: {path} is not a readable .npz without pickled objects ({_first_line(exc)})") from None
+
+
+def _npz_pair(path: Path, x: np.ndarray, y: np.ndarray, xname: str, yname: str) -> tuple[np.ndarray, np.ndarray]:
+    if x.ndim == 1:
+        x = x.reshape(-1, 1)
+    if y.ndim != 1 or x.shape[0] != y.shape[0] or len(y) == 0:
+        raise DataError(f"data.path: {path} needs '{yname}' 1-D with one label per row of '{xname}' (got {x.shape}, {y.shape})")
+    if not np.issubdtype(x.dtype, np.number) and x.dtype != np.bool_:
+        raise DataError(f"data.path: {path} array '{xname}' must be numeric (got dtype {x.dtype})")
+    labels = _integer_labels(y)
+    if labels is None:
+        raise DataError(f"data.path: {path} array '{yname}' must hold non-negative integer class labels")
+    return np.ascontiguousarray(x, dtype=np.float32), labels
+
+
+def _integer_labels(y: np.ndarray) -> np.ndarray | None:
+    if np.issubdtype(y.dtype, np.integer) or y.dtype == np.bool_:
+        labels = y.astype(np.int64)
+    elif np.issubdtype(y.dtype, np.floating) and np.all(np.isfinite(y)) and np.all(y == np.round(y)):
+        labels = y.astype(np.int64)
+    else:
+        return None
+    return labels if labels.min() >= 0 else None
+
+
+# ---------------------------------------------------------------- csv / parquet
+
+
+def _load_table(path: Path, config: DataConfig, rng: np.random.Generator) -> tuple[Dataset, Dataset]:
+    frame = _read_table(path, config.dataset)
+    column = config.label_column
+    if column not in frame.columns:
+        raise DataError(f"data.label_column: {column!r} is not a column of {path} (columns: {list(map(str, frame.columns))})")
+    labels, num_classes = _encode_labels(frame[column], column, path)
+    x = _numeric_features(frame.drop(columns=[column]), path)
+    return _hold_out(x, labels, num_classes, path.stem, config.test_fraction, rng)
+
+
+def _read_table(path: Path, kind: str):  # -> pandas.DataFrame (pandas imported lazily)
+    import pandas as pd
+
+    try:
+        frame = pd.read_csv(path) if kind == "csv" else pd.read_parquet(path)
+    except ImportError as exc:
+        raise DataError(f"data.dataset=parquet needs pyarrow or fastparquet: pip install pyarrow ({_first_line(exc)})") from None
+    except Exception as exc:  # pandas/pyarrow raise many types for a malformed file
+        raise DataError(f"data.path: cannot read {path} as {kind} ({_first_line(exc)})") from None
+    if len(frame) == 0:
+        raise DataError(f"data.path: {path} has no rows")
+    return frame
+
+
+def _encode_labels(series, column: str, path: Path) -> tuple[np.ndarray, int]:
+    """Map the sorted unique label values to 0..K-1, so strings and sparse ints both work."""
+    import pandas as pd
+
+    try:
+        codes, uniques = pd.factorize(series, sort=True)
+    except TypeError:
+        raise DataError(
+            f"data.label_column: column {column!r} of {path} mixes label types; use all ints or all strings") from None
+    if (codes < 0).any():
+        raise DataError(f"data.label_column: column {column!r} of {path} has missing labels; drop or fill those rows")
+    return codes.astype(np.int64), len(uniques)
+
+
+def _numeric_features(frame, path: Path) -> np.ndarray:
+    import pandas as pd
+
+    if frame.shape[1] == 0:
+        raise DataError(f"data.path: {path} has no feature columns besides data.label_column")
+    for name in frame.columns:
+        col = frame[name]
+        if not (pd.api.types.is_numeric_dtype(col) or pd.api.types.is_bool_dtype(col)):
+            raise DataError(f"data.path: column {str(name)!r} of {path} is not numeric (dtype {col.dtype}); encode or drop it")
+        if col.isna().any():
+            raise DataError(f"data.path: column {str(name)!r} of {path} has missing values; fill or drop them")
+    return np.ascontiguousarray(frame.to_numpy(dtype=np.float32))
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -1,0 +1,437 @@
+"""Plots and a self-contained HTML report for one run folder.
+
+Reads the events written to metrics.jsonl and the run summary; writes three PNGs and a
+report.html that embeds them as data URIs, so the report can be mailed or archived as
+one file. Uses matplotlib's object API on Agg (no pyplot): no global backend switch, no
+figure registry to leak, safe to call from any thread or a headless machine.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
+from matplotlib.ticker import MaxNLocator
+
+DPI = 110
+MAX_LEGEND_PEERS = 12
+MAX_LABELLED_BARS = 40
+PEER_COLOR = "#4c72b0"
+DEAD_COLOR = "#c44e52"
+MEAN_COLOR = "#111111"
+
+
+@dataclass(frozen=True)
+class MetricGrid:
+    """One metric as a peers x rounds array; NaN where a peer reported nothing that round."""
+
+    peers: np.ndarray  # (P,) int, sorted
+    rounds: np.ndarray  # (R,) int, sorted
+    values: np.ndarray  # (P, R) float
+
+    @property
+    def empty(self) -> bool:
+        return self.values.size == 0
+
+    def mean_per_round(self) -> np.ndarray:
+        """Mean over the peers that reported; NaN for a round nobody reported (no warning)."""
+        have = ~np.isnan(self.values)
+        count = have.sum(axis=0)
+        total = np.where(have, self.values, 0.0).sum(axis=0)
+        return np.divide(total, count, out=np.full(total.shape, np.nan), where=count > 0)
+
+
+# --- events -> arrays ------------------------------------------------------------------------
+
+
+def collect_metrics(events: Iterable[Any]) -> dict[str, MetricGrid]:
+    """Every metric event as a grid, keyed by metric name; other or malformed events are skipped."""
+    columns: dict[str, tuple[list[int], list[int], list[float]]] = {}
+    for event in events:
+        row = _metric_row(event)
+        if row is None:
+            continue
+        name, peer, rnd, value = row
+        peers, rounds, values = columns.setdefault(name, ([], [], []))
+        peers.append(peer)
+        rounds.append(rnd)
+        values.append(value)
+    return {name: _grid(*cols) for name, cols in sorted(columns.items())}
+
+
+def _metric_row(event: Any) -> tuple[str, int, int, float] | None:
+    if not isinstance(event, dict) or event.get("event") != "metric":
+        return None
+    try:
+        return str(event["metric"]), int(event["peer"]), int(event["round"]), float(event["value"])
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _grid(peers: list[int], rounds: list[int], values: list[float]) -> MetricGrid:
+    """Scatter (peer, round, value) columns into a dense array; a repeated point keeps the last value."""
+    peer_ids, peer_idx = np.unique(np.asarray(peers, dtype=np.int64), return_inverse=True)
+    round_ids, round_idx = np.unique(np.asarray(rounds, dtype=np.int64), return_inverse=True)
+    grid = np.full((peer_ids.size, round_ids.size), np.nan)
+    grid[peer_idx, round_idx] = np.asarray(values, dtype=float)
+    return MetricGrid(peer_ids, round_ids, grid)
+
+
+def _empty_grid() -> MetricGrid:
+    return MetricGrid(np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64), np.zeros((0, 0)))
+
+
+# --- summary helpers -------------------------------------------------------------------------
+
+
+def _per_peer(summary: dict[str, Any], key: str) -> dict[int, float]:
+    """A {"peer id": value} summary entry with int keys; entries that do not parse are dropped."""
+    out: dict[int, float] = {}
+    raw = summary.get(key)
+    if not isinstance(raw, dict):
+        return out
+    for k, v in raw.items():
+        try:
+            out[int(k)] = float(v)
+        except (TypeError, ValueError):
+            continue
+    return out
+
+
+def _dead_peers(summary: dict[str, Any]) -> set[int]:
+    dead = summary.get("dead_peers") or []
+    try:
+        return {int(p) for p in dead}
+    except (TypeError, ValueError):
+        return set()
+
+
+def _all_peers(summary: dict[str, Any], *grids: MetricGrid) -> list[int]:
+    """Every peer id the run mentions: 0..peers-1 plus any id seen in summary or metrics."""
+    ids: set[int] = set()
+    if isinstance(summary.get("peers"), int):
+        ids.update(range(summary["peers"]))
+    for key in ("final_global_accuracy", "messages_sent", "bytes_sent"):
+        ids.update(_per_peer(summary, key))
+    for grid in grids:
+        ids.update(grid.peers.tolist())
+    return sorted(ids | _dead_peers(summary))
+
+
+# --- plots -----------------------------------------------------------------------------------
+
+
+def _new_figure(width: float = 8.0, height: float = 4.5) -> Figure:
+    fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    fig.savefig(path, dpi=DPI, format="png", metadata={"Software": None})
+    return path
+
+
+def _no_data(ax: Any, what: str) -> None:
+    ax.text(0.5, 0.5, f"no {what} recorded", ha="center", va="center", transform=ax.transAxes, color="#777777")
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def _accuracy_ylim(values: np.ndarray) -> tuple[float, float]:
+    """0..1, zoomed to the top when every point is high so late-round differences stay visible."""
+    finite = values[np.isfinite(values)]
+    if finite.size == 0:
+        return 0.0, 1.0
+    lo = float(finite.min())
+    bottom = 0.0 if lo < 0.5 else max(0.0, math.floor(lo * 10 - 0.25) / 10)
+    top = max(1.0, float(finite.max()))
+    return bottom, top + 0.015 * (top - bottom)
+
+
+def plot_accuracy(grid: MetricGrid, dead: set[int], path: Path) -> Path:
+    """One thin line per peer, bold mean; a dead peer is drawn in red and ends with an x."""
+    fig = _new_figure()
+    ax = fig.add_subplot()
+    if grid.empty:
+        _no_data(ax, "global accuracy")
+        return _save(fig, path)
+    show_legend = grid.peers.size <= MAX_LEGEND_PEERS
+    alpha = 0.9 if show_legend else max(0.25, min(0.7, 8 / grid.peers.size))
+    for peer, row in zip(grid.peers.tolist(), grid.values, strict=True):
+        _plot_peer_line(ax, grid.rounds, row, peer, peer in dead, show_legend, alpha)
+    ax.plot(grid.rounds, grid.mean_per_round(), color=MEAN_COLOR, lw=2.6, marker="o", ms=4, label="mean", zorder=5)
+    ax.set_ylim(*_accuracy_ylim(grid.values))
+    ax.set_xlabel("round")
+    ax.set_ylabel("global test accuracy")
+    ax.set_title(f"Global test accuracy per peer ({grid.peers.size} peers, mean in bold)")
+    _round_axis(ax, grid.rounds)
+    if show_legend:
+        ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, frameon=False)
+    else:
+        handles = [Line2D([], [], color=PEER_COLOR, lw=1, label="one peer"),
+                   Line2D([], [], color=MEAN_COLOR, lw=2.6, label="mean")]
+        if dead & set(grid.peers.tolist()):
+            handles.append(Line2D([], [], color=DEAD_COLOR, lw=1, ls="--", marker="x", label="dead peer"))
+        ax.legend(handles=handles, loc="lower right", fontsize=8)
+    return _save(fig, path)
+
+
+def _plot_peer_line(ax: Any, rounds: np.ndarray, row: np.ndarray, peer: int, dead: bool, labelled: bool,
+                    alpha: float) -> None:
+    """Joins the rounds a peer did report, so a missed round does not hide its neighbours."""
+    have = np.isfinite(row)
+    x, y = rounds[have], row[have]
+    label = (f"peer {peer} (dead)" if dead else f"peer {peer}") if labelled else None
+    style: dict[str, Any] = {"lw": 1.0, "alpha": alpha, "label": label}
+    if not labelled:  # one colour for the crowd, red for the dead
+        style.update(color=DEAD_COLOR if dead else PEER_COLOR)
+    if dead:  # drawn above the crowd so where it stopped stays visible
+        style.update(ls="--", lw=1.4, alpha=1.0, zorder=4)
+    lines = ax.plot(x, y, marker="." if x.size < 30 else None, ms=4, **style)
+    if dead and x.size:
+        ax.plot(x[-1:], y[-1:], marker="x", ms=9, mew=2.2, color=lines[0].get_color(), ls="none", zorder=6)
+
+
+def _round_axis(ax: Any, rounds: np.ndarray) -> None:
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if rounds.size:
+        pad = 0.3 if rounds.size < 10 else 0.5
+        ax.set_xlim(rounds.min() - pad, rounds.max() + pad)
+    ax.grid(True, alpha=0.3)
+
+
+def plot_messages(peers: list[int], messages: dict[int, float], sent_bytes: dict[int, float], dead: set[int],
+                  path: Path) -> Path:
+    """Two bar panels, messages and bytes sent per peer; dead peers in red, dashed line = mean."""
+    fig = _new_figure(8.0, 6.0)
+    top, bottom = fig.subplots(2, 1, sharex=True)
+    if not peers or not (messages or sent_bytes):
+        _no_data(top, "messages")
+        _no_data(bottom, "bytes")
+        return _save(fig, path)
+    x = np.asarray(peers)
+    colors = [DEAD_COLOR if p in dead else PEER_COLOR for p in peers]
+    counts = np.asarray([messages.get(p, 0.0) for p in peers])
+    scale, unit = _byte_unit(max(sent_bytes.values(), default=0.0))
+    volume = np.asarray([sent_bytes.get(p, 0.0) for p in peers]) / scale
+    _bars(top, x, counts, colors, "messages sent")
+    _bars(bottom, x, volume, colors, f"{unit} sent")
+    top.set_title(f"Messages and bytes sent per peer (total {int(counts.sum()):,} messages, "
+                  f"{_human_bytes(float(sum(sent_bytes.values())))})")
+    bottom.set_xlabel("peer")
+    if len(peers) <= MAX_LABELLED_BARS:
+        bottom.set_xticks(x)
+        bottom.tick_params(axis="x", labelsize=8 if len(peers) > 16 else 10)
+    else:
+        bottom.xaxis.set_major_locator(MaxNLocator(integer=True, steps=[1, 2, 5, 10]))
+    handles = [Patch(color=PEER_COLOR, label="alive peer")]
+    if dead:
+        handles.append(Patch(color=DEAD_COLOR, label="dead peer"))
+    handles.append(Line2D([], [], color=MEAN_COLOR, ls="--", lw=1, label="mean"))
+    top.set_ylim(0, max(1.0, float(counts.max())) * 1.18)  # headroom for the legend
+    top.legend(handles=handles, loc="upper right", ncols=len(handles), fontsize=8)
+    return _save(fig, path)
+
+
+def _bars(ax: Any, x: np.ndarray, heights: np.ndarray, colors: list[str], ylabel: str) -> None:
+    ax.bar(x, heights, color=colors, width=0.8)
+    if heights.size:
+        ax.axhline(float(heights.mean()), color=MEAN_COLOR, ls="--", lw=1, alpha=0.7)
+    ax.set_ylabel(ylabel)
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.set_axisbelow(True)
+
+
+def plot_loss(global_loss: MetricGrid, train_loss: MetricGrid, path: Path) -> Path:
+    """Mean global test loss per round with the min-max band over peers; mean train loss dashed."""
+    fig = _new_figure()
+    ax = fig.add_subplot()
+    if global_loss.empty and train_loss.empty:
+        _no_data(ax, "loss")
+        return _save(fig, path)
+    if not global_loss.empty:
+        _loss_band(ax, global_loss)
+        ax.plot(global_loss.rounds, global_loss.mean_per_round(), color=PEER_COLOR, lw=2.2, marker="o", ms=4,
+                label="mean global test loss")
+    if not train_loss.empty:
+        ax.plot(train_loss.rounds, train_loss.mean_per_round(), color="#dd8452", lw=1.6, ls="--", marker=".",
+                label="mean train loss")
+    ax.set_xlabel("round")
+    ax.set_ylabel("loss")
+    ax.set_ylim(bottom=0)
+    ax.set_title("Loss per round")
+    _round_axis(ax, np.union1d(global_loss.rounds, train_loss.rounds))
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def _loss_band(ax: Any, grid: MetricGrid) -> None:
+    have = np.isfinite(grid.values).any(axis=0)
+    if grid.peers.size < 2 or not have.any():
+        return
+    low = np.min(np.where(np.isfinite(grid.values), grid.values, np.inf), axis=0)
+    high = np.max(np.where(np.isfinite(grid.values), grid.values, -np.inf), axis=0)
+    ax.fill_between(grid.rounds[have], low[have], high[have], color=PEER_COLOR, alpha=0.15, lw=0,
+                    label="min-max over peers")
+
+
+# --- formatting ------------------------------------------------------------------------------
+
+
+def _byte_unit(largest: float) -> tuple[float, str]:
+    for scale, unit in ((2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB")):
+        if largest >= scale:
+            return float(scale), unit
+    return 1.0, "bytes"
+
+
+def _human_bytes(n: float) -> str:
+    scale, unit = _byte_unit(n)
+    return f"{int(n):,} bytes" if scale == 1.0 else f"{n / scale:.1f} {unit}"
+
+
+def _fmt_acc(value: float | None) -> str:
+    return "—" if value is None or not math.isfinite(value) else f"{value:.4f}"
+
+
+def _fmt_seconds(value: Any) -> str:
+    try:
+        s = float(value)
+    except (TypeError, ValueError):
+        return "—"
+    if s >= 3600:
+        return f"{s:.1f} s ({int(s // 3600)}h {int(s % 3600 // 60):02d}m)"
+    if s >= 120:
+        return f"{s:.1f} s ({int(s // 60)}m {s % 60:04.1f}s)"
+    return f"{s:.2f} s"
+
+
+def _fmt_count(value: float | None) -> str:
+    return "—" if value is None else f"{int(value):,}"
+
+
+def _summary_accuracy(summary: dict[str, Any], key: str, final: dict[int, float], reduce: Any) -> float | None:
+    """The summary's own figure when present, else recomputed from the per-peer finals."""
+    try:
+        return float(summary[key])
+    except (KeyError, TypeError, ValueError):
+        return float(reduce(list(final.values()))) if final else None
+
+
+# --- HTML ------------------------------------------------------------------------------------
+
+_CSS = """
+body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2rem auto; max-width: 1000px;
+       padding: 0 1rem; color: #222; }
+h1 { margin-bottom: 0.2rem; } h2 { margin-top: 2rem; border-bottom: 1px solid #ddd; padding-bottom: 0.2rem; }
+table { border-collapse: collapse; margin: 0.5rem 0; font-variant-numeric: tabular-nums; }
+th, td { padding: 0.25rem 0.8rem; border-bottom: 1px solid #eee; text-align: left; }
+td.num { text-align: right; }
+tr.dead td, td.dead { background: #fde2e2; color: #8a1f1f; font-weight: 600; }
+th.num { text-align: right; }
+img { max-width: 100%; height: auto; display: block; margin: 0.5rem 0 1.5rem; }
+pre { background: #f6f8fa; padding: 1rem; overflow-x: auto; font-size: 0.85rem; }
+"""
+
+
+def _img(path: Path, alt: str) -> str:
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+
+
+def _row(label: str, value: str, css: str = "") -> str:
+    cls = f' class="{css}"' if css else ""
+    return f"<tr><th>{html.escape(label)}</th><td{cls}>{html.escape(value)}</td></tr>"
+
+
+def _summary_table(summary: dict[str, Any], peers: list[int], final: dict[int, float], messages: dict[int, float],
+                   sent_bytes: dict[int, float], dead: set[int]) -> str:
+    total_bytes = sum(sent_bytes.values()) if sent_bytes else None
+    rows = [
+        _row("Peers", str(summary.get("peers", len(peers)))),
+        _row("Rounds", str(summary.get("rounds", "—"))),
+        _row("Mean final accuracy", _fmt_acc(_summary_accuracy(summary, "mean_final_accuracy", final, np.mean))),
+        _row("Min final accuracy", _fmt_acc(_summary_accuracy(summary, "min_final_accuracy", final, np.min))),
+        _row("Total messages", _fmt_count(sum(messages.values()) if messages else None)),
+        _row("Total bytes", "—" if total_bytes is None else f"{int(total_bytes):,} ({_human_bytes(total_bytes)})"),
+        _row("Wall time", _fmt_seconds(summary.get("wall_time_s"))),
+        _row("Virtual time", _fmt_seconds(summary.get("virtual_time_s"))),
+        _row("Dead peers", ", ".join(map(str, sorted(dead))) if dead else "none", "dead" if dead else ""),
+    ]
+    return "<table>\n" + "\n".join(rows) + "\n</table>"
+
+
+def _peer_table(peers: list[int], final: dict[int, float], messages: dict[int, float], sent_bytes: dict[int, float],
+                dead: set[int]) -> str:
+    head = ('<tr><th class="num">peer</th><th class="num">final global accuracy</th>'
+            '<th class="num">messages sent</th><th class="num">bytes sent</th><th>status</th></tr>')
+    rows = []
+    for p in peers:
+        cls = ' class="dead"' if p in dead else ""
+        cells = [str(p), _fmt_acc(final.get(p)), _fmt_count(messages.get(p)), _fmt_count(sent_bytes.get(p)),
+                 "dead" if p in dead else "alive"]
+        tds = "".join(f'<td class="num">{html.escape(c)}</td>' for c in cells[:4]) + f"<td>{cells[4]}</td>"
+        rows.append(f"<tr{cls}>{tds}</tr>")
+    return "<table>\n" + head + "\n" + "\n".join(rows) + "\n</table>"
+
+
+def render_html(title: str, summary_html: str, images: list[str], peer_html: str, config_yaml: str) -> str:
+    esc = html.escape(title)
+    return "\n".join([
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>{esc}</title><style>{_CSS}</style></head><body>",
+        f"<h1>{esc}</h1>",
+        "<h2>Summary</h2>", summary_html,
+        "<h2>Plots</h2>", *images,
+        "<h2>Per-peer results</h2>", peer_html,
+        "<h2>Configuration</h2>", f"<pre>{html.escape(config_yaml)}</pre>",
+        "</body></html>", "",
+    ])
+
+
+# --- entry point -----------------------------------------------------------------------------
+
+
+def write_report(run_dir: Path, events: list[dict], summary: dict, config_yaml: str,
+                 title: str = "meshfl run") -> list[Path]:
+    """Write the three plots and report.html into run_dir; return the paths written."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    grids = collect_metrics(events)
+    accuracy = grids.get("global_accuracy", _empty_grid())
+    global_loss = grids.get("global_loss", _empty_grid())
+    train_loss = grids.get("train_loss", _empty_grid())
+    final = _per_peer(summary, "final_global_accuracy")
+    messages = _per_peer(summary, "messages_sent")
+    sent_bytes = _per_peer(summary, "bytes_sent")
+    dead = _dead_peers(summary)
+    peers = _all_peers(summary, accuracy)
+
+    pngs = [
+        plot_accuracy(accuracy, dead, run_dir / "accuracy_per_peer.png"),
+        plot_messages(peers, messages, sent_bytes, dead, run_dir / "messages_per_peer.png"),
+        plot_loss(global_loss, train_loss, run_dir / "loss_per_round.png"),
+    ]
+    alts = ["global test accuracy per peer per round", "messages and bytes sent per peer", "loss per round"]
+    page = render_html(
+        title,
+        _summary_table(summary, peers, final, messages, sent_bytes, dead),
+        [_img(p, alt) for p, alt in zip(pngs, alts, strict=True)],
+        _peer_table(peers, final, messages, sent_bytes, dead),
+        config_yaml,
+    )
+    report = run_dir / "report.html"
+    report.write_text(page, encoding="utf-8")
+    return [*pngs, report]

@@ -1,0 +1,106 @@
+"""config -> data -> peers -> simulation -> metrics -> run folder."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from meshfl.algorithms import build_algorithm
+from meshfl.config import ExperimentConfig, dump_config
+from meshfl.core.metrics import MetricsLog
+from meshfl.core.topology import make_topology
+from meshfl.data import load_dataset, partition_stats, split_for_peers
+from meshfl.learn.learner import TorchLearner
+from meshfl.runtime.sim.runtime import SimResult, Simulation
+
+
+@dataclass
+class RunResult:
+    run_dir: Path | None
+    summary: dict[str, Any]
+    metrics: MetricsLog
+    sim: SimResult
+
+
+def default_run_dir(config: ExperimentConfig, root: Path = Path("runs")) -> Path:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    safe_name = re.sub(r"[^A-Za-z0-9_.-]+", "_", config.name)
+    path = root / f"{stamp}-{safe_name}"
+    suffix = 1
+    while path.exists():
+        suffix += 1
+        path = root / f"{stamp}-{safe_name}-{suffix}"
+    return path
+
+
+def simulate(config: ExperimentConfig, metrics: MetricsLog | None = None) -> tuple[SimResult, MetricsLog, list[dict]]:
+    """Run one simulated experiment in memory; a pure function of (config, seed) but for wall times."""
+    metrics = metrics or MetricsLog()
+    train, global_test = load_dataset(config.data, config.seed)
+    peer_data = split_for_peers(train, config.peers, config.data, config.seed)
+    stats = partition_stats(peer_data, train.num_classes)
+    learner = TorchLearner(config.train, train.feature_shape, train.num_classes)
+    topology = make_topology(config.topology, config.peers, config.seed)
+    sim = Simulation(config, topology, learner, peer_data, global_test, metrics)
+    metrics.record("run_started", peers=config.peers, rounds=config.rounds, algorithm=config.algorithm,
+                   parameters=learner.layout.numel, layout=learner.layout.fingerprint)
+    result = sim.run(build_algorithm(config))
+    metrics.record("run_finished")
+    return result, metrics, stats
+
+
+def summarise(config: ExperimentConfig, result: SimResult, metrics: MetricsLog, wall_time_s: float) -> dict[str, Any]:
+    final: dict[str, float] = {}
+    for event in metrics.events:
+        if event["event"] == "metric" and event["metric"] == "global_accuracy" and event["round"] == config.rounds:
+            final[str(event["peer"])] = event["value"]
+    values = [v for v in final.values() if not math.isnan(v)]
+    traffic = result.traffic
+    return {
+        "name": config.name,
+        "algorithm": config.algorithm,
+        "peers": config.peers,
+        "rounds": config.rounds,
+        "seed": config.seed,
+        "final_global_accuracy": final,
+        "mean_final_accuracy": sum(values) / len(values) if values else float("nan"),
+        "min_final_accuracy": min(values) if values else float("nan"),
+        "messages_sent": {str(p): n for p, n in enumerate(traffic.messages_sent)},
+        "bytes_sent": {str(p): n for p, n in enumerate(traffic.bytes_sent)},
+        "messages_dropped": {str(p): n for p, n in enumerate(traffic.messages_dropped)},
+        "total_messages": sum(traffic.messages_sent),
+        "total_bytes": sum(traffic.bytes_sent),
+        "dead_peers": sorted(int(p) for p in range(config.peers) if str(p) not in final),
+        "virtual_time_s": result.virtual_time_s,
+        "wall_time_s": wall_time_s,
+    }
+
+
+def run_experiment(config: ExperimentConfig, run_dir: Path | None, metrics: MetricsLog | None = None,
+                   report: bool = True) -> RunResult:
+    """Simulate `config` and, if `run_dir` is given, write the run folder there."""
+    started = time.perf_counter()
+    result, metrics, stats = simulate(config, metrics)
+    summary = summarise(config, result, metrics, time.perf_counter() - started)
+    if run_dir is not None:
+        write_run_folder(run_dir, config, metrics, summary, stats, report)
+    return RunResult(run_dir, summary, metrics, result)
+
+
+def write_run_folder(run_dir: Path, config: ExperimentConfig, metrics: MetricsLog, summary: dict[str, Any],
+                     stats: list[dict], report: bool) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config_text = dump_config(config)
+    (run_dir / "config.yaml").write_text(config_text)
+    metrics.write_jsonl(run_dir / "metrics.jsonl")
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (run_dir / "partition.json").write_text(json.dumps(stats) + "\n")
+    if report:
+        from meshfl.experiment.report import write_report
+        write_report(run_dir, metrics.events, summary, config_text, title=f"meshfl: {config.name}")

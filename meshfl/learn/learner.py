@@ -1,0 +1,126 @@
+"""Learners turn (Params, local data) into trained Params and evaluation numbers.
+
+`TorchLearner` keeps one module whose parameters are views into a flat buffer, so loading
+a peer's Params is one copy and reading them back is one clone. One learner serves every
+peer of a simulation in turn: per-peer state is only Params, data and a generator.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+from meshfl.config import TrainConfig
+from meshfl.core.context import TrainResult
+from meshfl.core.params import Layout, Params, bind_flat
+from meshfl.data import Dataset
+from meshfl.learn.models import build_model
+
+EVAL_BATCH = 4096
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    accuracy: float
+    loss: float
+    samples: int
+
+
+class Learner(Protocol):
+    layout: Layout
+
+    def init_params(self, seed: int) -> Params: ...
+
+    def train(self, params: Params, data: Dataset, generator: torch.Generator) -> TrainResult: ...
+
+    def evaluate(self, params: Params, data: Dataset) -> Evaluation: ...
+
+
+def steps_per_round(config: TrainConfig, samples: int) -> int:
+    """Mini-batch steps a peer takes per round: local_steps, or local_epochs full passes."""
+    if config.local_steps is not None:
+        return config.local_steps
+    return config.local_epochs * math.ceil(samples / config.batch_size)
+
+
+def batch_indices(samples: int, steps: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
+    """Index batches of `steps` mini-batches, reshuffling at each pass over the data."""
+    batches: list[torch.Tensor] = []
+    while len(batches) < steps:
+        order = torch.randperm(samples, generator=generator)
+        batches.extend(order.split(batch_size))
+    return batches[:steps]
+
+
+class TorchLearner:
+    def __init__(self, config: TrainConfig, feature_shape: tuple[int, ...], num_classes: int) -> None:
+        if config.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("train.device=cuda but no CUDA device is available; use train.device=cpu")
+        self.config = config
+        self.device = torch.device(config.device)
+        self.feature_shape = feature_shape
+        self.num_classes = num_classes
+        self.module = build_model(config.model, feature_shape, num_classes).to(self.device)
+        self.layout = Layout.of_module(self.module)
+        self.flat = bind_flat(self.module)
+        self._on_device: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def init_params(self, seed: int) -> Params:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            fresh = build_model(self.config.model, self.feature_shape, self.num_classes)
+        return Params.from_module(fresh)
+
+    def _tensors(self, data: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.device.type == "cpu":
+            return data.x, data.y
+        key = id(data)
+        if key not in self._on_device:
+            self._on_device[key] = (data.x.to(self.device), data.y.to(self.device))
+        return self._on_device[key]
+
+    def _optimizer(self) -> torch.optim.Optimizer:
+        if self.config.optimizer == "adam":
+            return torch.optim.Adam(self.module.parameters(), lr=self.config.learning_rate)
+        return torch.optim.SGD(self.module.parameters(), lr=self.config.learning_rate, momentum=self.config.momentum)
+
+    def train(self, params: Params, data: Dataset, generator: torch.Generator) -> TrainResult:
+        if len(data) == 0:
+            return TrainResult(params, 0, 0, float("nan"))
+        self.flat.copy_(params.flat)
+        x, y = self._tensors(data)
+        steps = steps_per_round(self.config, len(data))
+        optimizer = self._optimizer()
+        self.module.train()
+        total_loss = torch.zeros((), device=self.device)
+        samples = 0
+        for idx in batch_indices(len(data), steps, self.config.batch_size, generator):
+            idx = idx.to(self.device)
+            optimizer.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(self.module(x[idx]), y[idx])
+            loss.backward()
+            optimizer.step()
+            total_loss += loss.detach()
+            samples += len(idx)
+        trained = Params(self.flat.detach().to("cpu", copy=True), self.layout)
+        return TrainResult(trained, samples, steps, float(total_loss) / steps)
+
+    @torch.no_grad()
+    def evaluate(self, params: Params, data: Dataset) -> Evaluation:
+        if len(data) == 0:
+            return Evaluation(float("nan"), float("nan"), 0)
+        self.flat.copy_(params.flat)
+        self.module.eval()
+        x, y = self._tensors(data)
+        correct = 0
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        for start in range(0, len(data), EVAL_BATCH):
+            logits = self.module(x[start:start + EVAL_BATCH])
+            target = y[start:start + EVAL_BATCH]
+            loss_sum += F.cross_entropy(logits, target, reduction="sum").double()
+            correct += int((logits.argmax(1) == target).sum())
+        return Evaluation(correct / len(data), float(loss_sum) / len(data), len(data))

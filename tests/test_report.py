@@ -1,0 +1,149 @@
+"""Run report: plots are valid PNGs, report.html is self-contained, escaped and complete."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from meshfl.experiment.report import collect_metrics, write_report
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+PLOTS = ["accuracy_per_peer.png", "messages_per_peer.png", "loss_per_round.png"]
+
+
+def _metric(peer: int, rnd: int, metric: str, value: float) -> dict:
+    return {"event": "metric", "round": rnd, "peer": peer, "metric": metric, "value": value,
+            "virtual_time": rnd * 2.5, "wall_time": rnd * 0.4}
+
+
+def synthetic_run(peers: int = 4, rounds: int = 5, dead: int | None = 3) -> tuple[list[dict], dict]:
+    """Peer `dead` stops after round 2; peer 1 misses round 3; plus non-metric noise."""
+    events: list[dict] = [{"event": "message", "src": 0, "dst": 1, "bytes": 100}]
+    final: dict[str, float] = {}
+    for p in range(peers):
+        for r in range(1, rounds + 1):
+            if (p == dead and r > 2) or (p == 1 and r == 3):
+                continue
+            acc = round(0.5 + 0.08 * r + 0.01 * p, 4)
+            events.append(_metric(p, r, "global_accuracy", acc))
+            events.append(_metric(p, r, "global_loss", 2.0 / r + 0.01 * p))
+            events.append(_metric(p, r, "train_loss", 1.5 / r))
+            events.append(_metric(p, r, "local_accuracy", acc))
+            final[str(p)] = acc
+    events.append({"event": "missed_models", "peer": 2, "round": 4, "missing": [3]})
+    events.append({"event": "metric", "metric": "global_accuracy"})  # malformed: ignored
+    summary = {
+        "peers": peers, "rounds": rounds, "final_global_accuracy": final,
+        "messages_sent": {str(p): 100 + p for p in range(peers)},
+        "bytes_sent": {str(p): 123456 * (p + 1) for p in range(peers)},
+        "wall_time_s": 12.3, "virtual_time_s": 45.6,
+        "mean_final_accuracy": float(np.mean(list(final.values()))),
+        "min_final_accuracy": float(np.min(list(final.values()))),
+    }
+    if dead is not None:
+        summary["dead_peers"] = [dead]
+    return events, summary
+
+
+CONFIG = "name: test\npeers: 4\nnote: <b>not bold</b> & more\n"
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path], dict]:
+    run_dir = tmp_path_factory.mktemp("run")
+    events, summary = synthetic_run()
+    files = write_report(run_dir, events, summary, CONFIG, title="test <run>")
+    return run_dir, files, summary
+
+
+def test_writes_all_files(report) -> None:
+    run_dir, files, _ = report
+    assert [f.name for f in files] == [*PLOTS, "report.html"]
+    for f in files:
+        assert f.parent == run_dir
+        assert f.is_file() and f.stat().st_size > 0
+
+
+def test_plots_are_png(report) -> None:
+    run_dir, _, _ = report
+    for name in PLOTS:
+        assert (run_dir / name).read_bytes()[:8] == PNG_MAGIC
+
+
+def test_html_embeds_plots_and_is_self_contained(report) -> None:
+    html = (report[0] / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 3
+    assert "<script" not in html
+    assert "http" not in html
+    assert "<link" not in html
+
+
+def test_html_lists_every_peer_with_final_accuracy(report) -> None:
+    html = (report[0] / "report.html").read_text()
+    for peer, acc in report[2]["final_global_accuracy"].items():
+        assert f'<td class="num">{peer}</td><td class="num">{acc:.4f}</td>' in html
+
+
+def test_html_summary_values(report) -> None:
+    html = (report[0] / "report.html").read_text()
+    summary = report[2]
+    assert f"{summary['mean_final_accuracy']:.4f}" in html
+    assert f"{summary['min_final_accuracy']:.4f}" in html
+    assert f"{sum(summary['messages_sent'].values()):,}" in html
+    assert f"{sum(summary['bytes_sent'].values()):,}" in html
+    assert "12.30 s" in html and "45.60 s" in html
+
+
+def test_dead_peers_highlighted(report) -> None:
+    html = (report[0] / "report.html").read_text()
+    assert '<td class="dead">3</td>' in html
+    assert '<tr class="dead"><td class="num">3</td>' in html
+
+
+def test_config_and_title_escaped(report) -> None:
+    html = (report[0] / "report.html").read_text()
+    assert "&lt;b&gt;not bold&lt;/b&gt; &amp; more" in html
+    assert "<b>" not in html
+    assert "<title>test &lt;run&gt;</title>" in html
+
+
+def test_collect_metrics_grid_handles_gaps_and_noise() -> None:
+    events, _ = synthetic_run()
+    grids = collect_metrics(events)
+    assert set(grids) == {"global_accuracy", "global_loss", "train_loss", "local_accuracy"}
+    acc = grids["global_accuracy"]
+    assert acc.peers.tolist() == [0, 1, 2, 3]
+    assert acc.rounds.tolist() == [1, 2, 3, 4, 5]
+    assert math.isnan(acc.values[1, 2])  # peer 1 missed round 3
+    assert np.isnan(acc.values[3, 2:]).all()  # peer 3 dead after round 2
+    mean = acc.mean_per_round()
+    assert mean[2] == pytest.approx(np.mean([acc.values[0, 2], acc.values[2, 2]]))
+
+
+def test_minimal_summary_and_no_metrics(tmp_path: Path) -> None:
+    files = write_report(tmp_path / "new" / "dir", [{"event": "message"}], {}, "")
+    assert all(f.is_file() for f in files)
+    html = files[-1].read_text()
+    assert "—" in html and "none" in html
+
+
+def test_many_peers_no_legend_path_and_fast(tmp_path: Path) -> None:
+    import time
+
+    events, summary = synthetic_run(peers=60, rounds=30, dead=7)
+    start = time.perf_counter()
+    files = write_report(tmp_path, events, summary, CONFIG)
+    elapsed = time.perf_counter() - start
+    assert files[0].read_bytes()[:8] == PNG_MAGIC
+    assert elapsed < 10  # generous: ~0.6 s here; guards against per-point plotting
+
+
+def test_rewrite_overwrites(tmp_path: Path) -> None:
+    events, summary = synthetic_run()
+    write_report(tmp_path, events, summary, CONFIG)
+    summary["final_global_accuracy"]["0"] = 0.1234
+    html = write_report(tmp_path, events, summary, CONFIG)[-1].read_text()
+    assert "0.1234" in html

@@ -90,6 +90,41 @@ class GossipConfig(_Section):
     initiator: int = Field(0, ge=0, description="peer whose initial model is diffused to every peer")
 
 
+class WireConfig(_Section):
+    codec: Literal["float32", "float16", "int8", "topk"] = Field("float32", description="how tensors travel: raw float32, float16, int8 with a per-tensor scale, or top-k sparse")
+    topk_fraction: float = Field(0.1, gt=0, le=1, description="topk: fraction of the largest-magnitude entries sent")
+    compression: Literal["none", "gzip", "zstd"] = Field("none", description="byte compression applied after the codec")
+    max_message_mb: float = Field(256.0, gt=0, description="messages larger than this are refused at the door")
+    max_round_lag: int = Field(2, ge=0, description="messages more than this many rounds older than the receiver's round are refused")
+
+
+class TlsConfig(_Section):
+    mode: Literal["none", "tls", "mtls"] = Field("none", description="none: plaintext; tls: server certificates; mtls: both sides present certificates signed by the CA")
+    ca: str | None = Field(None, description="CA certificate (PEM) that signs every peer's certificate")
+    cert: str | None = Field(None, description="this peer's certificate (PEM)")
+    key: str | None = Field(None, description="this peer's private key (PEM)")
+
+    @model_validator(mode="after")
+    def _files_given(self) -> TlsConfig:
+        if self.mode != "none":
+            missing = [name for name in ("ca", "cert", "key") if getattr(self, name) is None]
+            if missing:
+                raise ValueError(f"grpc.tls.mode={self.mode} needs grpc.tls.{', grpc.tls.'.join(missing)}")
+        return self
+
+
+class GrpcConfig(_Section):
+    host: str = Field("127.0.0.1", description="launch --local: host every peer listens on")
+    base_port: int = Field(50100, ge=1, le=65535, description="launch --local: peer i listens on base_port + i")
+    chunk_kb: int = Field(1024, ge=1, description="large messages are streamed in chunks of this size")
+    heartbeat_interval_s: float = Field(1.0, gt=0, description="seconds between heartbeats to each neighbour")
+    heartbeat_timeout_s: float = Field(5.0, gt=0, description="a neighbour silent this long is considered dead")
+    connect_retries: int = Field(8, ge=0, description="reconnect attempts (jittered exponential backoff) before a neighbour is given up")
+    backoff_initial_s: float = Field(0.2, gt=0, description="first reconnect delay")
+    backoff_max_s: float = Field(5.0, gt=0, description="largest reconnect delay")
+    tls: TlsConfig = Field(default_factory=TlsConfig, description="transport security")
+
+
 class ExperimentConfig(_Section):
     name: str = Field("default", description="experiment name, used for the run folder")
     seed: int = Field(0, ge=0, description="run seed: a simulated run is a pure function of (config, seed)")
@@ -103,6 +138,8 @@ class ExperimentConfig(_Section):
     network: NetworkConfig = Field(default_factory=NetworkConfig, description="simulated links")
     compute: ComputeConfig = Field(default_factory=ComputeConfig, description="simulated compute speed")
     gossip: GossipConfig = Field(default_factory=GossipConfig, description="gossip algorithm (P2PFL round workflow)")
+    wire: WireConfig = Field(default_factory=WireConfig, description="wire format of the gRPC runtime")
+    grpc: GrpcConfig = Field(default_factory=GrpcConfig, description="gRPC runtime: addresses, heartbeats, reconnects, TLS")
 
     @model_validator(mode="after")
     def _cross_checks(self) -> ExperimentConfig:
@@ -129,8 +166,8 @@ def _format_validation_error(err: ValidationError) -> str:
         message = "is not a known field (see `meshfl config`)"
     got = first.get("input")
     got_text = "" if first["type"] in ("extra_forbidden", "missing") or isinstance(got, dict) else f" (got {got!r})"
-    if field == "config" or "must be" in message and message.startswith(field):
-        return f"{message}{got_text}"
+    if field == "config" or message.split(" ", 1)[0].startswith(field.split(".")[0]):
+        return message  # a cross-field check that names its fields itself
     return f"{field}: {message}{got_text}"
 
 

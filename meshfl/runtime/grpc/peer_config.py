@@ -1,0 +1,120 @@
+"""What one real peer process needs to know: who it is, where it listens, whom it talks to.
+
+`meshfl node --config peer.yaml` reads a `PeerConfig`. The experiment config is embedded
+(or named by path) so that every peer derives its data split, model and algorithm settings
+from the same source the simulator uses: same seed, same split, same numbers.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from meshfl.config import ConfigError, ExperimentConfig, TlsConfig, load_config
+
+
+class PeerConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    peer_id: int = Field(..., ge=0, description="this peer's id, 0..peers-1")
+    listen: str = Field(..., description="host:port this peer's gRPC server binds")
+    neighbours: dict[int, str] = Field(default_factory=dict, description="neighbour id -> host:port of its server")
+    experiment: ExperimentConfig | str = Field(
+        ..., description="the experiment config, embedded as a mapping or as a path to its YAML (relative to this file)")
+    overrides: list[str] = Field(default_factory=list, description="key=value overrides applied to a path-given experiment")
+    out_dir: str = Field("peer-out", description="folder for this peer's metrics.jsonl (relative to this file)")
+    tls: TlsConfig | None = Field(None, description="this peer's certificate and key; default: the experiment's grpc.tls")
+    startup_timeout_s: float = Field(60.0, gt=0, description="how long to wait for every neighbour to answer before the algorithm starts anyway")
+    linger_s: float = Field(1.0, ge=0, description="seconds to keep serving after the algorithm ends, so neighbours can finish")
+    torch_threads: int = Field(1, ge=1, description="torch intra-op threads of this process (several peers share a host)")
+
+    @model_validator(mode="after")
+    def _check(self) -> PeerConfig:
+        _split_address("listen", self.listen)
+        for peer, address in self.neighbours.items():
+            if peer < 0:
+                raise ValueError(f"neighbours: peer id must be >= 0, got {peer}")
+            if peer == self.peer_id:
+                raise ValueError(f"neighbours: peer {peer} lists itself")
+            _split_address(f"neighbours.{peer}", address)
+        if isinstance(self.experiment, ExperimentConfig):
+            self._check_against(self.experiment)
+        return self
+
+    def _check_against(self, experiment: ExperimentConfig) -> None:
+        if self.peer_id >= experiment.peers:
+            raise ValueError(f"peer_id: {self.peer_id} is outside 0..{experiment.peers - 1} (experiment.peers={experiment.peers})")
+        outside = sorted(p for p in self.neighbours if p >= experiment.peers)
+        if outside:
+            raise ValueError(f"neighbours: peers {outside} are outside 0..{experiment.peers - 1}")
+
+    def resolve_experiment(self, base: Path) -> ExperimentConfig:
+        """The experiment config, loading it from its path (relative to `base`) when needed."""
+        if isinstance(self.experiment, ExperimentConfig):
+            return self.experiment
+        path = Path(self.experiment)
+        if not path.is_absolute():
+            path = base / path
+        config = load_config(path, self.overrides)
+        try:
+            self._check_against(config)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        return config
+
+    def tls_for(self, experiment: ExperimentConfig) -> TlsConfig:
+        return self.tls if self.tls is not None else experiment.grpc.tls
+
+    def out_path(self, base: Path) -> Path:
+        path = Path(self.out_dir)
+        return path if path.is_absolute() else base / path
+
+
+def _split_address(field: str, address: str) -> tuple[str, int]:
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{field}: expected host:port with a port in 1..65535, got {address!r}")
+    return host, int(port)
+
+
+def split_address(address: str) -> tuple[str, int]:
+    return _split_address("address", address)
+
+
+def load_peer_config(path: str | Path) -> PeerConfig:
+    """Read and validate a peer config; ConfigError with one line naming the field otherwise."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"peer config {p} does not exist")
+    try:
+        tree = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{p}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{p}: the top level must be a mapping of fields")
+    try:
+        return PeerConfig.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_one_line(err)) from None
+
+
+def _one_line(err: ValidationError) -> str:
+    first = err.errors()[0]
+    loc = [str(part) for part in first["loc"]]
+    if len(loc) >= 2 and loc[0] == "experiment" and loc[1] in ("ExperimentConfig", "str"):
+        loc = ["experiment", *loc[2:]]  # drop pydantic's union branch name
+    field = ".".join(loc) or "peer config"
+    message = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        message = "is not a known field"
+    if message.split(":", 1)[0].strip() and message.startswith(tuple(PeerConfig.model_fields)):
+        return message
+    return f"{field}: {message}"
+
+
+def dump_peer_config(config: PeerConfig) -> str:
+    tree: dict[str, Any] = config.model_dump(mode="json", exclude_none=True)
+    return yaml.safe_dump(tree, sort_keys=False)

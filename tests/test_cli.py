@@ -1,0 +1,71 @@
+import json
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from meshfl.cli import app
+from meshfl.config import ConfigError, describe_fields, load_config
+
+runner = CliRunner()
+
+
+@pytest.mark.parametrize(("override", "expected"), [
+    ("peers=0", "peers: Input should be greater than or equal to 1 (got 0)"),
+    ("train.model=resnet", "train.model: must be one of 'mlp' or 'cnn' (got 'resnet')"),
+    ("topology.kind=torus", "topology.kind: must be one of"),
+    ("gossip.fanout=2", "gossip.fanout: is not a known field"),
+    ("data.min_samples=900", "data.min_samples must be <= data.max_samples"),
+    ("gossip.initiator=9", "gossip.initiator must be < peers (8)"),
+    ("grpc.tls.mode=mtls", "grpc.tls.mode=mtls needs grpc.tls.ca, grpc.tls.cert, grpc.tls.key"),
+    ("peers", "--set 'peers': expected key=value"),
+])
+def test_bad_values_give_one_line_naming_the_field(override, expected):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [override])
+    assert expected in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_bad_yaml_file_errors(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("peers: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    bad.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_cli_bad_value_exits_2_without_traceback():
+    done = subprocess.run([sys.executable, "-m", "meshfl.cli", "run", "--set", "rounds=-1"], capture_output=True, text=True)
+    assert done.returncode == 2
+    assert "rounds" in done.stderr and "Traceback" not in done.stderr + done.stdout
+    assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_every_field_has_a_description_and_config_command_shows_them():
+    fields = describe_fields()
+    assert all(description for _, _, description in fields)
+    result = runner.invoke(app, ["config"], terminal_width=250)
+    assert result.exit_code == 0
+    for name in ("gossip.gossip_fanout", "data.dirichlet_alpha", "network.bandwidth_mbps"):
+        assert name in result.stdout
+    assert "gossip.gossip_fanout" in runner.invoke(app, ["run", "--help"], terminal_width=250).stdout
+
+
+def test_run_writes_the_run_folder(tmp_path):
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["run", "--set", "peers=3", "--set", "rounds=2", "--set", "train.local_epochs=1",
+                                 "--out", str(out), "--quiet"])
+    assert result.exit_code == 0, result.output
+    for name in ("config.yaml", "metrics.jsonl", "summary.json", "partition.json", "accuracy_per_peer.png", "report.html"):
+        assert (out / name).is_file(), name
+    summary = json.loads((out / "summary.json").read_text())
+    assert sorted(summary["final_global_accuracy"]) == ["0", "1", "2"] and summary["total_messages"] > 0
+    assert load_config(out / "config.yaml").peers == 3  # the resolved config loads back
+    partition = json.loads((out / "partition.json").read_text())
+    assert sum(p["train_samples"] + p["test_samples"] for p in partition) > 1000

@@ -20,8 +20,9 @@ errors = Console(stderr=True)
 
 
 def _fields_help() -> str:
-    return "Config fields (set with --set key=value; `meshfl config` shows defaults and descriptions): " + ", ".join(
-        name for name, _, _ in describe_fields())
+    """Every config field as `name = default: description`, one per line, for --help."""
+    lines = [f"{name} = {default}: {description}" for name, default, description in describe_fields()]
+    return "Config fields (set with --set key=value; `meshfl config` shows them as a table):\n\n" + "\n\n".join(lines)
 
 
 def _fail(message: str, code: int = 2) -> None:

@@ -67,17 +67,33 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
 def run_virtual(main: Callable[[], asyncio.Future | object], clock: VirtualClock):
     """Run coroutine function `main` to completion on a fresh virtual-time loop."""
     loop = VirtualTimeLoop(clock)
+    task = loop.create_task(main())
     try:
-        return loop.run_until_complete(main())
+        return loop.run_until_complete(task)
     finally:
         _cancel_pending(loop)
+        if task.done() and not task.cancelled():
+            task.exception()  # retrieved: it propagates from here, asyncio need not log it again
         loop.close()
 
 
-def _cancel_pending(loop: asyncio.AbstractEventLoop) -> None:
-    pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
-    for task in pending:
-        task.cancel()
-    if pending:
-        loop.clock.end_time = float("inf")  # let cancellation run to completion
-        loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+def _cancel_pending(loop: VirtualTimeLoop) -> None:
+    """Cancel every task still running and let each finish, so none is destroyed pending.
+
+    An interrupt (Ctrl-C) may end a task with KeyboardInterrupt while we wait; it is already
+    propagating from the caller, so here it is only collected.
+    """
+    loop.clock.end_time = float("inf")  # let cancellation run to completion
+    for _ in range(3):
+        pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
+        if not pending:
+            break
+        for task in pending:
+            task.cancel()
+        try:
+            loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+        except BaseException:  # noqa: BLE001 - see docstring
+            pass
+        for task in pending:
+            if task.done() and not task.cancelled():
+                task.exception()

@@ -27,6 +27,7 @@ class PartialAggregates:
     def __init__(self) -> None:
         self._parts: list[Part] = []
         self._covered: frozenset[int] = frozenset()
+        self._combined: dict[tuple[int, ...], Part] = {}  # parts only grow, so a combination never goes stale
 
     @property
     def covered(self) -> frozenset[int]:
@@ -48,13 +49,22 @@ class PartialAggregates:
     def missing(self, peers: Iterable[int]) -> list[int]:
         return sorted(set(peers) - self._covered)
 
+    def has_part_for(self, already_held: frozenset[int]) -> bool:
+        """Whether some held part is entirely new to a neighbour holding `already_held` (cheap)."""
+        return any(not (p.contributors & already_held) for p in self._parts)
+
     def for_neighbour(self, already_held: frozenset[int]) -> Part | None:
         """Average of the parts the neighbour lacks entirely, or None if there are none."""
-        parts = [p for p in self._parts if not (p.contributors & already_held)]
-        return _combine(parts) if parts else None
+        chosen = tuple(i for i, p in enumerate(self._parts) if not (p.contributors & already_held))
+        return self._combination(chosen) if chosen else None
 
     def result(self) -> Part | None:
-        return _combine(self._parts) if self._parts else None
+        return self._combination(tuple(range(len(self._parts)))) if self._parts else None
+
+    def _combination(self, indices: tuple[int, ...]) -> Part:
+        if indices not in self._combined:
+            self._combined[indices] = _combine([self._parts[i] for i in indices])
+        return self._combined[indices]
 
 
 def _combine(parts: list[Part]) -> Part:

@@ -220,21 +220,20 @@ class GossipPeer:
 
     def _gossip_parts(self, ctx: NodeContext, round: int) -> None:
         state = self.state(round)
-        lacking = {}
+        train_set = set(state.train_set)
+        holds: dict[int, frozenset[int]] = {}
         for neighbour in ctx.neighbours:
             if neighbour in state.neighbour_complete or not self._ready_for(ctx, state, neighbour):
                 continue
             held = state.neighbour_holds.get(neighbour, frozenset())
-            if neighbour in state.train_set:
+            if neighbour in train_set:
                 held = held | {neighbour}
-            part = state.parts.for_neighbour(held)
-            if part is not None:
-                lacking[neighbour] = part
-        train_set = set(state.train_set)
-        preferred = [n for n in lacking if n in train_set]
-        others = [n for n in lacking if n not in train_set]
+            if state.parts.has_part_for(held):
+                holds[neighbour] = held
+        preferred = [n for n in holds if n in train_set]
+        others = [n for n in holds if n not in train_set]
         for target in choose_targets(ctx.rng, preferred, others, self.config.gossip_fanout):
-            part = lacking[target]
+            part = state.parts.for_neighbour(holds[target])
             ctx.send(target, PartialModel(sender=ctx.peer_id, round=round, params=part.params,
                                           contributors=part.contributors, weight=part.weight))
             state.awaiting_ack[target] = ctx.now()

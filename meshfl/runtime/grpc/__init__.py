@@ -1,0 +1,1 @@
+"""gRPC runtime: real peers exchanging meshfl messages over (m)TLS gRPC."""

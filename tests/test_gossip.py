@@ -91,3 +91,24 @@ def test_every_topology_completes_with_all_models(kind):
     _, metrics, _ = simulate(config)
     assert len(metric_table(metrics.events, "global_accuracy")) == 6
     assert not [e for e in metrics.events if e.get("metric") == "missed_models"]
+
+
+def test_two_processes_with_different_hash_seeds_write_identical_metrics(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    def run(hash_seed, seed, name):
+        env = {**os.environ, "PYTHONHASHSEED": str(hash_seed)}
+        out = tmp_path / name
+        subprocess.run([sys.executable, "-m", "meshfl.cli", "run", "--quiet", "--out", str(out), "--set", "peers=4",
+                        "--set", "rounds=2", "--set", "train.local_epochs=1", "--set", "gossip.train_set_size=3",
+                        "--set", "network.loss=0.05", "--set", f"seed={seed}"], env=env, check=True, capture_output=True)
+        lines = (out / "metrics.jsonl").read_text().splitlines()
+        return [{k: v for k, v in json.loads(line).items() if k != "wall_time"} for line in lines]
+
+    first, second, other = run(1, 7, "a"), run(2, 7, "b"), run(1, 8, "c")
+    assert len(first) > 20
+    assert first == second
+    assert first != other

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
+import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -113,6 +115,129 @@ def show_config(
             value = value[key]
         table.add_row(name, repr(value), default, description)
     console.print(table)
+
+
+@app.command()
+def node(
+    config_path: Annotated[Path, typer.Option("--config", "-c", metavar="PEER.yaml", help="peer config (see `meshfl configs`)")],
+) -> None:
+    """Run one real peer: serve gRPC, talk to its neighbours, run the algorithm, write metrics; SIGTERM stops it cleanly."""
+    from meshfl.core.topology import TopologyError
+    from meshfl.data import DataError
+    from meshfl.runtime.grpc.peer_config import load_peer_config
+
+    try:
+        peer_config = load_peer_config(config_path)
+        from meshfl.runtime.grpc.node import run_node
+        status = run_node(peer_config, config_path.resolve().parent)
+    except (ConfigError, DataError, TopologyError, OSError) as exc:
+        _fail(str(exc))
+    errors.print(f"peer {peer_config.peer_id}: {status}", highlight=False)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # metrics are flushed and closed; skip torch's slow interpreter teardown (~1-2 s a peer)
+
+
+@app.command()
+def configs(
+    config_path: Annotated[Optional[Path], typer.Argument(metavar="[EXPERIMENT.yaml]", help="experiment config; defaults are used for missing fields")] = None,
+    peers: Annotated[Optional[int], typer.Option("--peers", "-n", help="number of peers (overrides the experiment's)")] = None,
+    topology: Annotated[Optional[str], typer.Option("--topology", "-t", help="full, ring, line, star, grid, random or small_world (overrides the experiment's)")] = None,
+    hosts: Annotated[str, typer.Option("--hosts", help="comma-separated host:baseport; peers are assigned round-robin, the k-th on a host gets baseport+k")] = "127.0.0.1:50100",
+    out: Annotated[Path, typer.Option("--out", "-o", help="folder for peer-<i>.yaml")] = Path("peers"),
+    certs: Annotated[Optional[Path], typer.Option("--certs", help="folder written by `meshfl certs`: peers use mTLS with its ca.pem and peer-<i>.pem/.key")] = None,
+    set_: Annotated[list[str], typer.Option("--set", "-s", metavar="KEY=VALUE", help="override a config field")] = [],  # noqa: B006
+) -> None:
+    """Write one peer config per peer (neighbours from the topology, addresses from --hosts) for `meshfl node`."""
+    from meshfl.core.topology import TopologyError
+    from meshfl.runtime.launch import write_peer_configs
+
+    overrides = list(set_)
+    if peers is not None:
+        overrides.append(f"peers={peers}")
+    if topology is not None:
+        overrides.append(f"topology.kind={topology}")
+    try:
+        config = load_config(config_path, overrides)
+        paths = write_peer_configs(config, [h for h in hosts.split(",") if h.strip()], out,
+                                   certs_dir=certs.resolve() if certs else None)
+    except (ConfigError, TopologyError) as exc:
+        _fail(str(exc))
+    console.print(f"wrote {len(paths)} peer configs to {out}; start each with: meshfl node --config {out}/peer-<i>.yaml")
+
+
+@app.command()
+def launch(
+    config_path: Annotated[Optional[Path], typer.Argument(metavar="[CONFIG.yaml]", help="experiment config; defaults are used for missing fields")] = None,
+    local: Annotated[bool, typer.Option("--local", help="run every peer as a process on this host (grpc.host, ports grpc.base_port+i)")] = False,
+    set_: Annotated[list[str], typer.Option("--set", "-s", metavar="KEY=VALUE", help="override a config field; with TLS, {peer} in grpc.tls.cert/key is each peer's id")] = [],  # noqa: B006
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="run folder (default runs/<time>-<name>)")] = None,
+    timeout: Annotated[Optional[float], typer.Option("--timeout", help="stop every peer and fail after this many seconds")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
+) -> None:
+    """Run an experiment with real peer processes talking gRPC, then write the same run folder as `meshfl run`."""
+    from meshfl.core.topology import TopologyError
+    from meshfl.experiment.run import default_run_dir
+    from meshfl.runtime.launch import Interrupted, LaunchError, launch_local
+
+    if not local:
+        _fail("launch: only --local is supported so far (every peer on this host); use `meshfl configs` + `meshfl node` across hosts")
+    try:
+        config = load_config(config_path, set_)
+    except ConfigError as exc:
+        _fail(str(exc))
+    run_dir = out or default_run_dir(config)
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("peers running {task.fields[running]}  mean acc {task.fields[mean]}"), TimeElapsedColumn())
+    try:
+        with Progress(*columns, console=console, disable=quiet, transient=False) as progress:
+            task = progress.add_task("round 0", total=config.rounds, running=config.peers, mean="-")
+
+            def show(rounds: int, running: int, mean: float) -> None:
+                progress.update(task, completed=rounds, description=f"round {rounds}", running=running,
+                                mean="-" if math.isnan(mean) else f"{mean:.4f}")
+
+            result = launch_local(config, run_dir, timeout_s=timeout, progress=show)
+    except (ConfigError, TopologyError, LaunchError) as exc:
+        _fail(str(exc), code=1 if isinstance(exc, LaunchError) else 2)
+    except (Interrupted, KeyboardInterrupt):
+        _fail(f"interrupted; every peer was stopped (peer logs in {run_dir / 'peers'})", code=130)
+    summary = result.summary
+    dead = summary["dead_peers"]
+    console.print(f"[bold]{config.peers} peers, {config.rounds} rounds over gRPC[/]: mean final accuracy "
+                  f"{summary['mean_final_accuracy']:.4f}, min {summary['min_final_accuracy']:.4f}, "
+                  f"{summary['total_messages']} messages, {summary['total_wire_bytes'] / 1e6:.1f} MB on the wire, "
+                  f"{summary['total_refused']} refused, dead peers {dead or 'none'}, wall {summary['wall_time_s']:.1f}s")
+    console.print(f"run folder: {run_dir}  (report: {run_dir / 'report.html'})")
+
+
+@app.command()
+def certs(
+    peers: Annotated[int, typer.Option("--peers", "-n", help="make certificates peer-0 .. peer-<N-1>")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="folder for ca.pem and peer-<i>.pem/.key")] = Path("certs"),
+    hosts: Annotated[str, typer.Option("--hosts", help="comma-separated IPs or DNS names the certificates are valid for (host:port also accepted)")] = "127.0.0.1,localhost",
+) -> None:
+    """Make a private CA and one certificate per peer for grpc.tls.mode=tls|mtls."""
+    from meshfl.runtime.grpc.certs import generate_deployment
+
+    if peers < 1:
+        _fail(f"--peers: must be >= 1 (got {peers})")
+    names = sorted({_host_only(h) for h in hosts.split(",") if h.strip()})
+    if not names:
+        _fail("--hosts: give at least one IP or DNS name")
+    try:
+        made = generate_deployment(out, peers, names)
+    except (ValueError, OSError) as exc:
+        _fail(f"certs: {exc}")
+    console.print(f"wrote {made['ca']} and {peers} peer certificates to {out}; use them with "
+                  f"--set grpc.tls.mode=mtls --set grpc.tls.ca={made['ca']} "
+                  f"--set grpc.tls.cert={out}/peer-{{peer}}.pem --set grpc.tls.key={out}/peer-{{peer}}.key", highlight=False, soft_wrap=True)
+
+
+def _host_only(entry: str) -> str:
+    entry = entry.strip()
+    host, sep, port = entry.rpartition(":")
+    return host if sep and port.isdigit() and host and not host.endswith(":") else entry
 
 
 def main() -> None:

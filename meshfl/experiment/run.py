@@ -6,6 +6,7 @@ import json
 import math
 import re
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -56,12 +57,27 @@ def simulate(config: ExperimentConfig, metrics: MetricsLog | None = None) -> tup
 
 
 def summarise(config: ExperimentConfig, result: SimResult, metrics: MetricsLog, wall_time_s: float) -> dict[str, Any]:
+    traffic = result.traffic
+    return build_summary(config, metrics.events, messages_sent=dict(enumerate(traffic.messages_sent)),
+                         bytes_sent=dict(enumerate(traffic.bytes_sent)),
+                         messages_dropped=dict(enumerate(traffic.messages_dropped)),
+                         virtual_time_s=result.virtual_time_s, wall_time_s=wall_time_s)
+
+
+def build_summary(config: ExperimentConfig, events: list[dict[str, Any]], *, messages_sent: dict[int, int],
+                  bytes_sent: dict[int, int], messages_dropped: dict[int, int], virtual_time_s: float,
+                  wall_time_s: float, dead_peers: Iterable[int] = ()) -> dict[str, Any]:
+    """summary.json of any runtime: final accuracies from the events, per-peer traffic counters.
+
+    A peer is dead when it is named in `dead_peers` (the runtime saw it die) or never
+    reported its final-round accuracy.
+    """
     final: dict[str, float] = {}
-    for event in metrics.events:
+    for event in events:
         if event["event"] == "metric" and event["metric"] == "global_accuracy" and event["round"] == config.rounds:
             final[str(event["peer"])] = event["value"]
     values = [v for v in final.values() if not math.isnan(v)]
-    traffic = result.traffic
+    dead = {int(p) for p in dead_peers} | {p for p in range(config.peers) if str(p) not in final}
     return {
         "name": config.name,
         "algorithm": config.algorithm,
@@ -71,13 +87,13 @@ def summarise(config: ExperimentConfig, result: SimResult, metrics: MetricsLog, 
         "final_global_accuracy": final,
         "mean_final_accuracy": sum(values) / len(values) if values else float("nan"),
         "min_final_accuracy": min(values) if values else float("nan"),
-        "messages_sent": {str(p): n for p, n in enumerate(traffic.messages_sent)},
-        "bytes_sent": {str(p): n for p, n in enumerate(traffic.bytes_sent)},
-        "messages_dropped": {str(p): n for p, n in enumerate(traffic.messages_dropped)},
-        "total_messages": sum(traffic.messages_sent),
-        "total_bytes": sum(traffic.bytes_sent),
-        "dead_peers": sorted(int(p) for p in range(config.peers) if str(p) not in final),
-        "virtual_time_s": result.virtual_time_s,
+        "messages_sent": {str(p): n for p, n in sorted(messages_sent.items())},
+        "bytes_sent": {str(p): n for p, n in sorted(bytes_sent.items())},
+        "messages_dropped": {str(p): n for p, n in sorted(messages_dropped.items())},
+        "total_messages": sum(messages_sent.values()),
+        "total_bytes": sum(bytes_sent.values()),
+        "dead_peers": sorted(dead),
+        "virtual_time_s": virtual_time_s,
         "wall_time_s": wall_time_s,
     }
 

@@ -104,7 +104,7 @@ def load_peer_config(path: str | Path) -> PeerConfig:
 def _one_line(err: ValidationError) -> str:
     first = err.errors()[0]
     loc = [str(part) for part in first["loc"]]
-    if len(loc) >= 2 and loc[0] == "experiment" and loc[1] in ("ExperimentConfig", "str"):
+    if len(loc) >= 2 and loc[0] == "experiment" and loc[1] not in ExperimentConfig.model_fields:
         loc = ["experiment", *loc[2:]]  # drop pydantic's union branch name
     field = ".".join(loc) or "peer config"
     message = first["msg"].removeprefix("Value error, ")

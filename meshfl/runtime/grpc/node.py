@@ -1,0 +1,613 @@
+"""One real peer: the algorithm's coroutine driven by a real clock and gRPC sockets.
+
+`GrpcContext` is the `NodeContext` of a peer process. Time is `time.monotonic()` since the
+peer started; `send` enqueues onto the neighbour's outgoing queue and never blocks; a
+`Link` per neighbour drains that queue, streams each encoded envelope in `grpc.chunk_kb`
+chunks over `Stream`, retries with jittered exponential backoff, pings the neighbour every
+`heartbeat_interval_s` and declares it dead after `heartbeat_timeout_s` of silence (sends to
+a dead neighbour are dropped and counted; hearing from it again revives it). Incoming
+chunks are joined, passed through the `Door` (which refuses anything malformed, hostile or
+stale, counting the reason) and only then reach the inbox. Training and evaluation run in a
+worker thread so messages keep flowing while a peer trains.
+
+The peer writes metrics.jsonl as it goes (one flushed line per event), so a killed peer
+leaves everything up to its death; a `traffic` event after every evaluation carries its
+counters. SIGTERM cancels the algorithm between two messages, flushes, and exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import re
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import grpc
+import numpy as np
+import torch
+
+from meshfl.algorithms import build_algorithm
+from meshfl.config import ExperimentConfig, GrpcConfig, TlsConfig
+from meshfl.core.context import TrainResult
+from meshfl.core.messages import Message
+from meshfl.core.metrics import MetricsLog
+from meshfl.core.params import Params
+from meshfl.data import load_dataset, partition_stats, split_for_peers
+from meshfl.learn.learner import TorchLearner
+from meshfl.runtime.grpc import meshfl_pb2, meshfl_pb2_grpc
+from meshfl.runtime.grpc.door import Door, Refused
+from meshfl.runtime.grpc.peer_config import PeerConfig
+from meshfl.runtime.grpc.wire import Heartbeat, chunks, encode
+from meshfl.runtime.sim.runtime import peer_seed
+
+# ---- framing estimate -----------------------------------------------------------------------
+# gRPC python does not expose per-call HTTP/2 byte counts, so framing is estimated from the
+# protocol: every gRPC message has a 5-byte length prefix, every HTTP/2 frame a 9-byte header
+# (DATA frames carry at most 16 KiB by default), a Chunk adds its protobuf tags, and a call
+# costs HEADERS (mostly HPACK-indexed after the first call on a connection), the Ack and
+# trailers. TCP/IP headers are below gRPC and not counted.
+HTTP2_FRAME_HEADER = 9
+HTTP2_MAX_FRAME = 16384
+GRPC_MESSAGE_PREFIX = 5
+CALL_OVERHEAD_BYTES = 120
+STARTUP_PING_TIMEOUT_S = 2.0
+
+
+def chunk_framing(payload: int) -> int:
+    """Estimated bytes gRPC + HTTP/2 add around one Chunk carrying `payload` data bytes."""
+    protobuf = 1 + _varint_size(payload) + 2  # data tag + length, last flag
+    body = payload + protobuf + GRPC_MESSAGE_PREFIX
+    return protobuf + GRPC_MESSAGE_PREFIX + HTTP2_FRAME_HEADER * max(1, math.ceil(body / HTTP2_MAX_FRAME))
+
+
+def call_framing(chunk_sizes: list[int]) -> int:
+    return CALL_OVERHEAD_BYTES + sum(chunk_framing(size) for size in chunk_sizes)
+
+
+def _varint_size(value: int) -> int:
+    return max(1, (value.bit_length() + 6) // 7)
+
+
+# ---- counters -------------------------------------------------------------------------------
+
+@dataclass
+class Traffic:
+    """One peer's counters.
+
+    messages_sent / bytes_sent: what the algorithm asked for (sum of `wire_size`), as the
+    simulator counts them. messages_delivered / algorithm_bytes_delivered: the part that
+    crossed the wire (the receiver's server acknowledged it; refused_by_neighbours of those
+    its door refused). wire_bytes_sent: encoded envelope bytes of those; framing_bytes_estimate:
+    gRPC/HTTP2 bytes around them (see `call_framing`); heartbeat_bytes: Pings, apart.
+    """
+
+    messages_sent: int = 0
+    bytes_sent: int = 0
+    messages_delivered: int = 0
+    algorithm_bytes_delivered: int = 0
+    wire_bytes_sent: int = 0
+    framing_bytes_estimate: int = 0
+    heartbeat_bytes: int = 0
+    messages_dropped: int = 0
+    messages_received: int = 0
+    send_retries: int = 0
+    refused_by_neighbours: int = 0
+
+
+def channel_options(config: GrpcConfig) -> list[tuple[str, Any]]:
+    limit = max(4 * config.chunk_kb * 1024, 4 << 20)
+    return [
+        ("grpc.max_send_message_length", limit),
+        ("grpc.max_receive_message_length", limit),
+        ("grpc.initial_reconnect_backoff_ms", int(config.backoff_initial_s * 1000)),
+        ("grpc.min_reconnect_backoff_ms", int(config.backoff_initial_s * 1000)),
+        ("grpc.max_reconnect_backoff_ms", int(config.backoff_max_s * 1000)),
+        ("grpc.enable_retries", 0),
+    ]
+
+
+def make_channel(address: str, config: GrpcConfig, tls: TlsConfig) -> grpc.aio.Channel:
+    options = channel_options(config)
+    if tls.mode == "none":
+        return grpc.aio.insecure_channel(address, options=options)
+    from meshfl.runtime.grpc.certs import load_credentials
+    return grpc.aio.secure_channel(address, load_credentials(tls, server=False), options=options)
+
+
+def peer_from_auth_context(auth: dict[str, list[bytes]]) -> int | None:
+    """The peer id in an mTLS client certificate's common name (`peer-7` -> 7), or None."""
+    for name in auth.get("x509_common_name", []):
+        match = re.fullmatch(r"\D*?(\d+)", name.decode("utf-8", "replace"))
+        if match:
+            return int(match.group(1))
+    return None
+
+
+# ---- one neighbour --------------------------------------------------------------------------
+
+class Link:
+    """Outgoing queue, sender task, heartbeat task and liveness of one neighbour."""
+
+    def __init__(self, node: PeerNode, peer: int, address: str) -> None:
+        self.node = node
+        self.peer = peer
+        self.address = address
+        self.queue: asyncio.Queue[Message] = asyncio.Queue()
+        self.alive = True
+        self.last_heard = node.now()
+        self.in_hand = False
+        self.channel = make_channel(address, node.config.grpc, node.tls)
+        self.stub = meshfl_pb2_grpc.PeerStub(self.channel)
+
+    def heard(self) -> None:
+        self.last_heard = self.node.now()
+        if not self.alive:
+            self.alive = True
+            self.node.record("neighbour_alive", neighbour=self.peer)
+
+    def mark_dead(self, reason: str) -> None:
+        if not self.alive:
+            return
+        self.alive = False
+        self.node.record("neighbour_dead", neighbour=self.peer, reason=reason)
+        while not self.queue.empty():
+            self.queue.get_nowait()
+            self.queue.task_done()
+            self.node.traffic.messages_dropped += 1
+        self.node.snapshot()
+
+    def enqueue(self, message: Message) -> None:
+        if not self.alive:
+            self.node.traffic.messages_dropped += 1
+            return
+        self.queue.put_nowait(message)
+
+    async def run_sender(self) -> None:
+        while True:
+            message = await self.queue.get()
+            self.in_hand = True
+            try:
+                await self._deliver(message)
+            except Exception as exc:  # e.g. a codec that cannot encode this tensor: drop it, keep the link
+                self.node.traffic.messages_dropped += 1
+                self.node.record("send_failed", neighbour=self.peer, message=type(message).__name__,
+                                 error=f"{type(exc).__name__}: {exc}"[:300])
+            finally:
+                self.in_hand = False
+                self.queue.task_done()
+
+    async def _deliver(self, message: Message) -> None:
+        node = self.node
+        data = encode(message, node.config.wire)
+        pieces = list(chunks(data, node.config.grpc.chunk_kb * 1024))
+        timeout = 10.0 + len(data) / 1e6  # generous: 1 MB/s on a loaded host
+        retries = node.config.grpc.connect_retries
+        for attempt in range(retries + 1):
+            if not self.alive:
+                break
+            try:
+                ack = await self.stub.Stream(iter(_chunk_messages(pieces)), timeout=timeout)
+            except grpc.aio.AioRpcError as exc:
+                if attempt < retries and exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                    node.traffic.send_retries += 1
+                    await asyncio.sleep(node.backoff(attempt))
+                    continue
+                if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                    self.mark_dead("unreachable")
+                break
+            self.heard()
+            if ack.refused:  # it crossed the wire, but the neighbour's door said no (stale round, config mismatch)
+                node.traffic.refused_by_neighbours += 1
+            node.traffic.messages_delivered += 1
+            node.traffic.algorithm_bytes_delivered += message.wire_size
+            node.traffic.wire_bytes_sent += len(data)
+            node.traffic.framing_bytes_estimate += call_framing([len(p) for p in pieces])
+            return
+        node.traffic.messages_dropped += 1
+
+    async def ping(self, timeout: float, wait_for_ready: bool = False) -> bool:
+        node = self.node
+        data = encode(Heartbeat(sender=node.peer_id, round=node.round), node.config.wire)
+        try:
+            await self.stub.Ping(meshfl_pb2.Chunk(data=data, last=True), timeout=timeout, wait_for_ready=wait_for_ready)
+        except grpc.aio.AioRpcError:
+            return False
+        node.traffic.heartbeat_bytes += len(data) + call_framing([len(data)])
+        self.heard()
+        return True
+
+    async def run_heartbeat(self) -> None:
+        config = self.node.config.grpc
+        while True:
+            await asyncio.sleep(config.heartbeat_interval_s)
+            await self.ping(timeout=max(config.heartbeat_interval_s, 0.5))
+            if self.alive and self.node.now() - self.last_heard > config.heartbeat_timeout_s:
+                self.mark_dead("silent")
+
+    async def close(self) -> None:
+        await self.channel.close(grace=None)
+
+
+def _chunk_messages(pieces: list[bytes]) -> Iterator[meshfl_pb2.Chunk]:
+    last = len(pieces) - 1
+    for i, piece in enumerate(pieces):
+        yield meshfl_pb2.Chunk(data=piece, last=i == last)
+
+
+# ---- the server side ------------------------------------------------------------------------
+
+class PeerServicer(meshfl_pb2_grpc.PeerServicer):
+    """Joins chunks into envelopes and hands each to the node's door; never raises at a sender."""
+
+    def __init__(self, node: PeerNode) -> None:
+        self.node = node
+
+    async def Stream(self, request_iterator, context):  # noqa: N802 (gRPC's name)
+        node = self.node
+        hint = node.peer_hint(context)
+        accepted = refused = 0
+        buffer = bytearray()
+        async for chunk in request_iterator:
+            buffer += chunk.data
+            if len(buffer) > node.door.max_bytes:
+                node.door.reject("too_large", f"stream passed {node.door.max_bytes} bytes", hint)
+                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "message larger than wire.max_message_mb")
+            if chunk.last:
+                if node.receive(bytes(buffer), hint):
+                    accepted += 1
+                else:
+                    refused += 1
+                buffer = bytearray()
+        if buffer:
+            node.door.reject("malformed", "stream ended without a last chunk", hint)
+            refused += 1
+        return meshfl_pb2.Ack(accepted=accepted, refused=refused)
+
+    async def Ping(self, request, context):  # noqa: N802
+        ok = self.node.receive(bytes(request.data), self.node.peer_hint(context))
+        return meshfl_pb2.Ack(accepted=int(ok), refused=int(not ok))
+
+
+# ---- the context the algorithm sees ---------------------------------------------------------
+
+class GrpcContext:
+    """NodeContext of a real peer process."""
+
+    def __init__(self, node: PeerNode) -> None:
+        self._node = node
+        self._rng = np.random.default_rng([node.config.seed, node.peer_id])
+        self._torch_generator = torch.Generator().manual_seed(peer_seed(node.config.seed, node.peer_id, 1))
+        self._learner_lock = threading.Lock()
+
+    @property
+    def peer_id(self) -> int:
+        return self._node.peer_id
+
+    @property
+    def peers(self) -> tuple[int, ...]:
+        return tuple(range(self._node.config.peers))
+
+    @property
+    def neighbours(self) -> tuple[int, ...]:
+        return self._node.neighbour_ids
+
+    @property
+    def rng(self) -> np.random.Generator:
+        return self._rng
+
+    @property
+    def num_samples(self) -> int:
+        return len(self._node.data.train)
+
+    def now(self) -> float:
+        return self._node.now()
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(max(seconds, 0.0))
+
+    def send(self, to: int, message: Message) -> None:
+        link = self._node.links.get(to)
+        if link is None:
+            raise ValueError(f"peer {self.peer_id} sent {type(message).__name__} to peer {to}, which is not its neighbour")
+        node = self._node
+        node.note_round(message.round)
+        node.traffic.messages_sent += 1
+        node.traffic.bytes_sent += message.wire_size
+        link.enqueue(message)
+
+    async def recv(self, timeout: float | None = None) -> Message | None:
+        inbox = self._node.inbox
+        if not inbox.empty():
+            return inbox.get_nowait()
+        if timeout is not None and timeout <= 0:
+            return None
+        try:
+            async with asyncio.timeout(timeout):
+                return await inbox.get()
+        except TimeoutError:
+            return None
+
+    def initial_params(self) -> Params:
+        return self._node.learner.init_params(peer_seed(self._node.config.seed, 0, 2))
+
+    def _locked(self, fn: Callable[..., Any], *args: Any) -> Any:
+        with self._learner_lock:
+            return fn(*args)
+
+    async def train(self, params: Params) -> TrainResult:
+        node = self._node
+        return await asyncio.to_thread(self._locked, node.learner.train, params, node.data.train, self._torch_generator)
+
+    def _evaluate(self, params: Params) -> dict[str, float]:
+        learner = self._node.learner
+        local = learner.evaluate(params, self._node.data.test)
+        global_ = learner.evaluate(params, self._node.global_test)
+        return {"local_accuracy": local.accuracy, "local_loss": local.loss,
+                "global_accuracy": global_.accuracy, "global_loss": global_.loss}
+
+    async def evaluate(self, params: Params) -> dict[str, float]:
+        result = await asyncio.to_thread(self._locked, self._evaluate, params)
+        self._node.snapshot()
+        return result
+
+    def log(self, metric: str, value: float, *, round: int) -> None:
+        self._node.note_round(round)
+        self._node.metrics.metric(self._node.peer_id, round, metric, value)
+
+
+# ---- the peer process -----------------------------------------------------------------------
+
+class MetricsFile:
+    """Appends each event to metrics.jsonl and flushes, so a killed peer leaves its history."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._handle: IO[str] = path.open("w")
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        if self._handle.closed:
+            return
+        self._handle.write(json.dumps(event, allow_nan=True) + "\n")
+        self._handle.flush()
+
+    def close(self) -> None:
+        self._handle.close()
+
+
+class PeerNode:
+    """Everything one peer process owns: data, learner, door, server, links and counters."""
+
+    def __init__(self, peer_config: PeerConfig, config: ExperimentConfig, out_dir: Path) -> None:
+        self.peer_config = peer_config
+        self.config = config
+        self.peer_id = peer_config.peer_id
+        self.tls = peer_config.tls_for(config)
+        self.out_dir = out_dir
+        self.neighbour_ids = tuple(sorted(peer_config.neighbours))
+        self._start = time.monotonic()
+        self.round = 0
+        self.traffic = Traffic()
+        self.metrics = MetricsLog(virtual_clock=self.now)
+        self.metrics_file = MetricsFile(out_dir / "metrics.jsonl")
+        self.metrics.subscribe(self.metrics_file)
+        self._backoff_rng = np.random.default_rng([config.seed, self.peer_id, 0x6261636B])
+        self.inbox: asyncio.Queue[Message] = asyncio.Queue()
+        self.links: dict[int, Link] = {}
+
+    # -- clock, counters, events
+
+    def now(self) -> float:
+        return time.monotonic() - self._start
+
+    def note_round(self, round: int) -> None:
+        self.round = max(self.round, round)
+
+    def backoff(self, attempt: int) -> float:
+        grpc_config = self.config.grpc
+        base = min(grpc_config.backoff_max_s, grpc_config.backoff_initial_s * 2 ** attempt)
+        return float(base * self._backoff_rng.uniform(0.5, 1.0))
+
+    def record(self, event: str, **fields: Any) -> None:
+        self.metrics.record(event, peer=self.peer_id, round=self.round, **fields)
+
+    def refusals(self) -> dict[str, int]:
+        door = getattr(self, "door", None)
+        return dict(sorted(door.refused.items())) if door is not None else {}
+
+    def snapshot(self) -> None:
+        """A `traffic` event: the counters so far (the launcher keeps each peer's last one)."""
+        dead = sorted(p for p, link in self.links.items() if not link.alive)
+        self.record("traffic", **asdict(self.traffic), refused=self.refusals(),
+                    admitted=getattr(getattr(self, "door", None), "admitted", 0), dead_neighbours=dead)
+
+    # -- setup
+
+    def load(self) -> None:
+        """Data split, learner and door: derived from the experiment config exactly as the sim does."""
+        config = self.config
+        train, global_test = load_dataset(config.data, config.seed)
+        peer_data = split_for_peers(train, config.peers, config.data, config.seed)
+        self.data = peer_data[self.peer_id]
+        self.global_test = global_test
+        self.partition = partition_stats(peer_data, train.num_classes)[self.peer_id]
+        self.learner = TorchLearner(config.train, train.feature_shape, train.num_classes)
+        self._warm_up()
+        self.door = Door(layout=self.learner.layout, known_peers=frozenset(self.neighbour_ids), wire=config.wire,
+                         current_round=lambda: self.round, log=self._door_log)
+
+    def _warm_up(self) -> None:
+        """One tiny training step now: torch's first step costs seconds, which must not eat round 1's timeouts.
+
+        Uses its own generator, so the peer's training stream stays the simulator's.
+        """
+        data = self.data.train
+        if len(data) == 0:
+            return
+        sample = data.subset(np.arange(min(len(data), self.config.train.batch_size)))
+        params = self.learner.init_params(0)
+        self.learner.train(params, sample, torch.Generator().manual_seed(0))
+        self.learner.evaluate(params, sample)
+
+    def _door_log(self, line: str) -> None:
+        self.record("refused", detail=str(line)[:300])
+
+    def peer_hint(self, context: grpc.aio.ServicerContext) -> int | None:
+        """With mTLS, the peer id the client's certificate names; None otherwise."""
+        if self.tls.mode != "mtls":
+            return None
+        return peer_from_auth_context(context.auth_context())
+
+    def receive(self, data: bytes, peer_hint: int | None = None) -> bool:
+        """Door, then inbox. True when admitted."""
+        try:
+            message = self.door.admit(data, peer_hint)
+        except Refused:
+            return False
+        link = self.links.get(message.sender)
+        if link is not None:
+            link.heard()
+        if not isinstance(message, Heartbeat):
+            self.traffic.messages_received += 1
+            self.inbox.put_nowait(message)
+        return True
+
+    async def start_server(self) -> grpc.aio.Server:
+        # no SO_REUSEPORT: a second server on a taken port must fail, not share the port
+        server = grpc.aio.server(options=[*channel_options(self.config.grpc), ("grpc.so_reuseport", 0)])
+        meshfl_pb2_grpc.add_PeerServicer_to_server(PeerServicer(self), server)
+        listen = self.peer_config.listen
+        try:
+            if self.tls.mode == "none":
+                port = server.add_insecure_port(listen)
+            else:
+                from meshfl.runtime.grpc.certs import load_credentials
+                port = server.add_secure_port(listen, load_credentials(self.tls, server=True))
+        except RuntimeError as exc:
+            raise OSError(f"listen: cannot bind {listen} ({exc})") from None
+        if port == 0:
+            raise OSError(f"listen: cannot bind {listen}; is the port taken?")
+        await server.start()
+        return server
+
+    async def wait_for_neighbours(self) -> None:
+        """Ping every neighbour until it answers or startup_timeout_s passes (it is then marked dead)."""
+        deadline = self.now() + self.peer_config.startup_timeout_s
+
+        async def reach(link: Link) -> None:
+            while self.now() < deadline:
+                if await link.ping(timeout=min(STARTUP_PING_TIMEOUT_S, max(deadline - self.now(), 0.1)), wait_for_ready=True):
+                    return
+                await asyncio.sleep(0.1)
+            link.mark_dead("never_answered")
+
+        await asyncio.gather(*(reach(link) for link in self.links.values()))
+        for link in self.links.values():
+            link.last_heard = self.now()
+
+    # -- the run
+
+    async def run(self, stop: asyncio.Event) -> str:
+        """Serve, wait for neighbours, run the algorithm; returns finished | stopped."""
+        self.load()
+        server = await self.start_server()
+        self.links = {p: Link(self, p, a) for p, a in sorted(self.peer_config.neighbours.items())}
+        background: list[asyncio.Task] = []
+        status = "stopped"
+        try:
+            self.record("peer_started", listen=self.peer_config.listen, neighbours=list(self.neighbour_ids),
+                        unix_time=time.time() - self.now(), partition=self.partition,
+                        parameters=self.learner.layout.numel, layout=self.learner.layout.fingerprint)
+            background = [asyncio.create_task(link.run_sender(), name=f"send-{p}") for p, link in self.links.items()]
+            if not await _until_stopped(self.wait_for_neighbours(), stop):
+                return status
+            self.record("algorithm_started")
+            background += [asyncio.create_task(link.run_heartbeat(), name=f"heartbeat-{p}") for p, link in self.links.items()]
+            peer_main = build_algorithm(self.config)(self.peer_id)
+            if await _until_stopped(peer_main(GrpcContext(self)), stop):
+                status = "finished"
+                await self._drain(self.peer_config.linger_s + 5.0, stop)
+                await _until_stopped(asyncio.sleep(self.peer_config.linger_s), stop)
+            else:
+                await self._finish_in_hand(2.0)
+            return status
+        except BaseException:
+            status = "failed"
+            raise
+        finally:
+            for task in background:
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
+            self.snapshot()
+            self.record("peer_finished", status=status)
+            await server.stop(grace=0.2)
+            await asyncio.gather(*(link.close() for link in self.links.values()), return_exceptions=True)
+
+    async def _drain(self, timeout: float, stop: asyncio.Event) -> None:
+        """Let queued messages go out (bounded), so neighbours get the last round's messages."""
+        joins = asyncio.gather(*(link.queue.join() for link in self.links.values()))
+        try:
+            async with asyncio.timeout(timeout):
+                await _until_stopped(joins, stop)
+        except TimeoutError:
+            pass
+        finally:
+            joins.cancel()
+
+    async def _finish_in_hand(self, timeout: float) -> None:
+        deadline = self.now() + timeout
+        while any(link.in_hand for link in self.links.values()) and self.now() < deadline:
+            await asyncio.sleep(0.05)
+
+
+async def _until_stopped(awaitable: Any, stop: asyncio.Event) -> bool:
+    """Await `awaitable` unless `stop` is set first (then cancel it); True when it completed."""
+    task = asyncio.ensure_future(awaitable)
+    stopper = asyncio.create_task(stop.wait())
+    try:
+        await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopper.cancel()
+    if task.done():
+        task.result()  # re-raise the algorithm's error
+        return True
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        pass
+    return False
+
+
+async def serve(peer_config: PeerConfig, config: ExperimentConfig, out_dir: Path,
+                stop: asyncio.Event | None = None) -> str:
+    """Run one peer until its algorithm returns or `stop` is set; returns its status.
+
+    Without a `stop` event (a peer process), SIGTERM and SIGINT set one.
+    """
+    if stop is None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+    node = PeerNode(peer_config, config, out_dir)
+    try:
+        return await node.run(stop)
+    except Exception as exc:
+        node.record("peer_failed", error=f"{type(exc).__name__}: {exc}")
+        raise
+    finally:
+        node.metrics_file.close()
+
+
+def run_node(peer_config: PeerConfig, base: Path) -> str:
+    """Entry point of `meshfl node`: resolve the experiment, serve, return the final status."""
+    config = peer_config.resolve_experiment(base)
+    torch.set_num_threads(peer_config.torch_threads)
+    return asyncio.run(serve(peer_config, config, peer_config.out_path(base)))

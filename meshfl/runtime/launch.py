@@ -1,0 +1,484 @@
+"""Start real peers: per-peer configs, one `meshfl node` process per peer, one merged run folder.
+
+`launch_local` runs every peer of an experiment as its own process on one host, shows the
+rounds as they complete, and stops every process it started on Ctrl-C, SIGTERM, a timeout
+or a peer that fails by itself (exit code > 0). A peer killed by a signal is a crash fault:
+the others carry on and it is listed in the summary's `dead_peers`. At the end every
+peer's metrics.jsonl is merged into one run folder with the simulator's files and report.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from meshfl.config import ConfigError, ExperimentConfig, TlsConfig
+from meshfl.core.metrics import MetricsLog
+from meshfl.core.topology import make_topology
+from meshfl.experiment.run import build_summary, write_run_folder
+from meshfl.runtime.grpc.peer_config import PeerConfig, dump_peer_config, split_address
+
+PEER_PLACEHOLDER = "{peer}"
+STOP_GRACE_S = 5.0
+POLL_S = 0.25
+
+
+class LaunchError(RuntimeError):
+    """A launch that could not complete; the message is one line naming the peer or field."""
+
+
+class Interrupted(Exception):
+    """Ctrl-C or SIGTERM reached the launcher."""
+
+
+# ---- per-peer configs -----------------------------------------------------------------------
+
+def parse_hosts(hosts: list[str]) -> list[tuple[str, int]]:
+    """`host:baseport` entries; ConfigError naming the entry otherwise."""
+    parsed = []
+    for entry in hosts:
+        try:
+            parsed.append(split_address(entry.strip()))
+        except ValueError:
+            raise ConfigError(f"--hosts: expected host:baseport, got {entry!r}") from None
+    if not parsed:
+        raise ConfigError("--hosts: give at least one host:baseport")
+    return parsed
+
+
+def peer_addresses(peers: int, hosts: list[tuple[str, int]]) -> list[str]:
+    """Peers assigned round-robin to hosts; the k-th peer on a host listens on its baseport + k."""
+    return [f"{hosts[i % len(hosts)][0]}:{hosts[i % len(hosts)][1] + i // len(hosts)}" for i in range(peers)]
+
+
+def tls_for_peer(tls: TlsConfig, peer: int, base: Path | None = None) -> TlsConfig | None:
+    """The experiment's TLS section with `{peer}` filled in (and paths made absolute against `base`)."""
+    if tls.mode == "none":
+        return None
+    if tls.mode == "mtls" and not all(PEER_PLACEHOLDER in (getattr(tls, f) or "") for f in ("cert", "key")):
+        raise ConfigError("grpc.tls.cert: with mtls every peer needs its own certificate; use a {peer} placeholder, "
+                          "e.g. --set grpc.tls.cert=certs/peer-{peer}.pem --set grpc.tls.key=certs/peer-{peer}.key")
+
+    def resolve(value: str | None) -> str | None:
+        if value is None:
+            return None
+        path = Path(value.replace(PEER_PLACEHOLDER, str(peer))).expanduser()
+        return str(path if base is None or path.is_absolute() else (base / path).resolve())
+
+    return TlsConfig(mode=tls.mode, ca=resolve(tls.ca), cert=resolve(tls.cert), key=resolve(tls.key))
+
+
+def build_peer_configs(config: ExperimentConfig, addresses: list[str], *, listen_hosts: list[str] | None = None,
+                       out_dirs: list[str] | None = None, tls_base: Path | None = None,
+                       certs_dir: Path | None = None, **fields: Any) -> list[PeerConfig]:
+    """One PeerConfig per peer with the experiment embedded and neighbours from its topology."""
+    if len(addresses) != config.peers:
+        raise ConfigError(f"peers: {config.peers} peers but {len(addresses)} addresses")
+    topology = make_topology(config.topology, config.peers, config.seed)
+    tls = config.grpc.tls
+    if certs_dir is not None:
+        mode = tls.mode if tls.mode != "none" else "mtls"
+        tls = TlsConfig(mode=mode, ca=str(certs_dir / "ca.pem"), cert=str(certs_dir / "peer-{peer}.pem"),
+                        key=str(certs_dir / "peer-{peer}.key"))
+    configs = []
+    for peer in range(config.peers):
+        port = addresses[peer].rpartition(":")[2]
+        listen = f"{listen_hosts[peer]}:{port}" if listen_hosts else addresses[peer]
+        configs.append(PeerConfig(
+            peer_id=peer, listen=listen,
+            neighbours={n: addresses[n] for n in topology.neighbours[peer]},
+            experiment=config, out_dir=out_dirs[peer] if out_dirs else f"peer-{peer}",
+            tls=tls_for_peer(tls, peer, tls_base), **fields))
+    return configs
+
+
+def write_peer_configs(config: ExperimentConfig, hosts: list[str], out_dir: Path, *,
+                       certs_dir: Path | None = None) -> list[Path]:
+    """`meshfl configs`: peer-<i>.yaml for every peer, assigned round-robin to `hosts` (host:baseport).
+
+    Each peer listens on 0.0.0.0 at its port when its host is not a loopback address, so
+    the same file works behind NAT; neighbours are dialled at host:port.
+    """
+    addresses = peer_addresses(config.peers, parse_hosts(hosts))
+    listen_hosts = [a.rpartition(":")[0] if _is_loopback(a.rpartition(":")[0]) else "0.0.0.0" for a in addresses]
+    configs = build_peer_configs(config, addresses, listen_hosts=listen_hosts, certs_dir=certs_dir,
+                                 out_dirs=[f"out/peer-{p}" for p in range(config.peers)])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for peer_config in configs:
+        path = out_dir / f"peer-{peer_config.peer_id}.yaml"
+        path.write_text(dump_peer_config(peer_config))
+        paths.append(path)
+    return paths
+
+
+def _is_loopback(host: str) -> bool:
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+def choose_ports(host: str, base_port: int, count: int) -> list[int]:
+    """base_port + i when free, else a free port the OS picks."""
+    ports: list[int] = []
+    for i in range(count):
+        wanted = base_port + i
+        ports.append(wanted if wanted <= 65535 and wanted not in ports and _port_free(host, wanted) else _free_port(host, ports))
+    return ports
+
+
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def _free_port(host: str, taken: list[int]) -> int:
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.bind((host, 0))
+            port = probe.getsockname()[1]
+        if port not in taken:
+            return port
+
+
+# ---- processes ------------------------------------------------------------------------------
+
+@dataclass
+class PeerProcess:
+    peer: int
+    folder: Path
+    process: subprocess.Popen
+    log_path: Path
+
+    @property
+    def returncode(self) -> int | None:
+        return self.process.poll()
+
+    def last_log_line(self) -> str:
+        try:
+            lines = [line for line in self.log_path.read_text(errors="replace").splitlines() if line.strip()]
+        except OSError:
+            return ""
+        return lines[-1].strip() if lines else ""
+
+
+def start_peer(peer: int, config_path: Path, folder: Path, env: dict[str, str]) -> PeerProcess:
+    log_path = folder / "log.txt"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "meshfl.cli", "node", "--config", str(config_path)],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
+            start_new_session=True)  # the launcher's cwd: relative data paths mean what they mean to `meshfl run`
+    return PeerProcess(peer, folder, process, log_path)
+
+
+def stop_all(processes: list[PeerProcess], grace_s: float = STOP_GRACE_S) -> None:
+    """SIGTERM every running peer's process group, SIGKILL what is left after `grace_s`; reap all."""
+    running = [p for p in processes if p.returncode is None]
+    for p in running:
+        _signal_group(p.process, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    for p in running:
+        try:
+            p.process.wait(timeout=max(deadline - time.monotonic(), 0.01))
+        except subprocess.TimeoutExpired:
+            pass
+    for p in running:
+        if p.process.poll() is None:
+            _signal_group(p.process, signal.SIGKILL)
+    for p in running:
+        try:
+            p.process.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+def _signal_group(process: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(process.pid, sig)  # start_new_session made the peer its group's leader
+    except ProcessLookupError:
+        pass
+    except PermissionError:
+        process.send_signal(sig)
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextmanager
+def _handle_signals(handler: Any) -> Iterator[None]:
+    """Install `handler` for SIGINT and SIGTERM (main thread only; elsewhere signals are left alone)."""
+    try:
+        previous = {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+class _InterruptGate:
+    """SIGINT/SIGTERM raise Interrupted, except inside `held()`, which defers them to its end.
+
+    (Blocking the signals instead would be inherited by the peers' processes as their
+    signal mask, and they would then ignore the SIGTERM that stops them.)
+    """
+
+    def __init__(self) -> None:
+        self._holding = False
+        self._pending: int | None = None
+
+    def __call__(self, signum: int, frame: Any) -> None:
+        if self._holding:
+            self._pending = signum
+            return
+        raise Interrupted(signal.Signals(signum).name)
+
+    @contextmanager
+    def held(self) -> Iterator[None]:
+        self._holding = True
+        try:
+            yield
+        finally:
+            self._holding = False
+        if self._pending is not None:
+            raise Interrupted(signal.Signals(self._pending).name)
+
+
+# ---- progress -------------------------------------------------------------------------------
+
+class PeerMetricsReader:
+    """Reads a peer's metrics.jsonl as it grows; keeps the last completed round and accuracy."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._offset = 0
+        self.round = 0
+        self.accuracy = float("nan")
+        self.finished = False
+
+    def poll(self) -> None:
+        try:
+            with self.path.open("rb") as handle:
+                handle.seek(self._offset)
+                data = handle.read()
+        except OSError:
+            return
+        end = data.rfind(b"\n") + 1
+        self._offset += end
+        for line in data[:end].splitlines():
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            if event.get("event") == "metric" and event.get("metric") == "global_accuracy":
+                if event.get("round", 0) >= self.round:
+                    self.round, self.accuracy = event["round"], event["value"]
+            elif event.get("event") == "peer_finished":
+                self.finished = True
+
+
+ProgressCallback = Callable[[int, int, float], None]
+"""(rounds completed by every running peer, peers still running, mean accuracy) after each poll."""
+
+
+# ---- merging --------------------------------------------------------------------------------
+
+def read_events(path: Path) -> list[dict[str, Any]]:
+    """Complete JSON lines of a metrics file; a torn last line (killed peer) is skipped."""
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return []
+    events = []
+    for line in text.splitlines():
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(event, dict):
+            events.append(event)
+    return events
+
+
+def merge_events(per_peer: dict[int, list[dict[str, Any]]], started_unix: float) -> list[dict[str, Any]]:
+    """Every peer's events on the launcher's wall clock, in time order."""
+    merged = []
+    for _peer, events in sorted(per_peer.items()):
+        offset = 0.0
+        for event in events:
+            if event.get("event") == "peer_started" and "unix_time" in event:
+                offset = float(event["unix_time"]) - started_unix
+                break
+        for event in events:
+            shifted = dict(event)
+            shifted["wall_time"] = round(float(event.get("wall_time", 0.0)) + offset, 6)
+            merged.append(shifted)
+    merged.sort(key=lambda e: e["wall_time"])
+    return merged
+
+
+def last_traffic(events: list[dict[str, Any]]) -> dict[str, Any]:
+    for event in reversed(events):
+        if event.get("event") == "traffic":
+            return event
+    return {}
+
+
+def grpc_summary(config: ExperimentConfig, per_peer: dict[int, list[dict[str, Any]]], events: list[dict[str, Any]],
+                 exit_codes: dict[int, int | None], wall_time_s: float) -> dict[str, Any]:
+    """The simulator's summary keys (bytes_sent = the algorithm's count) plus what only real peers have."""
+    peers = range(config.peers)
+    traffic = {p: last_traffic(per_peer.get(p, [])) for p in peers}
+
+    def counter(name: str) -> dict[int, int]:
+        return {p: int(traffic[p].get(name, 0)) for p in peers}
+
+    crashed = [p for p in peers if exit_codes.get(p) != 0]
+    clocks = [e.get("virtual_time", 0.0) for e in events if e.get("event") == "peer_finished"]
+    summary = build_summary(config, events, messages_sent=counter("messages_sent"), bytes_sent=counter("bytes_sent"),
+                            messages_dropped=counter("messages_dropped"), virtual_time_s=max(clocks, default=0.0),
+                            wall_time_s=wall_time_s, dead_peers=crashed)
+    wire = counter("wire_bytes_sent")
+    framing = counter("framing_bytes_estimate")
+    delivered = counter("algorithm_bytes_delivered")
+    refused = {str(p): dict(traffic[p].get("refused", {})) for p in peers}
+    summary.update({
+        "runtime": "grpc",
+        "exit_codes": {str(p): exit_codes.get(p) for p in peers},
+        "messages_delivered": _str_keys(counter("messages_delivered")),
+        "messages_received": _str_keys(counter("messages_received")),
+        "algorithm_bytes_delivered": _str_keys(delivered),
+        "wire_bytes_sent": _str_keys(wire),
+        "framing_bytes_estimate": _str_keys(framing),
+        "heartbeat_bytes": _str_keys(counter("heartbeat_bytes")),
+        "total_wire_bytes": sum(wire.values()),
+        "wire_overhead_ratio": _ratio(sum(wire.values()) + sum(framing.values()), sum(delivered.values())),
+        "refused": refused,
+        "total_refused": sum(sum(r.values()) for r in refused.values()),
+        "neighbours_declared_dead": {str(p): traffic[p].get("dead_neighbours", []) for p in peers},
+    })
+    return summary
+
+
+def _str_keys(values: dict[int, Any]) -> dict[str, Any]:
+    return {str(k): v for k, v in values.items()}
+
+
+def _ratio(numerator: float, denominator: float) -> float:
+    return numerator / denominator if denominator else float("nan")
+
+
+# ---- the launcher ---------------------------------------------------------------------------
+
+@dataclass
+class LaunchResult:
+    run_dir: Path
+    summary: dict[str, Any]
+    exit_codes: dict[int, int | None]
+    events: list[dict[str, Any]] = field(repr=False, default_factory=list)
+
+
+def launch_local(config: ExperimentConfig, run_dir: Path, *, timeout_s: float | None = None, report: bool = True,
+                 progress: ProgressCallback | None = None, linger_s: float = 1.0,
+                 on_started: Callable[[list[PeerProcess]], None] | None = None,
+                 env: dict[str, str] | None = None) -> LaunchResult:
+    """Run every peer as a `meshfl node` process on grpc.host; write the merged run folder to `run_dir`."""
+    run_dir = Path(run_dir).resolve()
+    peers_dir = run_dir / "peers"
+    peers_dir.mkdir(parents=True, exist_ok=True)
+    host = config.grpc.host
+    ports = choose_ports(host, config.grpc.base_port, config.peers)
+    addresses = [f"{host}:{port}" for port in ports]
+    configs = build_peer_configs(config, addresses, tls_base=Path.cwd(), linger_s=linger_s,
+                                 out_dirs=[str(peers_dir / f"peer-{p}") for p in range(config.peers)])
+    child_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    started_unix = time.time()
+    started = time.perf_counter()
+    processes: list[PeerProcess] = []
+    readers: dict[int, PeerMetricsReader] = {}
+    failure: LaunchError | None = None
+    try:
+        gate = _InterruptGate()
+        with _handle_signals(gate):
+            for peer_config in configs:
+                folder = peers_dir / f"peer-{peer_config.peer_id}"
+                folder.mkdir(parents=True, exist_ok=True)
+                config_path = folder / "peer.yaml"
+                config_path.write_text(dump_peer_config(peer_config))
+                with gate.held():  # a started process is always recorded, so always stopped
+                    processes.append(start_peer(peer_config.peer_id, config_path, folder, child_env))
+                readers[peer_config.peer_id] = PeerMetricsReader(folder / "metrics.jsonl")
+            if on_started is not None:
+                on_started(processes)
+            _wait(processes, readers, started, timeout_s, progress)
+    except LaunchError as exc:
+        failure = exc
+    finally:
+        with _handle_signals(signal.SIG_IGN):  # a second Ctrl-C must not leave orphans behind
+            stop_all(processes)
+    exit_codes = {p.peer: p.returncode for p in processes}
+    per_peer = {p: read_events(peers_dir / f"peer-{p}" / "metrics.jsonl") for p in range(config.peers)}
+    events = _run_events(config, per_peer, exit_codes, started_unix, time.time())
+    wall = time.perf_counter() - started
+    summary = grpc_summary(config, per_peer, events, exit_codes, wall)
+    metrics = MetricsLog()
+    metrics.events = events
+    stats = [e["partition"] for e in events if e.get("event") == "peer_started" and isinstance(e.get("partition"), dict)]
+    write_run_folder(run_dir, config, metrics, summary, sorted(stats, key=lambda s: s.get("peer", 0)), report)
+    if failure is not None:
+        raise failure  # after the run folder is written: it holds every peer's log and metrics
+    return LaunchResult(run_dir, summary, exit_codes, events)
+
+
+def _wait(processes: list[PeerProcess], readers: dict[int, PeerMetricsReader], started: float,
+          timeout_s: float | None, progress: ProgressCallback | None) -> None:
+    """Until every peer exits; raise LaunchError on a peer's own failure or the timeout."""
+    while True:
+        for reader in readers.values():
+            reader.poll()
+        running = [p for p in processes if p.returncode is None]
+        failed = [p for p in processes if (p.returncode or 0) > 0]
+        if progress is not None:
+            alive = [readers[p.peer] for p in processes if p.returncode in (None, 0)]
+            rounds = min((r.round for r in alive), default=0)
+            accuracies = [r.accuracy for r in alive if not math.isnan(r.accuracy)]
+            progress(rounds, len(running), sum(accuracies) / len(accuracies) if accuracies else float("nan"))
+        if failed:
+            p = failed[0]
+            raise LaunchError(f"peer {p.peer} failed (exit {p.returncode}): {p.last_log_line() or 'no output'} "
+                              f"(log: {p.log_path})")
+        if not running:
+            return
+        if timeout_s is not None and time.perf_counter() - started > timeout_s:
+            raise LaunchError(f"launch: peers {[p.peer for p in running]} still running after {timeout_s:g}s; stopped them")
+        time.sleep(POLL_S)
+
+
+def _run_events(config: ExperimentConfig, per_peer: dict[int, list[dict[str, Any]]], exit_codes: dict[int, int | None],
+                started_unix: float, finished_unix: float) -> list[dict[str, Any]]:
+    merged = merge_events(per_peer, started_unix)
+    first = next((e for e in merged if e.get("event") == "peer_started"), {})
+    head = {"event": "run_started", "peers": config.peers, "rounds": config.rounds, "algorithm": config.algorithm,
+            "parameters": first.get("parameters"), "layout": first.get("layout"), "runtime": "grpc",
+            "virtual_time": 0.0, "wall_time": 0.0}
+    end = round(finished_unix - started_unix, 6)
+    exits = [{"event": "peer_exited", "peer": p, "exit_code": code, "virtual_time": 0.0, "wall_time": end}
+             for p, code in sorted(exit_codes.items())]
+    return [head, *merged, *exits, {"event": "run_finished", "virtual_time": 0.0, "wall_time": end}]

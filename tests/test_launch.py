@@ -1,0 +1,280 @@
+"""The launcher: peer configs, one process per peer, faults, Ctrl-C, and the merged run folder.
+
+Process tests use digits, the mlp and 4 peers for 2-3 rounds with short real-time timeouts,
+and each is bounded by a timeout so a hang fails instead of blocking the suite.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from meshfl.cli import app
+from meshfl.config import ConfigError, load_config
+from meshfl.core.topology import make_topology
+from meshfl.experiment.run import simulate, summarise
+from meshfl.runtime.grpc.peer_config import load_peer_config
+from meshfl.runtime.launch import (
+    LaunchError,
+    PeerMetricsReader,
+    PeerProcess,
+    _wait,
+    choose_ports,
+    grpc_summary,
+    launch_local,
+    merge_events,
+    parse_hosts,
+    peer_addresses,
+    stop_all,
+    write_peer_configs,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ["gossip.vote_timeout_s=4", "gossip.aggregation_timeout_s=6", "gossip.wait_model_timeout_s=6",
+        "gossip.diffusion_timeout_s=2", "grpc.heartbeat_interval_s=0.5", "grpc.heartbeat_timeout_s=2"]
+runner = CliRunner()
+RUN_FILES = {"config.yaml", "metrics.jsonl", "summary.json", "partition.json", "report.html",
+             "accuracy_per_peer.png", "messages_per_peer.png", "loss_per_round.png"}
+
+
+def meshfl(*args: str, timeout: float = 120, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "meshfl.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT, **kwargs)
+
+
+def sets(*items: str) -> list[str]:
+    return [arg for item in items for arg in ("--set", item)]
+
+
+def alive(pid: int) -> bool:
+    """True while `pid` exists and is not a zombie."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+def children_of(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+# ---- configs --------------------------------------------------------------------------------
+
+def test_hosts_are_assigned_round_robin():
+    hosts = parse_hosts(["10.0.0.1:6000", "10.0.0.2:7000"])
+    assert peer_addresses(5, hosts) == ["10.0.0.1:6000", "10.0.0.2:7000", "10.0.0.1:6001", "10.0.0.2:7001", "10.0.0.1:6002"]
+    with pytest.raises(ConfigError, match="--hosts"):
+        parse_hosts(["10.0.0.1"])
+
+
+def test_write_peer_configs_follows_the_topology(tmp_path):
+    config = load_config(None, ["peers=6", "topology.kind=ring", "data.dataset=digits"])
+    paths = write_peer_configs(config, ["127.0.0.1:6000", "10.1.1.1:7000"], tmp_path)
+    assert [p.name for p in paths] == [f"peer-{i}.yaml" for i in range(6)]
+    ring = make_topology(config.topology, 6, config.seed)
+    for peer, path in enumerate(paths):
+        peer_config = load_peer_config(path)
+        assert sorted(peer_config.neighbours) == list(ring.neighbours[peer])
+        assert peer_config.resolve_experiment(tmp_path) == config
+    assert load_peer_config(paths[0]).listen == "127.0.0.1:6000"
+    assert load_peer_config(paths[1]).listen == "0.0.0.0:7000"  # a remote host binds every interface
+    assert load_peer_config(paths[2]).neighbours[1] == "10.1.1.1:7000"
+
+
+def test_configs_command_and_bad_input(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    done = runner.invoke(app, ["configs", "examples/mnist_gossip.yaml", "--peers", "3", "--topology", "ring",
+                               "--hosts", "127.0.0.1:6100", "--out", str(tmp_path / "peers"), *sets("rounds=2")])
+    assert done.exit_code == 0, done.stderr
+    peer = yaml.safe_load((tmp_path / "peers" / "peer-2.yaml").read_text())
+    assert peer["listen"] == "127.0.0.1:6102" and peer["experiment"]["rounds"] == 2
+    for args, field in [
+        (["configs", "--peers", "3", "--topology", "donut", "--out", str(tmp_path / "x")], "topology.kind"),
+        (["configs", "--peers", "3", "--hosts", "nohost", "--out", str(tmp_path / "x")], "--hosts"),
+        (["launch", "examples/mnist_gossip.yaml"], "--local"),
+        (["launch", "--local", "--set", "peers=-1"], "peers"),
+        (["node", "--config", str(tmp_path / "missing.yaml")], "does not exist"),
+        (["certs", "--peers", "0", "--out", str(tmp_path / "c")], "--peers"),
+    ]:
+        failed = runner.invoke(app, args)
+        assert failed.exit_code == 2, (args, failed.stderr)
+        message = failed.stderr.strip()
+        assert field in message and len(message.splitlines()) == 1 and "Traceback" not in message, message
+
+
+def test_taken_ports_are_replaced_by_free_ones():
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        taken = holder.getsockname()[1]
+        ports = choose_ports("127.0.0.1", taken, 3)
+    assert ports[0] != taken and len(set(ports)) == 3
+
+
+def test_merge_puts_peers_on_the_launcher_clock_and_summarises_the_dead():
+    config = load_config(None, ["peers=2", "rounds=1"])
+    per_peer = {
+        0: [{"event": "peer_started", "peer": 0, "unix_time": 101.0, "wall_time": 0.5},
+            {"event": "metric", "peer": 0, "round": 1, "metric": "global_accuracy", "value": 0.9, "wall_time": 2.0},
+            {"event": "traffic", "peer": 0, "messages_sent": 3, "bytes_sent": 300, "messages_dropped": 1,
+             "wire_bytes_sent": 290, "framing_bytes_estimate": 10, "algorithm_bytes_delivered": 280,
+             "refused": {"malformed": 2}, "wall_time": 2.1}],
+        1: [{"event": "peer_started", "peer": 1, "unix_time": 100.0, "wall_time": 0.1}],
+    }
+    merged = merge_events(per_peer, started_unix=100.0)
+    assert [(e["event"], e["wall_time"]) for e in merged][:2] == [("peer_started", 0.1), ("peer_started", 1.5)]
+    summary = grpc_summary(config, per_peer, merged, {0: 0, 1: -9}, 5.0)
+    assert summary["dead_peers"] == [1] and summary["final_global_accuracy"] == {"0": 0.9}
+    assert summary["messages_sent"] == {"0": 3, "1": 0} and summary["total_bytes"] == 300
+    assert summary["refused"]["0"] == {"malformed": 2} and summary["total_refused"] == 2
+    assert summary["wire_overhead_ratio"] == pytest.approx(300 / 280)
+
+
+def fake_peer(folder: Path, peer: int, code: str) -> PeerProcess:
+    folder.mkdir(parents=True, exist_ok=True)
+    log = folder / "log.txt"
+    with log.open("wb") as handle:
+        process = subprocess.Popen([sys.executable, "-c", code], stdout=handle, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+    return PeerProcess(peer, folder, process, log)
+
+
+def test_a_peer_failing_by_itself_stops_every_other(tmp_path):
+    sleeper = "import time; time.sleep(60)"
+    stubborn = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('ready', flush=True); time.sleep(60)"
+    processes = [fake_peer(tmp_path / "0", 0, sleeper), fake_peer(tmp_path / "1", 1, stubborn)]
+    deadline = time.monotonic() + 30
+    while "ready" not in processes[1].log_path.read_text() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    processes.append(fake_peer(tmp_path / "2", 2, "import sys; print('boom'); sys.exit(3)"))
+    readers = {p.peer: PeerMetricsReader(p.folder / "metrics.jsonl") for p in processes}
+    try:
+        with pytest.raises(LaunchError, match=r"peer 2 failed \(exit 3\): boom"):
+            _wait(processes, readers, time.perf_counter(), 30, None)
+    finally:
+        stop_all(processes, grace_s=1.0)
+    assert processes[0].returncode == -signal.SIGTERM
+    assert processes[1].returncode == -signal.SIGKILL  # ignored SIGTERM: killed after the grace period
+    assert not [p.process.pid for p in processes if alive(p.process.pid)]
+
+
+def test_a_launch_past_its_timeout_is_stopped(tmp_path):
+    processes = [fake_peer(tmp_path / "0", 0, "import time; time.sleep(60)")]
+    try:
+        with pytest.raises(LaunchError, match=r"still running after 0.5s"):
+            _wait(processes, {0: PeerMetricsReader(tmp_path / "m.jsonl")}, time.perf_counter(), 0.5, None)
+    finally:
+        stop_all(processes)
+    assert processes[0].returncode is not None
+
+
+# ---- real processes -------------------------------------------------------------------------
+
+def test_launch_matches_the_simulator(tmp_path):
+    """`meshfl launch examples/mnist_gossip.yaml --local --set peers=4 --set rounds=3` on digits."""
+    overrides = ["peers=4", "rounds=3", "data.dataset=digits", "grpc.base_port=50800", *FAST]
+    done = meshfl("launch", "examples/mnist_gossip.yaml", "--local", "--quiet", "--timeout", "100",
+                  "--out", str(tmp_path / "run"), *sets(*overrides), timeout=150)
+    assert done.returncode == 0, done.stdout + done.stderr
+    run = tmp_path / "run"
+    assert RUN_FILES <= {p.name for p in run.iterdir()}
+    summary = json.loads((run / "summary.json").read_text())
+    config = load_config(ROOT / "examples" / "mnist_gossip.yaml", overrides)
+    result, metrics, _ = simulate(config)
+    expected = summarise(config, result, metrics, 0.0)
+    assert summary["dead_peers"] == [] and set(summary["final_global_accuracy"]) == {"0", "1", "2", "3"}
+    for peer, accuracy in summary["final_global_accuracy"].items():
+        assert abs(accuracy - expected["final_global_accuracy"][peer]) <= 0.01
+    assert set(expected) <= set(summary)  # the simulator's summary keys, plus the runtime's own
+    assert summary["runtime"] == "grpc" and summary["total_refused"] == 0
+    assert 1.0 <= summary["wire_overhead_ratio"] <= 1.05
+    assert load_config(run / "config.yaml") == config
+    partition = json.loads((run / "partition.json").read_text())
+    assert [p["peer"] for p in partition] == [0, 1, 2, 3]
+    events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert events[0]["event"] == "run_started" and events[-1]["event"] == "run_finished"
+    assert "dead" not in (run / "report.html").read_text().split("Per-peer results")[1].split("</table>")[0].replace(
+        "<th>status</th>", "")
+
+
+def test_a_killed_peer_is_survived_and_reported_dead(tmp_path):
+    config = load_config(None, ["peers=4", "rounds=2", "data.dataset=digits", "grpc.base_port=50810", *FAST])
+    killed: dict = {}
+
+    def kill_in_round_one(processes):
+        victim = processes[3]
+        metrics = victim.folder / "metrics.jsonl"
+
+        def watch() -> None:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                if metrics.exists() and '"train_loss"' in metrics.read_text():  # trained, round 1 not done
+                    os.kill(victim.process.pid, signal.SIGKILL)
+                    killed["pid"] = victim.process.pid
+                    return
+                time.sleep(0.02)
+
+        threading.Thread(target=watch, daemon=True).start()
+
+    started = time.monotonic()
+    launched = launch_local(config, tmp_path / "run", timeout_s=100, on_started=kill_in_round_one)
+    assert time.monotonic() - started < 100 and "pid" in killed
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["dead_peers"] == [3] and launched.exit_codes[3] == -signal.SIGKILL
+    assert {p: launched.exit_codes[p] for p in (0, 1, 2)} == {0: 0, 1: 0, 2: 0}
+    assert set(summary["final_global_accuracy"]) == {"0", "1", "2"}  # the survivors finished every round
+    assert all(acc > 0.3 for acc in summary["final_global_accuracy"].values())
+    assert all(3 in summary["neighbours_declared_dead"][str(p)] for p in (0, 1, 2))
+    report = (tmp_path / "run" / "report.html").read_text()
+    assert '<tr class="dead">' in report
+
+
+def test_ctrl_c_stops_every_peer(tmp_path):
+    run = tmp_path / "run"
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "meshfl.cli", "launch", "--local", "--quiet", "--out", str(run),
+         *sets("peers=3", "rounds=500", "data.dataset=digits", "grpc.base_port=50820")],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        metrics = [run / "peers" / f"peer-{p}" / "metrics.jsonl" for p in range(3)]
+        deadline = time.monotonic() + 60
+        while not all(m.exists() and "algorithm_started" in m.read_text() for m in metrics):
+            assert time.monotonic() < deadline and launcher.poll() is None, "peers never started"
+            time.sleep(0.1)
+        peers = children_of(launcher.pid)
+        assert len(peers) == 3
+        launcher.send_signal(signal.SIGINT)
+        _, stderr = launcher.communicate(timeout=30)
+        assert launcher.returncode == 130, stderr
+        assert "interrupted" in stderr
+        assert not [pid for pid in peers if alive(pid)]
+        assert all('"peer_finished"' in m.read_text() for m in metrics)  # stopped by SIGTERM, not killed
+    finally:
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+            launcher.wait()

@@ -11,7 +11,7 @@ import torch
 import zstandard
 
 from meshfl.config import WireConfig
-from meshfl.core.messages import AggregatedModel, HaveModels, PartialModel, Vote
+from meshfl.core.messages import AggregatedModel, Ballot, HaveModels, PartialModel, Votes
 from meshfl.core.params import Layout, Params
 from meshfl.runtime.grpc import wire
 from meshfl.runtime.grpc.door import REASONS, Door, Refused
@@ -131,7 +131,7 @@ def _bad_codec(rng: np.random.Generator) -> tuple[bytes, set[str]]:
 
 
 def _unknown_type(rng: np.random.Generator) -> tuple[bytes, set[str]]:
-    env = _envelope(Vote(sender=1, round=CURRENT_ROUND, origin=1, candidates=(1,), weights=(1,)))
+    env = _envelope(Votes(sender=1, round=CURRENT_ROUND, ballots=(Ballot(1, (1,), (1,)),)))
     env.type = int(rng.choice([0, 6, 99, 2**32 - 1]))
     return env.SerializeToString(), {"unknown_type"}
 
@@ -172,7 +172,7 @@ def _stray_fields(rng: np.random.Generator) -> tuple[bytes, set[str]]:
 
 
 def _odd_vote(rng: np.random.Generator) -> tuple[bytes, set[str]]:
-    env = _envelope(Vote(sender=1, round=CURRENT_ROUND, origin=3, candidates=(1, 2), weights=(3, 4)))
+    env = _envelope(Votes(sender=1, round=CURRENT_ROUND, ballots=(Ballot(3, (1, 2), (3, 4)),)))
     env.ints.append(int(rng.integers(0, 10)))
     return env.SerializeToString(), {"malformed"}
 
@@ -185,7 +185,7 @@ def _topk_out_of_range(rng: np.random.Generator) -> tuple[bytes, set[str]]:
 
 def _wrong_version(rng: np.random.Generator) -> tuple[bytes, set[str]]:
     env = _envelope()
-    env.version = int(rng.choice([0, 2, 2**40]))
+    env.version = int(rng.choice([0, wire.WIRE_VERSION - 1, wire.WIRE_VERSION + 1, 2**40]))
     return env.SerializeToString(), {"malformed"}
 
 
@@ -222,7 +222,7 @@ def test_fuzz_every_hostile_input_is_refused_with_its_reason():
 def test_fuzz_random_mutations_are_admitted_or_refused_never_crash():
     rng = np.random.default_rng(7)
     door = _door()
-    base = [wire.encode(m, WireConfig(codec=c, compression=z)) for m in (_partial(), Vote(sender=2, round=CURRENT_ROUND, origin=2, candidates=(1,), weights=(2,)))
+    base = [wire.encode(m, WireConfig(codec=c, compression=z)) for m in (_partial(), Votes(sender=2, round=CURRENT_ROUND, ballots=(Ballot(2, (1,), (2,)),)))
             for c in ("float32", "int8", "topk") for z in ("none", "zstd")]
     n = 400
     for _ in range(n):
@@ -247,7 +247,7 @@ def test_valid_messages_are_admitted(codec, compression):
     messages = [
         _partial(),
         AggregatedModel(sender=0, round=CURRENT_ROUND - 2, params=Params(_flat(3), LAYOUT)),  # oldest round still admitted
-        Vote(sender=5, round=CURRENT_ROUND + 3, origin=2, candidates=(1, 2), weights=(2, 1)),
+        Votes(sender=5, round=CURRENT_ROUND + 3, ballots=(Ballot(2, (1, 2), (2, 1)),)),
         HaveModels(sender=3, round=CURRENT_ROUND, contributors=frozenset({0, 5}), complete=True),
         Heartbeat(sender=4, round=0),  # a lagging peer's heartbeat is never stale
     ]

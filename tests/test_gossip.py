@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 import torch
 
-from meshfl.algorithms.gossip import choose_targets, make_vote, tally_votes
+from meshfl.algorithms.gossip import choose_targets, make_ballot, tally_votes
 from meshfl.config import load_config
-from meshfl.core.messages import Vote
+from meshfl.core.messages import Ballot
 from meshfl.core.metrics import without_wall_clock
 from meshfl.experiment.run import simulate
 
@@ -20,8 +20,7 @@ def metric_table(events, metric):
 
 
 def test_tally_takes_most_voted_and_breaks_ties_by_lower_id():
-    votes = [Vote(sender=0, round=1, origin=0, candidates=(5, 2, 7), weights=(10, 4, 4)),
-             Vote(sender=1, round=1, origin=1, candidates=(3, 7), weights=(6, 0))]
+    votes = [Ballot(0, (5, 2, 7), (10, 4, 4)), Ballot(1, (3, 7), (6, 0))]
     assert tally_votes(votes, 2) == (3, 5)
     assert tally_votes(votes, 3) == (2, 3, 5)  # 2 and 7 tie at 4: the lower id wins
     assert tally_votes(votes, 10) == (2, 3, 5, 7)
@@ -29,9 +28,9 @@ def test_tally_takes_most_voted_and_breaks_ties_by_lower_id():
 
 def test_vote_and_targets_are_deterministic_per_generator():
     peers = tuple(range(10))
-    a = make_vote(np.random.default_rng([1, 2]), peers, 4)
-    assert a == make_vote(np.random.default_rng([1, 2]), peers, 4)
-    assert len(set(a[0])) == 4 and all(w >= 0 for w in a[1])
+    a = make_ballot(np.random.default_rng([1, 2]), 3, peers, 4)
+    assert a == make_ballot(np.random.default_rng([1, 2]), 3, peers, 4)
+    assert a.origin == 3 and len(set(a.candidates)) == 4 and all(w >= 0 for w in a.weights)
     assert choose_targets(np.random.default_rng(0), [], [4, 1], 3) == [1, 4]
     picked = choose_targets(np.random.default_rng(0), [1, 2, 3, 4], [9], 2)
     assert len(picked) == 2 and set(picked) <= {1, 2, 3, 4}
@@ -112,3 +111,19 @@ def test_two_processes_with_different_hash_seeds_write_identical_metrics(tmp_pat
     assert len(first) > 20
     assert first == second
     assert first != other
+
+
+def test_batched_vote_relays_elect_the_same_train_set_with_far_fewer_messages():
+    """Relays batch ballots: every peer still tallies every ballot, at a fraction of per-ballot flooding."""
+    base = SMALL + ["peers=24", "rounds=2", "topology.kind=random", "topology.edge_probability=0.3", "gossip.train_set_size=4"]
+    flooded = simulate(load_config(None, base + ["gossip.vote_batch_s=0"]))
+    batched = simulate(load_config(None, base + ["gossip.vote_batch_s=0.02"]))
+    for result, metrics, _ in (flooded, batched):
+        assert not [e for e in metrics.events if e.get("metric") in ("missed_votes", "missed_models")]
+    flooded_votes = flooded[0].traffic.messages_by_type["Votes"]
+    batched_votes = batched[0].traffic.messages_by_type["Votes"]
+    assert batched_votes * 4 < flooded_votes, (batched_votes, flooded_votes)
+    # every peer tallied the same ballots, elected the same train set and ended with the same model
+    final = batched[0].final_params
+    for p in range(1, 24):
+        assert torch.allclose(final[0].flat, final[p].flat, atol=1e-5)

@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from meshfl.config import ConfigError, load_config
-from meshfl.core.messages import HaveModels, PartialModel, Vote
+from meshfl.core.messages import Ballot, HaveModels, PartialModel, Votes
 from meshfl.core.params import Layout, Params
 from meshfl.experiment.run import simulate, summarise
 from meshfl.learn.learner import TorchLearner
@@ -177,7 +177,7 @@ def hostile_messages(layout: Layout, count: int, max_bytes: int) -> list[tuple[s
         ("malformed", lambda: rng.bytes(int(rng.integers(1, 4000)))),  # random bytes
         ("malformed", lambda: tensor_envelope(version=99)),  # another wire version
         ("unknown_type", lambda: envelope(type=77, sender=1, round=1)),
-        ("unknown_sender", lambda: encode(Vote(sender=99, round=1, origin=99, candidates=(0,), weights=(5,)), wire)),  # forged
+        ("unknown_sender", lambda: encode(Votes(sender=99, round=1, ballots=(Ballot(99, (0,), (5,)),)), wire)),  # forged
         ("unknown_sender", lambda: encode(HaveModels(sender=1234, round=1, contributors=frozenset({0})), wire)),
         ("layout_mismatch", lambda: encode(PartialModel(sender=1, round=1, params=Params(torch.ones(10), other_layout),
                                                         contributors=frozenset({1}), weight=5.0), wire)),

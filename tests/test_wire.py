@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from meshfl.config import WireConfig
-from meshfl.core.messages import AggregatedModel, HaveModels, Message, PartialModel, Vote
+from meshfl.core.messages import AggregatedModel, Ballot, HaveModels, Message, PartialModel, Votes
 from meshfl.core.params import Layout, Params
 from meshfl.runtime.grpc import codecs, wire
 from meshfl.runtime.grpc.wire import Heartbeat
@@ -154,8 +154,9 @@ def test_encode_refuses_non_float32_or_non_flat_input():
 def _messages(layout: Layout) -> list[Message]:
     params = Params(_normal(layout.numel, seed=7), layout)
     return [
-        Vote(sender=3, round=2, origin=5, candidates=(1, 4, 6), weights=(7, 2, 1)),
-        Vote(sender=0, round=0, origin=0, candidates=(), weights=()),
+        Votes(sender=3, round=2, ballots=(Ballot(5, (1, 4, 6), (7, 2, 1)),)),
+        Votes(sender=0, round=0, ballots=(Ballot(0, (), ()),)),
+        Votes(sender=2, round=3, ballots=(Ballot(2, (0,), (9,)), Ballot(7, (), ()), Ballot(4, (1, 3), (5, 5)))),
         PartialModel(sender=1, round=9, params=params, contributors=frozenset({6, 1, 3}), weight=123.5),
         AggregatedModel(sender=2, round=4, params=params, contributors=frozenset({0, 2})),
         AggregatedModel(sender=0, round=0, params=params),
@@ -223,7 +224,7 @@ def test_encoding_is_deterministic():
 
 def test_decoded_params_are_fresh():
     layout = _layout()
-    message = _messages(layout)[2]
+    message = next(m for m in _messages(layout) if isinstance(m, PartialModel))
     buffer = bytearray(wire.encode(message, WireConfig()))
     got = wire.decode(bytes(buffer), layout)
     got.params.flat.add_(1.0)  # writable, and writing it must not touch the sender's tensor

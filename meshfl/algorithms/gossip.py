@@ -1,8 +1,10 @@
 """Gossip FedAvg with P2PFL's round workflow.
 
 Round 0 diffuses the initiator's model to every peer. Each round r >= 1 then:
-1. VOTE: every peer votes for `votes_per_peer` random peers with random weights; votes are
-   flooded, and every peer tallies the same train set (most votes, ties by lower id).
+1. VOTE: every peer votes for `votes_per_peer` random peers with random weights; ballots are
+   flooded, and every peer tallies the same train set (most votes, ties by lower id). A relay
+   holds the ballots it learns for `vote_batch_s` and sends them as one `Votes` message per
+   neighbour, so flooding costs a few messages per link, not one per peer per link.
 2. TRAIN: train-set peers train locally.
 3. AGGREGATE: peers gossip disjoint partial aggregates (each step to `gossip_fanout`
    neighbours the parts they lack, train-set neighbours first) until they hold every
@@ -25,7 +27,7 @@ import numpy as np
 from meshfl.aggregate.partial import Part, PartialAggregates
 from meshfl.config import GossipConfig
 from meshfl.core.context import NodeContext
-from meshfl.core.messages import AggregatedModel, HaveModels, Message, PartialModel, Vote
+from meshfl.core.messages import AggregatedModel, Ballot, HaveModels, Message, PartialModel, Votes
 from meshfl.core.params import Params
 
 
@@ -42,19 +44,19 @@ class Phase(enum.Enum):
 
 # ---- the maths, as plain functions -------------------------------------------------------
 
-def make_vote(rng: np.random.Generator, peers: tuple[int, ...], votes_per_peer: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+def make_ballot(rng: np.random.Generator, origin: int, peers: tuple[int, ...], votes_per_peer: int) -> Ballot:
     """P2PFL's ballot: k distinct random candidates, the i-th weighted floor(U[0,1000] / (i+1))."""
     count = min(votes_per_peer, len(peers))
     candidates = rng.choice(np.asarray(peers), size=count, replace=False)
     weights = [int(rng.integers(0, 1001)) // (i + 1) for i in range(count)]
-    return tuple(int(c) for c in candidates), tuple(weights)
+    return Ballot(origin, tuple(int(c) for c in candidates), tuple(weights))
 
 
-def tally_votes(votes: Iterable[Vote], train_set_size: int) -> tuple[int, ...]:
+def tally_votes(ballots: Iterable[Ballot], train_set_size: int) -> tuple[int, ...]:
     """The `train_set_size` peers with the most vote weight; ties go to the lower peer id."""
     totals: dict[int, int] = {}
-    for vote in votes:
-        for candidate, weight in zip(vote.candidates, vote.weights, strict=True):
+    for ballot in ballots:
+        for candidate, weight in zip(ballot.candidates, ballot.weights, strict=True):
             totals[candidate] = totals.get(candidate, 0) + weight
     ranked = sorted(totals, key=lambda peer: (-totals[peer], peer))
     return tuple(sorted(ranked[:train_set_size]))
@@ -72,7 +74,7 @@ def choose_targets(rng: np.random.Generator, preferred: list[int], others: list[
 
 @dataclass
 class RoundState:
-    votes: dict[int, Vote] = field(default_factory=dict)
+    ballots: dict[int, Ballot] = field(default_factory=dict)
     train_set: tuple[int, ...] = ()
     parts: PartialAggregates = field(default_factory=PartialAggregates)
     aggregated: AggregatedModel | None = None
@@ -92,6 +94,9 @@ class GossipPeer:
         self.round = 0
         self._states: dict[int, RoundState] = {}
         self._ctx: NodeContext | None = None
+        self._relay: dict[int, dict[int, list[Ballot]]] = {}  # neighbour -> round -> ballots to send
+        self._relay_at: float | None = None
+        self._peers: frozenset[int] | None = None
 
     def state(self, round: int) -> RoundState:
         if round not in self._states:
@@ -148,14 +153,14 @@ class GossipPeer:
 
     async def _elect_train_set(self, ctx: NodeContext, round: int) -> tuple[int, ...]:
         state = self.state(round)
-        candidates, weights = make_vote(ctx.rng, ctx.peers, self.config.votes_per_peer)
-        vote = Vote(sender=ctx.peer_id, round=round, origin=ctx.peer_id, candidates=candidates, weights=weights)
-        self._handle_vote(ctx, vote)
+        own = make_ballot(ctx.rng, ctx.peer_id, ctx.peers, self.config.votes_per_peer)
+        self._learn_ballots(ctx, round, (own,), came_from=ctx.peer_id)
+        self._send_relays(ctx)  # one's own ballot goes out at once
         everyone = len(ctx.peers)
-        await self._pump(ctx, lambda: len(state.votes) >= everyone, ctx.now() + self.config.vote_timeout_s)
-        if len(state.votes) < everyone:
-            ctx.log("missed_votes", everyone - len(state.votes), round=round)
-        return tally_votes(state.votes.values(), min(self.config.train_set_size, everyone))
+        await self._pump(ctx, lambda: len(state.ballots) >= everyone, ctx.now() + self.config.vote_timeout_s)
+        if len(state.ballots) < everyone:
+            ctx.log("missed_votes", everyone - len(state.ballots), round=round)
+        return tally_votes(state.ballots.values(), min(self.config.train_set_size, everyone))
 
     async def _diffuse(self, ctx: NodeContext, round: int) -> None:
         """DIFFUSE: send the round's model to neighbours not known to hold it, until all do."""
@@ -167,20 +172,31 @@ class GossipPeer:
 
     async def _pump(self, ctx: NodeContext, done: Callable[[], bool], deadline: float,
                     on_tick: Callable[[], None] | None = None) -> bool:
-        """Handle messages (and gossip every period) until `done()` or the deadline."""
+        """Handle messages (and gossip every period) until `done()` or the deadline.
+
+        Ballots waiting to be relayed go out when their batch time comes, and in any case
+        before returning: a peer may not pump again for a long time (it trains).
+        """
         next_tick = ctx.now()
-        while not done():
-            now = ctx.now()
-            if now >= deadline:
-                return False
-            if on_tick is not None and now >= next_tick:
-                on_tick()
-                next_tick = now + self.config.gossip_period_s
-            wake = min(deadline, next_tick) if on_tick is not None else deadline
-            message = await ctx.recv(wake - now)
-            if message is not None:
-                self.handle(ctx, message)
-        return True
+        try:
+            while not done():
+                now = ctx.now()
+                if now >= deadline:
+                    return False
+                if on_tick is not None and now >= next_tick:
+                    on_tick()
+                    next_tick = now + self.config.gossip_period_s
+                if self._relay_at is not None and now >= self._relay_at:
+                    self._send_relays(ctx)
+                wake = min(deadline, next_tick) if on_tick is not None else deadline
+                if self._relay_at is not None:
+                    wake = min(wake, self._relay_at)
+                message = await ctx.recv(wake - now)
+                if message is not None:
+                    self.handle(ctx, message)
+            return True
+        finally:
+            self._send_relays(ctx)
 
     # ---- round model ----------------------------------------------------------------------
 
@@ -251,22 +267,50 @@ class GossipPeer:
     # ---- receiving ------------------------------------------------------------------------
 
     def handle(self, ctx: NodeContext, message: Message) -> None:
-        if isinstance(message, Vote):
-            self._handle_vote(ctx, message)
+        if isinstance(message, Votes):
+            if message.round >= self.round:
+                self._learn_ballots(ctx, message.round, message.ballots, came_from=message.sender)
         elif isinstance(message, HaveModels):
             self._handle_have(message)
         elif isinstance(message, (PartialModel, AggregatedModel)):
             self._handle_model(ctx, message)
 
-    def _handle_vote(self, ctx: NodeContext, vote: Vote) -> None:
-        if vote.round < self.round or vote.origin in self.state(vote.round).votes:
+    def _learn_ballots(self, ctx: NodeContext, round: int, ballots: Iterable[Ballot], came_from: int) -> None:
+        """Keep the first ballot of each peer and queue it for every neighbour but its sender and origin.
+
+        Ballots of unknown peers, or naming unknown candidates, are ignored: they could only
+        skew the tally.
+        """
+        known = self.state(round).ballots
+        peers = self._peer_set(ctx)
+        new = []
+        for ballot in ballots:
+            if ballot.origin in known or ballot.origin not in peers or not peers.issuperset(ballot.candidates):
+                continue
+            known[ballot.origin] = ballot
+            new.append(ballot)
+        if not new:
             return
-        self.state(vote.round).votes[vote.origin] = vote
-        relayed = Vote(sender=ctx.peer_id, round=vote.round, origin=vote.origin,
-                       candidates=vote.candidates, weights=vote.weights)
         for neighbour in ctx.neighbours:
-            if neighbour not in (vote.sender, vote.origin):
-                ctx.send(neighbour, relayed)
+            if neighbour != came_from:
+                relayed = [ballot for ballot in new if ballot.origin != neighbour]
+                if relayed:
+                    self._relay.setdefault(neighbour, {}).setdefault(round, []).extend(relayed)
+        if self._relay_at is None:
+            self._relay_at = ctx.now() + self.config.vote_batch_s
+
+    def _peer_set(self, ctx: NodeContext) -> frozenset[int]:
+        if self._peers is None:
+            self._peers = frozenset(ctx.peers)
+        return self._peers
+
+    def _send_relays(self, ctx: NodeContext) -> None:
+        """One `Votes` message per neighbour and round with every ballot queued for it."""
+        for neighbour in sorted(self._relay):
+            for round, ballots in sorted(self._relay[neighbour].items()):
+                ctx.send(neighbour, Votes(sender=ctx.peer_id, round=round, ballots=tuple(ballots)))
+        self._relay.clear()
+        self._relay_at = None
 
     def _handle_have(self, message: HaveModels) -> None:
         if message.round < self.round - 1:

@@ -9,6 +9,8 @@ tensors as raw float32 bytes.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
+from operator import attrgetter
 
 from meshfl.core.params import Params
 
@@ -38,21 +40,42 @@ class Message:
         return 0
 
 
-@dataclass(frozen=True, kw_only=True)
-class Vote(Message):
-    """One peer's train-set ballot: candidates with weights; flooded so every peer tallies the same."""
+@dataclass(frozen=True)
+class Ballot:
+    """One peer's train-set ballot for a round: the candidates it votes for, with weights."""
 
     origin: int
     candidates: tuple[int, ...]
     weights: tuple[int, ...]
 
+    size: int = field(init=False, repr=False, compare=False)
+    """Bytes on the wire: origin, count, then candidates and weights."""
+
+    def __post_init__(self) -> None:
+        if self.origin < 0:
+            raise ValueError(f"Ballot.origin must be >= 0, got {self.origin}")
+        if len(self.candidates) != len(self.weights):
+            raise ValueError(f"Ballot of peer {self.origin}: candidates and weights differ in length")
+        object.__setattr__(self, "size", INT_BYTES * (2 + 2 * len(self.candidates)))
+
+
+@dataclass(frozen=True, kw_only=True)
+class Votes(Message):
+    """Ballots flooded so every peer tallies the same train set; relays batch ballots that arrive close together."""
+
+    ballots: tuple[Ballot, ...]
+
     def __post_init__(self) -> None:
         super().__post_init__()
-        if len(self.candidates) != len(self.weights):
-            raise ValueError("Vote: candidates and weights differ in length")
+        if not self.ballots:
+            raise ValueError("Votes: ballots must not be empty")
 
     def payload_size(self) -> int:
-        return INT_BYTES * (2 + 2 * len(self.candidates))
+        return self._payload_size
+
+    @cached_property
+    def _payload_size(self) -> int:  # relays are sized once per send, with up to every peer's ballot
+        return sum(map(attrgetter("size"), self.ballots))
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -61,12 +61,14 @@ def summarise(config: ExperimentConfig, result: SimResult, metrics: MetricsLog, 
     return build_summary(config, metrics.events, messages_sent=dict(enumerate(traffic.messages_sent)),
                          bytes_sent=dict(enumerate(traffic.bytes_sent)),
                          messages_dropped=dict(enumerate(traffic.messages_dropped)),
+                         messages_by_type=dict(sorted(traffic.messages_by_type.items())),
                          virtual_time_s=result.virtual_time_s, wall_time_s=wall_time_s)
 
 
 def build_summary(config: ExperimentConfig, events: list[dict[str, Any]], *, messages_sent: dict[int, int],
                   bytes_sent: dict[int, int], messages_dropped: dict[int, int], virtual_time_s: float,
-                  wall_time_s: float, dead_peers: Iterable[int] = ()) -> dict[str, Any]:
+                  wall_time_s: float, dead_peers: Iterable[int] = (),
+                  messages_by_type: dict[str, int] | None = None) -> dict[str, Any]:
     """summary.json of any runtime: final accuracies from the events, per-peer traffic counters.
 
     A peer is dead when it is named in `dead_peers` (the runtime saw it die) or never
@@ -92,6 +94,7 @@ def build_summary(config: ExperimentConfig, events: list[dict[str, Any]], *, mes
         "messages_dropped": {str(p): n for p, n in sorted(messages_dropped.items())},
         "total_messages": sum(messages_sent.values()),
         "total_bytes": sum(bytes_sent.values()),
+        **({"messages_by_type": messages_by_type} if messages_by_type is not None else {}),
         "dead_peers": sorted(dead),
         "virtual_time_s": virtual_time_s,
         "wall_time_s": wall_time_s,

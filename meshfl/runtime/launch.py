@@ -17,7 +17,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -341,6 +341,14 @@ def last_traffic(events: list[dict[str, Any]]) -> dict[str, Any]:
     return {}
 
 
+def _sum_by_type(traffic: Iterable[dict[str, Any]]) -> dict[str, int]:
+    totals: dict[str, int] = {}
+    for counters in traffic:
+        for kind, count in counters.get("messages_by_type", {}).items():
+            totals[kind] = totals.get(kind, 0) + int(count)
+    return dict(sorted(totals.items()))
+
+
 def grpc_summary(config: ExperimentConfig, per_peer: dict[int, list[dict[str, Any]]], events: list[dict[str, Any]],
                  exit_codes: dict[int, int | None], wall_time_s: float) -> dict[str, Any]:
     """The simulator's summary keys (bytes_sent = the algorithm's count) plus what only real peers have."""
@@ -354,7 +362,7 @@ def grpc_summary(config: ExperimentConfig, per_peer: dict[int, list[dict[str, An
     clocks = [e.get("virtual_time", 0.0) for e in events if e.get("event") == "peer_finished"]
     summary = build_summary(config, events, messages_sent=counter("messages_sent"), bytes_sent=counter("bytes_sent"),
                             messages_dropped=counter("messages_dropped"), virtual_time_s=max(clocks, default=0.0),
-                            wall_time_s=wall_time_s, dead_peers=crashed)
+                            wall_time_s=wall_time_s, dead_peers=crashed, messages_by_type=_sum_by_type(traffic.values()))
     wire = counter("wire_bytes_sent")
     framing = counter("framing_bytes_estimate")
     delivered = counter("algorithm_bytes_delivered")

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0cmeshfl.proto\x12\tmeshfl.v1\"\xe7\x01\n\x08\x45nvelope\x12\x0c\n\x04type\x18\x01 \x01(\r\x12\x0e\n\x06sender\x18\x02 \x01(\r\x12\r\n\x05round\x18\x03 \x01(\r\x12\x0f\n\x07version\x18\x04 \x01(\x04\x12\x1a\n\x12layout_fingerprint\x18\x05 \x01(\x0c\x12\r\n\x05\x63odec\x18\x06 \x01(\r\x12\x13\n\x0b\x63ompression\x18\x07 \x01(\r\x12\x0c\n\x04ints\x18\x08 \x03(\r\x12\x0e\n\x06weight\x18\t \x01(\x01\x12\x10\n\x08\x63omplete\x18\n \x01(\x08\x12\x0e\n\x06origin\x18\x0b \x01(\r\x12\r\n\x05numel\x18\x0c \x01(\x04\x12\x0e\n\x06tensor\x18\r \x01(\x0c\"#\n\x05\x43hunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0c\n\x04last\x18\x02 \x01(\x08\"(\n\x03\x41\x63k\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\r\x12\x0f\n\x07refused\x18\x02 \x01(\r2^\n\x04Peer\x12,\n\x06Stream\x12\x10.meshfl.v1.Chunk\x1a\x0e.meshfl.v1.Ack(\x01\x12(\n\x04Ping\x12\x10.meshfl.v1.Chunk\x1a\x0e.meshfl.v1.Ackb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0cmeshfl.proto\x12\tmeshfl.v1\"\xdd\x01\n\x08\x45nvelope\x12\x0c\n\x04type\x18\x01 \x01(\r\x12\x0e\n\x06sender\x18\x02 \x01(\r\x12\r\n\x05round\x18\x03 \x01(\r\x12\x0f\n\x07version\x18\x04 \x01(\x04\x12\x1a\n\x12layout_fingerprint\x18\x05 \x01(\x0c\x12\r\n\x05\x63odec\x18\x06 \x01(\r\x12\x13\n\x0b\x63ompression\x18\x07 \x01(\r\x12\x0c\n\x04ints\x18\x08 \x03(\r\x12\x0e\n\x06weight\x18\t \x01(\x01\x12\x10\n\x08\x63omplete\x18\n \x01(\x08\x12\r\n\x05numel\x18\x0c \x01(\x04\x12\x0e\n\x06tensor\x18\r \x01(\x0cJ\x04\x08\x0b\x10\x0c\"#\n\x05\x43hunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0c\n\x04last\x18\x02 \x01(\x08\"(\n\x03\x41\x63k\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\r\x12\x0f\n\x07refused\x18\x02 \x01(\r2^\n\x04Peer\x12,\n\x06Stream\x12\x10.meshfl.v1.Chunk\x1a\x0e.meshfl.v1.Ack(\x01\x12(\n\x04Ping\x12\x10.meshfl.v1.Chunk\x1a\x0e.meshfl.v1.Ackb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,11 +33,11 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'meshfl_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_ENVELOPE']._serialized_start=28
-  _globals['_ENVELOPE']._serialized_end=259
-  _globals['_CHUNK']._serialized_start=261
-  _globals['_CHUNK']._serialized_end=296
-  _globals['_ACK']._serialized_start=298
-  _globals['_ACK']._serialized_end=338
-  _globals['_PEER']._serialized_start=340
-  _globals['_PEER']._serialized_end=434
+  _globals['_ENVELOPE']._serialized_end=249
+  _globals['_CHUNK']._serialized_start=251
+  _globals['_CHUNK']._serialized_end=286
+  _globals['_ACK']._serialized_start=288
+  _globals['_ACK']._serialized_end=328
+  _globals['_PEER']._serialized_start=330
+  _globals['_PEER']._serialized_end=424
 # @@protoc_insertion_point(module_scope)

@@ -25,7 +25,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
@@ -99,6 +99,7 @@ class Traffic:
     messages_received: int = 0
     send_retries: int = 0
     refused_by_neighbours: int = 0
+    messages_by_type: dict[str, int] = field(default_factory=dict)
 
 
 def channel_options(config: GrpcConfig) -> list[tuple[str, Any]]:
@@ -320,6 +321,8 @@ class GrpcContext:
         node.note_round(message.round)
         node.traffic.messages_sent += 1
         node.traffic.bytes_sent += message.wire_size
+        kind = type(message).__name__
+        node.traffic.messages_by_type[kind] = node.traffic.messages_by_type.get(kind, 0) + 1
         link.enqueue(message)
 
     async def recv(self, timeout: float | None = None) -> Message | None:

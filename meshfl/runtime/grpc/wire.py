@@ -22,17 +22,17 @@ from google.protobuf import unknown_fields
 from google.protobuf.message import DecodeError
 
 from meshfl.config import WireConfig
-from meshfl.core.messages import AggregatedModel, HaveModels, Message, PartialModel, Vote
+from meshfl.core.messages import AggregatedModel, Ballot, HaveModels, Message, PartialModel, Votes
 from meshfl.core.params import Layout, Params
 from meshfl.runtime.grpc import codecs
 from meshfl.runtime.grpc.meshfl_pb2 import Envelope
 
-WIRE_VERSION = 1
+WIRE_VERSION = 2
 """Bumped on any incompatible envelope change; a peer refuses envelopes of another version."""
 
 CODEC_IDS: dict[str, int] = {"float32": 0, "float16": 1, "int8": 2, "topk": 3}
 COMPRESSION_IDS: dict[str, int] = {"none": 0, "gzip": 1, "zstd": 2}
-MESSAGE_TYPES: dict[str, int] = {"Vote": 1, "PartialModel": 2, "AggregatedModel": 3, "HaveModels": 4, "Heartbeat": 5}
+MESSAGE_TYPES: dict[str, int] = {"Votes": 1, "PartialModel": 2, "AggregatedModel": 3, "HaveModels": 4, "Heartbeat": 5}
 CODEC_NAMES: dict[int, str] = {v: k for k, v in CODEC_IDS.items()}
 COMPRESSION_NAMES: dict[int, str] = {v: k for k, v in COMPRESSION_IDS.items()}
 
@@ -67,7 +67,7 @@ class Heartbeat(Message):
 
 
 MESSAGE_CLASSES: dict[int, type[Message]] = {
-    1: Vote, 2: PartialModel, 3: AggregatedModel, 4: HaveModels, 5: Heartbeat,
+    1: Votes, 2: PartialModel, 3: AggregatedModel, 4: HaveModels, 5: Heartbeat,
 }
 _TYPE_IDS: dict[type[Message], int] = {cls: i for i, cls in MESSAGE_CLASSES.items()}
 _TENSOR_TYPES = (PartialModel, AggregatedModel)
@@ -75,7 +75,7 @@ _TENSOR_TYPES = (PartialModel, AggregatedModel)
 _COMMON_FIELDS = frozenset({"type", "sender", "round", "version"})
 _TENSOR_FIELDS = frozenset({"layout_fingerprint", "codec", "compression", "numel", "tensor"})
 _ALLOWED_FIELDS: dict[type[Message], frozenset[str]] = {
-    Vote: _COMMON_FIELDS | {"ints", "origin"},
+    Votes: _COMMON_FIELDS | {"ints"},
     PartialModel: _COMMON_FIELDS | _TENSOR_FIELDS | {"ints", "weight"},
     AggregatedModel: _COMMON_FIELDS | _TENSOR_FIELDS | {"ints"},
     HaveModels: _COMMON_FIELDS | {"ints", "complete"},
@@ -92,9 +92,9 @@ def encode(message: Message, wire: WireConfig) -> bytes:
     if type_id is None:
         raise ValueError(f"wire.encode: {type(message).__name__} has no wire type (known: {', '.join(MESSAGE_TYPES)})")
     env = Envelope(type=type_id, sender=message.sender, round=message.round, version=WIRE_VERSION)
-    if isinstance(message, Vote):
-        env.ints.extend([*message.candidates, *message.weights])
-        env.origin = message.origin
+    if isinstance(message, Votes):
+        for ballot in message.ballots:
+            env.ints.extend([ballot.origin, len(ballot.candidates), *ballot.candidates, *ballot.weights])
     elif isinstance(message, HaveModels):
         env.ints.extend(sorted(message.contributors))
         env.complete = message.complete
@@ -278,11 +278,8 @@ def build(env: Envelope, cls: type[Message], params: Params | None) -> Message:
 def _construct(env: Envelope, cls: type[Message], params: Params | None) -> Message:
     head = {"sender": env.sender, "round": env.round}
     ints = tuple(env.ints)
-    if cls is Vote:
-        if len(ints) % 2:
-            raise ValueError(f"odd number of ints ({len(ints)}) cannot split into candidates and weights")
-        half = len(ints) // 2
-        return Vote(**head, origin=env.origin, candidates=ints[:half], weights=ints[half:])
+    if cls is Votes:
+        return Votes(**head, ballots=_ballots(ints))
     if cls is Heartbeat:
         return Heartbeat(**head)
     contributors = _contributors(ints)
@@ -291,6 +288,21 @@ def _construct(env: Envelope, cls: type[Message], params: Params | None) -> Mess
     if cls is PartialModel:
         return PartialModel(**head, params=params, contributors=contributors, weight=env.weight)
     return AggregatedModel(**head, params=params, contributors=contributors)
+
+
+def _ballots(ints: tuple[int, ...]) -> tuple[Ballot, ...]:
+    """Ballots written as origin, count, candidates, weights, one after another."""
+    ballots, at = [], 0
+    while at < len(ints):
+        if at + 2 > len(ints):
+            raise ValueError(f"ballot {len(ballots)} is cut short after its origin")
+        origin, count = ints[at], ints[at + 1]
+        end = at + 2 + 2 * count
+        if end > len(ints):
+            raise ValueError(f"ballot {len(ballots)} announces {count} candidates but the envelope ends first")
+        ballots.append(Ballot(origin, ints[at + 2:at + 2 + count], ints[at + 2 + count:end]))
+        at = end
+    return tuple(ballots)
 
 
 def _contributors(ints: tuple[int, ...]) -> frozenset[int]:

@@ -23,6 +23,7 @@ class TrafficCounters:
     bytes_sent: list[int]
     messages_dropped: list[int]
     messages_received: list[int] = field(default_factory=list)
+    messages_by_type: dict[str, int] = field(default_factory=dict)
 
     @classmethod
     def for_peers(cls, n: int) -> TrafficCounters:
@@ -47,6 +48,8 @@ class SimNetwork:
         size = message.wire_size
         self.traffic.messages_sent[source] += 1
         self.traffic.bytes_sent[source] += size
+        kind = type(message).__name__
+        self.traffic.messages_by_type[kind] = self.traffic.messages_by_type.get(kind, 0) + 1
         link = (source, target)
         start = max(now, self._link_free_at.get(link, 0.0))
         leaves = start + size / self._bytes_per_second

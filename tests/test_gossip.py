@@ -24,6 +24,8 @@ def test_tally_takes_most_voted_and_breaks_ties_by_lower_id():
     assert tally_votes(votes, 2) == (3, 5)
     assert tally_votes(votes, 3) == (2, 3, 5)  # 2 and 7 tie at 4: the lower id wins
     assert tally_votes(votes, 10) == (2, 3, 5, 7)
+    assert tally_votes([Ballot(0, (4,), (0,))], 3) == (4,)  # named with weight 0 still ranks; unnamed peers never
+    assert tally_votes([], 2) == () and tally_votes([Ballot(1, (), ())], 2) == ()
 
 
 def test_vote_and_targets_are_deterministic_per_generator():

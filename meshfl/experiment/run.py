@@ -62,13 +62,15 @@ def summarise(config: ExperimentConfig, result: SimResult, metrics: MetricsLog, 
                          bytes_sent=dict(enumerate(traffic.bytes_sent)),
                          messages_dropped=dict(enumerate(traffic.messages_dropped)),
                          messages_by_type=dict(sorted(traffic.messages_by_type.items())),
+                         bytes_by_type=dict(sorted(traffic.bytes_by_type.items())),
                          virtual_time_s=result.virtual_time_s, wall_time_s=wall_time_s)
 
 
 def build_summary(config: ExperimentConfig, events: list[dict[str, Any]], *, messages_sent: dict[int, int],
                   bytes_sent: dict[int, int], messages_dropped: dict[int, int], virtual_time_s: float,
                   wall_time_s: float, dead_peers: Iterable[int] = (),
-                  messages_by_type: dict[str, int] | None = None) -> dict[str, Any]:
+                  messages_by_type: dict[str, int] | None = None,
+                  bytes_by_type: dict[str, int] | None = None) -> dict[str, Any]:
     """summary.json of any runtime: final accuracies from the events, per-peer traffic counters.
 
     A peer is dead when it is named in `dead_peers` (the runtime saw it die) or never
@@ -95,6 +97,7 @@ def build_summary(config: ExperimentConfig, events: list[dict[str, Any]], *, mes
         "total_messages": sum(messages_sent.values()),
         "total_bytes": sum(bytes_sent.values()),
         **({"messages_by_type": messages_by_type} if messages_by_type is not None else {}),
+        **({"bytes_by_type": bytes_by_type} if bytes_by_type is not None else {}),
         "dead_peers": sorted(dead),
         "virtual_time_s": virtual_time_s,
         "wall_time_s": wall_time_s,

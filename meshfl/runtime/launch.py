@@ -341,10 +341,10 @@ def last_traffic(events: list[dict[str, Any]]) -> dict[str, Any]:
     return {}
 
 
-def _sum_by_type(traffic: Iterable[dict[str, Any]]) -> dict[str, int]:
+def _sum_by_type(traffic: Iterable[dict[str, Any]], counter: str) -> dict[str, int]:
     totals: dict[str, int] = {}
     for counters in traffic:
-        for kind, count in counters.get("messages_by_type", {}).items():
+        for kind, count in counters.get(counter, {}).items():
             totals[kind] = totals.get(kind, 0) + int(count)
     return dict(sorted(totals.items()))
 
@@ -362,7 +362,9 @@ def grpc_summary(config: ExperimentConfig, per_peer: dict[int, list[dict[str, An
     clocks = [e.get("virtual_time", 0.0) for e in events if e.get("event") == "peer_finished"]
     summary = build_summary(config, events, messages_sent=counter("messages_sent"), bytes_sent=counter("bytes_sent"),
                             messages_dropped=counter("messages_dropped"), virtual_time_s=max(clocks, default=0.0),
-                            wall_time_s=wall_time_s, dead_peers=crashed, messages_by_type=_sum_by_type(traffic.values()))
+                            wall_time_s=wall_time_s, dead_peers=crashed,
+                            messages_by_type=_sum_by_type(traffic.values(), "messages_by_type"),
+                            bytes_by_type=_sum_by_type(traffic.values(), "bytes_by_type"))
     wire = counter("wire_bytes_sent")
     framing = counter("framing_bytes_estimate")
     delivered = counter("algorithm_bytes_delivered")

@@ -100,6 +100,7 @@ class Traffic:
     send_retries: int = 0
     refused_by_neighbours: int = 0
     messages_by_type: dict[str, int] = field(default_factory=dict)
+    bytes_by_type: dict[str, int] = field(default_factory=dict)
 
 
 def channel_options(config: GrpcConfig) -> list[tuple[str, Any]]:
@@ -320,9 +321,11 @@ class GrpcContext:
         node = self._node
         node.note_round(message.round)
         node.traffic.messages_sent += 1
-        node.traffic.bytes_sent += message.wire_size
+        size = message.wire_size
+        node.traffic.bytes_sent += size
         kind = type(message).__name__
         node.traffic.messages_by_type[kind] = node.traffic.messages_by_type.get(kind, 0) + 1
+        node.traffic.bytes_by_type[kind] = node.traffic.bytes_by_type.get(kind, 0) + size
         link.enqueue(message)
 
     async def recv(self, timeout: float | None = None) -> Message | None:

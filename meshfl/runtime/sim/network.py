@@ -24,6 +24,7 @@ class TrafficCounters:
     messages_dropped: list[int]
     messages_received: list[int] = field(default_factory=list)
     messages_by_type: dict[str, int] = field(default_factory=dict)
+    bytes_by_type: dict[str, int] = field(default_factory=dict)
 
     @classmethod
     def for_peers(cls, n: int) -> TrafficCounters:
@@ -50,6 +51,7 @@ class SimNetwork:
         self.traffic.bytes_sent[source] += size
         kind = type(message).__name__
         self.traffic.messages_by_type[kind] = self.traffic.messages_by_type.get(kind, 0) + 1
+        self.traffic.bytes_by_type[kind] = self.traffic.bytes_by_type.get(kind, 0) + size
         link = (source, target)
         start = max(now, self._link_free_at.get(link, 0.0))
         leaves = start + size / self._bytes_per_second

@@ -212,6 +212,29 @@ def launch(
 
 
 @app.command()
+def merge(
+    folders: Annotated[list[Path], typer.Argument(metavar="PEER_DIR...", help="out_dir of each `meshfl node` peer (metrics.jsonl + config.yaml)")],
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="run folder (default runs/<time>-<name>)")] = None,
+) -> None:
+    """Merge the output folders of `meshfl node` peers (e.g. copied from several hosts) into one run folder and report."""
+    from meshfl.experiment.run import default_run_dir
+    from meshfl.runtime.launch import merge_peer_folders
+
+    try:
+        if out is None:
+            first = folders[0] / "config.yaml"
+            out = default_run_dir(load_config(first)) if first.is_file() else Path("runs") / "merged"
+        result = merge_peer_folders(folders, out)
+    except ConfigError as exc:
+        _fail(str(exc))
+    summary = result.summary
+    console.print(f"[bold]{len(folders)} of {summary['peers']} peers merged[/]: mean final accuracy "
+                  f"{summary['mean_final_accuracy']:.4f}, min {summary['min_final_accuracy']:.4f}, "
+                  f"dead peers {summary['dead_peers'] or 'none'}")
+    console.print(f"run folder: {out}  (report: {out / 'report.html'})")
+
+
+@app.command()
 def certs(
     peers: Annotated[int, typer.Option("--peers", "-n", help="make certificates peer-0 .. peer-<N-1>")],
     out: Annotated[Path, typer.Option("--out", "-o", help="folder for ca.pem and peer-<i>.pem/.key")] = Path("certs"),

@@ -21,7 +21,7 @@ import yaml
 from typer.testing import CliRunner
 
 from meshfl.cli import app
-from meshfl.config import ConfigError, load_config
+from meshfl.config import ConfigError, dump_config, load_config
 from meshfl.core.topology import make_topology
 from meshfl.experiment.run import simulate, summarise
 from meshfl.runtime.grpc.peer_config import load_peer_config
@@ -34,6 +34,7 @@ from meshfl.runtime.launch import (
     grpc_summary,
     launch_local,
     merge_events,
+    merge_peer_folders,
     parse_hosts,
     peer_addresses,
     stop_all,
@@ -153,6 +154,45 @@ def test_merge_puts_peers_on_the_launcher_clock_and_summarises_the_dead():
     assert summary["messages_sent"] == {"0": 3, "1": 0} and summary["total_bytes"] == 300
     assert summary["refused"]["0"] == {"malformed": 2} and summary["total_refused"] == 2
     assert summary["wire_overhead_ratio"] == pytest.approx(300 / 280)
+
+
+def peer_folder(root: Path, peer: int, config, *, accuracy: float | None, status: str | None) -> Path:
+    """What `meshfl node` leaves in its out_dir: config.yaml and metrics.jsonl."""
+    folder = root / f"peer-{peer}"
+    folder.mkdir(parents=True)
+    (folder / "config.yaml").write_text(dump_config(config))
+    events = [{"event": "peer_started", "peer": peer, "unix_time": 1000.0 + peer, "wall_time": 0.0,
+               "partition": {"peer": peer, "train": 10}}]
+    if accuracy is not None:
+        events.append({"event": "metric", "peer": peer, "round": config.rounds, "metric": "global_accuracy",
+                       "value": accuracy, "virtual_time": 3.0, "wall_time": 3.0})
+    if status is not None:
+        events.append({"event": "peer_finished", "peer": peer, "status": status, "virtual_time": 4.0, "wall_time": 4.0})
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events) + '{"torn')
+    return folder
+
+
+def test_merge_command_builds_one_run_from_peer_folders(tmp_path):
+    config = load_config(None, ["peers=3", "rounds=2"])
+    folders = [peer_folder(tmp_path / "hosts", 0, config, accuracy=0.9, status="finished"),
+               peer_folder(tmp_path / "hosts", 1, config, accuracy=0.8, status=None)]  # killed: no peer_finished
+    result = merge_peer_folders(folders, tmp_path / "run", report=False)
+    summary = result.summary
+    assert summary["final_global_accuracy"] == {"0": 0.9, "1": 0.8}
+    assert summary["dead_peers"] == [1, 2]  # 1 was killed, 2 never sent its folder
+    assert summary["exit_codes"] == {"0": 0, "1": None, "2": None}
+    assert summary["wall_time_s"] == pytest.approx(4.0)  # first start 1000.0 to last event: peer 0 at 1004, peer 1 at 1001 + 3
+    assert load_config(tmp_path / "run" / "config.yaml") == config
+    # bad input: one line naming the folder, exit code 2, nothing written
+    other = peer_folder(tmp_path / "other", 2, load_config(None, ["peers=3", "rounds=2", "seed=5"]), accuracy=0.5, status="finished")
+    for args, expected in [
+        ([folders[0], other], "ran another experiment"),
+        ([folders[0], folders[0]], "peer 0 appears twice"),
+        ([tmp_path / "hosts"], "has no metrics.jsonl"),
+    ]:
+        done = runner.invoke(app, ["merge", *map(str, args), "--out", str(tmp_path / "bad")])
+        assert done.exit_code == 2 and expected in done.output, done.output
+        assert not (tmp_path / "bad").exists()
 
 
 def fake_peer(folder: Path, peer: int, code: str) -> PeerProcess:

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from meshfl.config import ConfigError, ExperimentConfig, TlsConfig
+from meshfl.config import ConfigError, ExperimentConfig, TlsConfig, load_config
 from meshfl.core.metrics import MetricsLog
 from meshfl.core.topology import make_topology
 from meshfl.experiment.run import build_summary, write_run_folder
@@ -445,16 +445,73 @@ def launch_local(config: ExperimentConfig, run_dir: Path, *, timeout_s: float | 
             stop_all(processes)
     exit_codes = {p.peer: p.returncode for p in processes}
     per_peer = {p: read_events(peers_dir / f"peer-{p}" / "metrics.jsonl") for p in range(config.peers)}
-    events = _run_events(config, per_peer, exit_codes, started_unix, time.time())
-    wall = time.perf_counter() - started
-    summary = grpc_summary(config, per_peer, events, exit_codes, wall)
+    result = write_grpc_run(config, per_peer, exit_codes, run_dir, started_unix=started_unix, finished_unix=time.time(),
+                            wall_time_s=time.perf_counter() - started, report=report)
+    if failure is not None:
+        raise failure  # after the run folder is written: it holds every peer's log and metrics
+    return result
+
+
+def write_grpc_run(config: ExperimentConfig, per_peer: dict[int, list[dict[str, Any]]], exit_codes: dict[int, int | None],
+                   run_dir: Path, *, started_unix: float, finished_unix: float, wall_time_s: float,
+                   report: bool = True) -> LaunchResult:
+    """One run folder (the simulator's files and report) from every peer's events."""
+    events = _run_events(config, per_peer, exit_codes, started_unix, finished_unix)
+    summary = grpc_summary(config, per_peer, events, exit_codes, wall_time_s)
     metrics = MetricsLog()
     metrics.events = events
     stats = [e["partition"] for e in events if e.get("event") == "peer_started" and isinstance(e.get("partition"), dict)]
     write_run_folder(run_dir, config, metrics, summary, sorted(stats, key=lambda s: s.get("peer", 0)), report)
-    if failure is not None:
-        raise failure  # after the run folder is written: it holds every peer's log and metrics
     return LaunchResult(run_dir, summary, exit_codes, events)
+
+
+EXIT_BY_STATUS = {"finished": 0, "stopped": 0, "failed": 1}
+"""A peer's exit code as its last `peer_finished` event tells it; no such event means it was killed."""
+
+
+def merge_peer_folders(folders: list[Path], run_dir: Path, *, report: bool = True) -> LaunchResult:
+    """`meshfl merge`: the run folder of a deployment from the output folders of its `meshfl node` peers.
+
+    Each folder holds one peer's metrics.jsonl and config.yaml (written by the peer). Every
+    peer must belong to the same experiment; a peer of the experiment without a folder, or
+    whose metrics end without `peer_finished`, is reported dead.
+    """
+    if not folders:
+        raise ConfigError("merge: give at least one peer output folder (the out_dir of `meshfl node`)")
+    config: ExperimentConfig | None = None
+    per_peer: dict[int, list[dict[str, Any]]] = {}
+    started_at: dict[int, float] = {}
+    for folder in folders:
+        for name in ("metrics.jsonl", "config.yaml"):
+            if not (folder / name).is_file():
+                raise ConfigError(f"merge: {folder} has no {name}; is it the out_dir of a `meshfl node` peer?")
+        peer_config = load_config(folder / "config.yaml")
+        if config is None:
+            config = peer_config
+        elif peer_config != config:
+            raise ConfigError(f"merge: {folder} ran another experiment than {folders[0]} (their config.yaml differ)")
+        events = read_events(folder / "metrics.jsonl")
+        started = next((e for e in events if e.get("event") == "peer_started"), None)
+        if started is None or not isinstance(started.get("peer"), int) or not isinstance(started.get("unix_time"), float):
+            raise ConfigError(f"merge: {folder / 'metrics.jsonl'} has no peer_started event with peer and unix_time")
+        peer = started["peer"]
+        started_at[peer] = started["unix_time"]
+        if peer in per_peer:
+            raise ConfigError(f"merge: peer {peer} appears twice (second time in {folder})")
+        if not 0 <= peer < config.peers:
+            raise ConfigError(f"merge: {folder} is peer {peer}, but the experiment has peers 0..{config.peers - 1}")
+        per_peer[peer] = events
+    assert config is not None
+    exit_codes: dict[int, int | None] = {}
+    for peer in range(config.peers):
+        finished = [e for e in per_peer.get(peer, []) if e.get("event") == "peer_finished"]
+        exit_codes[peer] = EXIT_BY_STATUS.get(finished[-1].get("status"), 1) if finished else None
+    starts = {peer: float(started_at[peer]) for peer in per_peer}
+    started_unix = min(starts.values())
+    # each peer's wall_time counts from its own start
+    finished_unix = max(starts[p] + float(events[-1].get("wall_time", 0.0)) for p, events in per_peer.items())
+    return write_grpc_run(config, per_peer, exit_codes, Path(run_dir).resolve(), started_unix=started_unix,
+                          finished_unix=finished_unix, wall_time_s=finished_unix - started_unix, report=report)
 
 
 def _wait(processes: list[PeerProcess], readers: dict[int, PeerMetricsReader], started: float,

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from meshfl.algorithms import build_algorithm
-from meshfl.config import ExperimentConfig, GrpcConfig, TlsConfig
+from meshfl.config import ExperimentConfig, GrpcConfig, TlsConfig, dump_config
 from meshfl.core.context import TrainResult
 from meshfl.core.messages import Message
 from meshfl.core.metrics import MetricsLog
@@ -402,6 +402,7 @@ class PeerNode:
         self.traffic = Traffic()
         self.metrics = MetricsLog(virtual_clock=self.now)
         self.metrics_file = MetricsFile(out_dir / "metrics.jsonl")
+        (out_dir / "config.yaml").write_text(dump_config(config))  # `meshfl merge` rebuilds the run from these folders
         self.metrics.subscribe(self.metrics_file)
         self._backoff_rng = np.random.default_rng([config.seed, self.peer_id, 0x6261636B])
         self.inbox: asyncio.Queue[Message] = asyncio.Queue()

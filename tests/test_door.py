@@ -132,7 +132,7 @@ def _bad_codec(rng: np.random.Generator) -> tuple[bytes, set[str]]:
 
 def _unknown_type(rng: np.random.Generator) -> tuple[bytes, set[str]]:
     env = _envelope(Votes(sender=1, round=CURRENT_ROUND, ballots=(Ballot(1, (1,), (1,)),)))
-    env.type = int(rng.choice([0, 6, 99, 2**32 - 1]))
+    env.type = int(rng.choice([0, max(wire.MESSAGE_CLASSES) + 1, 99, 2**32 - 1]))
     return env.SerializeToString(), {"unknown_type"}
 
 

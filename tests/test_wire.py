@@ -13,7 +13,7 @@ from meshfl.config import WireConfig
 from meshfl.core.messages import AggregatedModel, Ballot, HaveModels, Message, PartialModel, Votes
 from meshfl.core.params import Layout, Params
 from meshfl.runtime.grpc import codecs, wire
-from meshfl.runtime.grpc.wire import Heartbeat
+from meshfl.runtime.grpc.wire import Goodbye, Heartbeat
 
 CODECS = list(wire.CODEC_IDS)
 COMPRESSIONS = list(wire.COMPRESSION_IDS)
@@ -163,6 +163,7 @@ def _messages(layout: Layout) -> list[Message]:
         HaveModels(sender=4, round=4, contributors=frozenset({9, 2}), complete=True),
         HaveModels(sender=4, round=5, contributors=frozenset(), complete=False),
         Heartbeat(sender=7, round=11),
+        Goodbye(sender=3, round=2),
     ]
 
 

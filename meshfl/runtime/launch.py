@@ -383,6 +383,7 @@ def grpc_summary(config: ExperimentConfig, per_peer: dict[int, list[dict[str, An
         "refused": refused,
         "total_refused": sum(sum(r.values()) for r in refused.values()),
         "neighbours_declared_dead": {str(p): traffic[p].get("dead_neighbours", []) for p in peers},
+        "neighbours_left": {str(p): traffic[p].get("left_neighbours", []) for p in peers},
     })
     return summary
 

@@ -23,7 +23,7 @@ from meshfl.config import WireConfig
 from meshfl.core.messages import Message
 from meshfl.core.params import Layout
 from meshfl.runtime.grpc import wire as wire_format
-from meshfl.runtime.grpc.wire import REASONS, Heartbeat, Refused
+from meshfl.runtime.grpc.wire import REASONS, Goodbye, Heartbeat, Refused
 
 __all__ = ["REASONS", "Door", "Refused"]
 
@@ -79,7 +79,7 @@ class Door:
         cls = wire_format.message_class(env)
         self._check_sender(env.sender, peer_hint)
         params = wire_format.decode_payload(env, cls, self.layout, max_bytes=self.max_bytes)
-        if cls is not Heartbeat:  # a lagging peer's heartbeat still proves it is alive
+        if cls not in (Heartbeat, Goodbye):  # a lagging peer is still alive, or really leaving
             self._check_round(env.round)
         return wire_format.build(env, cls, params)
 

@@ -44,7 +44,7 @@ from meshfl.learn.learner import TorchLearner
 from meshfl.runtime.grpc import meshfl_pb2, meshfl_pb2_grpc
 from meshfl.runtime.grpc.door import Door, Refused
 from meshfl.runtime.grpc.peer_config import PeerConfig
-from meshfl.runtime.grpc.wire import Heartbeat, chunks, encode
+from meshfl.runtime.grpc.wire import Goodbye, Heartbeat, chunks, encode
 from meshfl.runtime.sim.runtime import peer_seed
 
 # ---- framing estimate -----------------------------------------------------------------------
@@ -58,6 +58,7 @@ HTTP2_MAX_FRAME = 16384
 GRPC_MESSAGE_PREFIX = 5
 CALL_OVERHEAD_BYTES = 120
 STARTUP_PING_TIMEOUT_S = 2.0
+GOODBYE_TIMEOUT_S = 1.0
 
 
 def chunk_framing(payload: int) -> int:
@@ -143,6 +144,7 @@ class Link:
         self.address = address
         self.queue: asyncio.Queue[Message] = asyncio.Queue()
         self.alive = True
+        self.left = False  # said Goodbye: gone on purpose, not dead
         self.last_heard = node.now()
         self.in_hand = False
         self.channel = make_channel(address, node.config.grpc, node.tls)
@@ -152,6 +154,7 @@ class Link:
         self.last_heard = self.node.now()
         if not self.alive:
             self.alive = True
+            self.left = False
             self.node.record("neighbour_alive", neighbour=self.peer)
 
     def mark_dead(self, reason: str) -> None:
@@ -159,6 +162,17 @@ class Link:
             return
         self.alive = False
         self.node.record("neighbour_dead", neighbour=self.peer, reason=reason)
+        self._drop_queued()
+
+    def mark_left(self) -> None:
+        if self.left:
+            return
+        self.alive = False
+        self.left = True
+        self.node.record("neighbour_left", neighbour=self.peer)
+        self._drop_queued()
+
+    def _drop_queued(self) -> None:
         while not self.queue.empty():
             self.queue.get_nowait()
             self.queue.task_done()
@@ -225,10 +239,21 @@ class Link:
         self.heard()
         return True
 
+    async def say_goodbye(self, timeout: float) -> None:
+        """Tell the neighbour this peer is leaving on purpose; best effort, bounded by `timeout`."""
+        data = encode(Goodbye(sender=self.node.peer_id, round=self.node.round), self.node.config.wire)
+        try:
+            await self.stub.Ping(meshfl_pb2.Chunk(data=data, last=True), timeout=timeout)
+        except grpc.aio.AioRpcError:
+            return
+        self.node.traffic.heartbeat_bytes += len(data) + call_framing([len(data)])
+
     async def run_heartbeat(self) -> None:
         config = self.node.config.grpc
         while True:
             await asyncio.sleep(config.heartbeat_interval_s)
+            if self.left:  # it comes back by talking to us, not by being pinged
+                continue
             await self.ping(timeout=max(config.heartbeat_interval_s, 0.5))
             if self.alive and self.node.now() - self.last_heard > config.heartbeat_timeout_s:
                 self.mark_dead("silent")
@@ -430,9 +455,11 @@ class PeerNode:
 
     def snapshot(self) -> None:
         """A `traffic` event: the counters so far (the launcher keeps each peer's last one)."""
-        dead = sorted(p for p, link in self.links.items() if not link.alive)
+        dead = sorted(p for p, link in self.links.items() if not link.alive and not link.left)
+        left = sorted(p for p, link in self.links.items() if link.left)
         self.record("traffic", **asdict(self.traffic), refused=self.refusals(),
-                    admitted=getattr(getattr(self, "door", None), "admitted", 0), dead_neighbours=dead)
+                    admitted=getattr(getattr(self, "door", None), "admitted", 0), dead_neighbours=dead,
+                    left_neighbours=left)
 
     # -- setup
 
@@ -478,6 +505,10 @@ class PeerNode:
         except Refused:
             return False
         link = self.links.get(message.sender)
+        if isinstance(message, Goodbye):
+            if link is not None:
+                link.mark_left()
+            return True
         if link is not None:
             link.heard()
         if not isinstance(message, Heartbeat):
@@ -551,6 +582,8 @@ class PeerNode:
             for task in background:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
+            await asyncio.gather(*(link.say_goodbye(GOODBYE_TIMEOUT_S) for link in self.links.values() if link.alive),
+                                 return_exceptions=True)
             self.snapshot()
             self.record("peer_finished", status=status)
             await server.stop(grace=0.2)

@@ -32,7 +32,7 @@ WIRE_VERSION = 2
 
 CODEC_IDS: dict[str, int] = {"float32": 0, "float16": 1, "int8": 2, "topk": 3}
 COMPRESSION_IDS: dict[str, int] = {"none": 0, "gzip": 1, "zstd": 2}
-MESSAGE_TYPES: dict[str, int] = {"Votes": 1, "PartialModel": 2, "AggregatedModel": 3, "HaveModels": 4, "Heartbeat": 5}
+MESSAGE_TYPES: dict[str, int] = {"Votes": 1, "PartialModel": 2, "AggregatedModel": 3, "HaveModels": 4, "Heartbeat": 5, "Goodbye": 6}
 CODEC_NAMES: dict[int, str] = {v: k for k, v in CODEC_IDS.items()}
 COMPRESSION_NAMES: dict[int, str] = {v: k for k, v in COMPRESSION_IDS.items()}
 
@@ -66,8 +66,14 @@ class Heartbeat(Message):
     """
 
 
+@dataclass(frozen=True, kw_only=True)
+class Goodbye(Message):
+    """A peer leaves on purpose (its run is over, or it was stopped): its neighbours stop
+    expecting it rather than declaring it dead after a heartbeat timeout."""
+
+
 MESSAGE_CLASSES: dict[int, type[Message]] = {
-    1: Votes, 2: PartialModel, 3: AggregatedModel, 4: HaveModels, 5: Heartbeat,
+    1: Votes, 2: PartialModel, 3: AggregatedModel, 4: HaveModels, 5: Heartbeat, 6: Goodbye,
 }
 _TYPE_IDS: dict[type[Message], int] = {cls: i for i, cls in MESSAGE_CLASSES.items()}
 _TENSOR_TYPES = (PartialModel, AggregatedModel)
@@ -80,6 +86,7 @@ _ALLOWED_FIELDS: dict[type[Message], frozenset[str]] = {
     AggregatedModel: _COMMON_FIELDS | _TENSOR_FIELDS | {"ints"},
     HaveModels: _COMMON_FIELDS | {"ints", "complete"},
     Heartbeat: _COMMON_FIELDS,
+    Goodbye: _COMMON_FIELDS,
 }
 
 
@@ -280,8 +287,8 @@ def _construct(env: Envelope, cls: type[Message], params: Params | None) -> Mess
     ints = tuple(env.ints)
     if cls is Votes:
         return Votes(**head, ballots=_ballots(ints))
-    if cls is Heartbeat:
-        return Heartbeat(**head)
+    if cls in (Heartbeat, Goodbye):
+        return cls(**head)
     contributors = _contributors(ints)
     if cls is HaveModels:
         return HaveModels(**head, contributors=contributors, complete=env.complete)

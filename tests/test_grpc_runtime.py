@@ -28,16 +28,9 @@ from meshfl.core.params import Layout, Params
 from meshfl.experiment.run import simulate, summarise
 from meshfl.learn.learner import TorchLearner
 from meshfl.runtime.grpc import meshfl_pb2, meshfl_pb2_grpc
-from meshfl.runtime.grpc.node import (
-    CALL_OVERHEAD_BYTES,
-    GrpcContext,
-    PeerNode,
-    call_framing,
-    chunk_framing,
-    peer_from_auth_context,
-    serve,
-)
+from meshfl.runtime.grpc.node import GrpcContext, PeerNode, serve
 from meshfl.runtime.grpc.peer_config import PeerConfig, load_peer_config
+from meshfl.runtime.grpc.transport import CALL_OVERHEAD_BYTES, call_framing, chunk_framing, peer_from_auth_context
 from meshfl.runtime.grpc.wire import WIRE_VERSION, Heartbeat, encode
 from meshfl.runtime.launch import build_peer_configs, choose_ports, launch_local
 from meshfl.runtime.sim.runtime import peer_seed

@@ -1,0 +1,281 @@
+"""How a peer talks to one neighbour over gRPC: channels, the outgoing `Link`, the server side.
+
+A `Link` per neighbour drains an outgoing queue, streams each encoded envelope in
+`grpc.chunk_kb` chunks over `Stream`, retries with jittered exponential backoff, pings the
+neighbour every `heartbeat_interval_s` and declares it dead after `heartbeat_timeout_s` of
+silence (sends to a dead neighbour are dropped and counted; hearing from it again revives
+it); a neighbour that says `Goodbye` has left on purpose and is not declared dead.
+`PeerServicer` joins incoming chunks into envelopes and hands them to the node's door.
+`Traffic` holds the counters; gRPC/HTTP2 framing is estimated, not measured.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import grpc
+
+from meshfl.config import GrpcConfig, TlsConfig
+from meshfl.core.messages import Message
+from meshfl.runtime.grpc import meshfl_pb2, meshfl_pb2_grpc
+from meshfl.runtime.grpc.wire import Goodbye, Heartbeat, chunks, encode
+
+if TYPE_CHECKING:
+    from meshfl.runtime.grpc.node import PeerNode
+
+# ---- framing estimate -----------------------------------------------------------------------
+# gRPC python does not expose per-call HTTP/2 byte counts, so framing is estimated from the
+# protocol: every gRPC message has a 5-byte length prefix, every HTTP/2 frame a 9-byte header
+# (DATA frames carry at most 16 KiB by default), a Chunk adds its protobuf tags, and a call
+# costs HEADERS (mostly HPACK-indexed after the first call on a connection), the Ack and
+# trailers. TCP/IP headers are below gRPC and not counted.
+HTTP2_FRAME_HEADER = 9
+HTTP2_MAX_FRAME = 16384
+GRPC_MESSAGE_PREFIX = 5
+CALL_OVERHEAD_BYTES = 120
+
+
+def chunk_framing(payload: int) -> int:
+    """Estimated bytes gRPC + HTTP/2 add around one Chunk carrying `payload` data bytes."""
+    protobuf = 1 + _varint_size(payload) + 2  # data tag + length, last flag
+    body = payload + protobuf + GRPC_MESSAGE_PREFIX
+    return protobuf + GRPC_MESSAGE_PREFIX + HTTP2_FRAME_HEADER * max(1, math.ceil(body / HTTP2_MAX_FRAME))
+
+
+def call_framing(chunk_sizes: list[int]) -> int:
+    return CALL_OVERHEAD_BYTES + sum(chunk_framing(size) for size in chunk_sizes)
+
+
+def _varint_size(value: int) -> int:
+    return max(1, (value.bit_length() + 6) // 7)
+
+
+# ---- counters -------------------------------------------------------------------------------
+
+@dataclass
+class Traffic:
+    """One peer's counters.
+
+    messages_sent / bytes_sent: what the algorithm asked for (sum of `wire_size`), as the
+    simulator counts them. messages_delivered / algorithm_bytes_delivered: the part that
+    crossed the wire (the receiver's server acknowledged it; refused_by_neighbours of those
+    its door refused). wire_bytes_sent: encoded envelope bytes of those; framing_bytes_estimate:
+    gRPC/HTTP2 bytes around them (see `call_framing`); heartbeat_bytes: Pings, apart.
+    """
+
+    messages_sent: int = 0
+    bytes_sent: int = 0
+    messages_delivered: int = 0
+    algorithm_bytes_delivered: int = 0
+    wire_bytes_sent: int = 0
+    framing_bytes_estimate: int = 0
+    heartbeat_bytes: int = 0
+    messages_dropped: int = 0
+    messages_received: int = 0
+    send_retries: int = 0
+    refused_by_neighbours: int = 0
+    messages_by_type: dict[str, int] = field(default_factory=dict)
+    bytes_by_type: dict[str, int] = field(default_factory=dict)
+
+
+def channel_options(config: GrpcConfig) -> list[tuple[str, Any]]:
+    limit = max(4 * config.chunk_kb * 1024, 4 << 20)
+    return [
+        ("grpc.max_send_message_length", limit),
+        ("grpc.max_receive_message_length", limit),
+        ("grpc.initial_reconnect_backoff_ms", int(config.backoff_initial_s * 1000)),
+        ("grpc.min_reconnect_backoff_ms", int(config.backoff_initial_s * 1000)),
+        ("grpc.max_reconnect_backoff_ms", int(config.backoff_max_s * 1000)),
+        ("grpc.enable_retries", 0),
+    ]
+
+
+def make_channel(address: str, config: GrpcConfig, tls: TlsConfig) -> grpc.aio.Channel:
+    options = channel_options(config)
+    if tls.mode == "none":
+        return grpc.aio.insecure_channel(address, options=options)
+    from meshfl.runtime.grpc.certs import load_credentials
+    return grpc.aio.secure_channel(address, load_credentials(tls, server=False), options=options)
+
+
+def peer_from_auth_context(auth: dict[str, list[bytes]]) -> int | None:
+    """The peer id in an mTLS client certificate's common name (`peer-7` -> 7), or None."""
+    for name in auth.get("x509_common_name", []):
+        match = re.fullmatch(r"\D*?(\d+)", name.decode("utf-8", "replace"))
+        if match:
+            return int(match.group(1))
+    return None
+
+
+# ---- one neighbour --------------------------------------------------------------------------
+
+class Link:
+    """Outgoing queue, sender task, heartbeat task and liveness of one neighbour."""
+
+    def __init__(self, node: PeerNode, peer: int, address: str) -> None:
+        self.node = node
+        self.peer = peer
+        self.address = address
+        self.queue: asyncio.Queue[Message] = asyncio.Queue()
+        self.alive = True
+        self.left = False  # said Goodbye: gone on purpose, not dead
+        self.last_heard = node.now()
+        self.in_hand = False
+        self.channel = make_channel(address, node.config.grpc, node.tls)
+        self.stub = meshfl_pb2_grpc.PeerStub(self.channel)
+
+    def heard(self) -> None:
+        self.last_heard = self.node.now()
+        if not self.alive:
+            self.alive = True
+            self.left = False
+            self.node.record("neighbour_alive", neighbour=self.peer)
+
+    def mark_dead(self, reason: str) -> None:
+        if not self.alive:
+            return
+        self.alive = False
+        self.node.record("neighbour_dead", neighbour=self.peer, reason=reason)
+        self._drop_queued()
+
+    def mark_left(self) -> None:
+        if self.left:
+            return
+        self.alive = False
+        self.left = True
+        self.node.record("neighbour_left", neighbour=self.peer)
+        self._drop_queued()
+
+    def _drop_queued(self) -> None:
+        while not self.queue.empty():
+            self.queue.get_nowait()
+            self.queue.task_done()
+            self.node.traffic.messages_dropped += 1
+        self.node.snapshot()
+
+    def enqueue(self, message: Message) -> None:
+        if not self.alive:
+            self.node.traffic.messages_dropped += 1
+            return
+        self.queue.put_nowait(message)
+
+    async def run_sender(self) -> None:
+        while True:
+            message = await self.queue.get()
+            self.in_hand = True
+            try:
+                await self._deliver(message)
+            except Exception as exc:  # e.g. a codec that cannot encode this tensor: drop it, keep the link
+                self.node.traffic.messages_dropped += 1
+                self.node.record("send_failed", neighbour=self.peer, message=type(message).__name__,
+                                 error=f"{type(exc).__name__}: {exc}"[:300])
+            finally:
+                self.in_hand = False
+                self.queue.task_done()
+
+    async def _deliver(self, message: Message) -> None:
+        node = self.node
+        data = encode(message, node.config.wire)
+        pieces = list(chunks(data, node.config.grpc.chunk_kb * 1024))
+        timeout = 10.0 + len(data) / 1e6  # generous: 1 MB/s on a loaded host
+        retries = node.config.grpc.connect_retries
+        for attempt in range(retries + 1):
+            if not self.alive:
+                break
+            try:
+                ack = await self.stub.Stream(iter(_chunk_messages(pieces)), timeout=timeout)
+            except grpc.aio.AioRpcError as exc:
+                if attempt < retries and exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                    node.traffic.send_retries += 1
+                    await asyncio.sleep(node.backoff(attempt))
+                    continue
+                if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                    self.mark_dead("unreachable")
+                break
+            self.heard()
+            if ack.refused:  # it crossed the wire, but the neighbour's door said no (stale round, config mismatch)
+                node.traffic.refused_by_neighbours += 1
+            node.traffic.messages_delivered += 1
+            node.traffic.algorithm_bytes_delivered += message.wire_size
+            node.traffic.wire_bytes_sent += len(data)
+            node.traffic.framing_bytes_estimate += call_framing([len(p) for p in pieces])
+            return
+        node.traffic.messages_dropped += 1
+
+    async def ping(self, timeout: float, wait_for_ready: bool = False) -> bool:
+        node = self.node
+        data = encode(Heartbeat(sender=node.peer_id, round=node.round), node.config.wire)
+        try:
+            await self.stub.Ping(meshfl_pb2.Chunk(data=data, last=True), timeout=timeout, wait_for_ready=wait_for_ready)
+        except grpc.aio.AioRpcError:
+            return False
+        node.traffic.heartbeat_bytes += len(data) + call_framing([len(data)])
+        self.heard()
+        return True
+
+    async def say_goodbye(self, timeout: float) -> None:
+        """Tell the neighbour this peer is leaving on purpose; best effort, bounded by `timeout`."""
+        data = encode(Goodbye(sender=self.node.peer_id, round=self.node.round), self.node.config.wire)
+        try:
+            await self.stub.Ping(meshfl_pb2.Chunk(data=data, last=True), timeout=timeout)
+        except grpc.aio.AioRpcError:
+            return
+        self.node.traffic.heartbeat_bytes += len(data) + call_framing([len(data)])
+
+    async def run_heartbeat(self) -> None:
+        config = self.node.config.grpc
+        while True:
+            await asyncio.sleep(config.heartbeat_interval_s)
+            if self.left:  # it comes back by talking to us, not by being pinged
+                continue
+            await self.ping(timeout=max(config.heartbeat_interval_s, 0.5))
+            if self.alive and self.node.now() - self.last_heard > config.heartbeat_timeout_s:
+                self.mark_dead("silent")
+
+    async def close(self) -> None:
+        await self.channel.close(grace=None)
+
+
+def _chunk_messages(pieces: list[bytes]) -> Iterator[meshfl_pb2.Chunk]:
+    last = len(pieces) - 1
+    for i, piece in enumerate(pieces):
+        yield meshfl_pb2.Chunk(data=piece, last=i == last)
+
+
+# ---- the server side ------------------------------------------------------------------------
+
+class PeerServicer(meshfl_pb2_grpc.PeerServicer):
+    """Joins chunks into envelopes and hands each to the node's door; never raises at a sender."""
+
+    def __init__(self, node: PeerNode) -> None:
+        self.node = node
+
+    async def Stream(self, request_iterator, context):  # noqa: N802 (gRPC's name)
+        node = self.node
+        hint = node.peer_hint(context)
+        accepted = refused = 0
+        buffer = bytearray()
+        async for chunk in request_iterator:
+            buffer += chunk.data
+            if len(buffer) > node.door.max_bytes:
+                node.door.reject("too_large", f"stream passed {node.door.max_bytes} bytes", hint)
+                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "message larger than wire.max_message_mb")
+            if chunk.last:
+                if node.receive(bytes(buffer), hint):
+                    accepted += 1
+                else:
+                    refused += 1
+                buffer = bytearray()
+        if buffer:
+            node.door.reject("malformed", "stream ended without a last chunk", hint)
+            refused += 1
+        return meshfl_pb2.Ack(accepted=accepted, refused=refused)
+
+    async def Ping(self, request, context):  # noqa: N802
+        ok = self.node.receive(bytes(request.data), self.node.peer_hint(context))
+        return meshfl_pb2.Ack(accepted=int(ok), refused=int(not ok))

@@ -328,10 +328,12 @@ class PeerNode:
             await asyncio.gather(*background, return_exceptions=True)
             await asyncio.gather(*(link.say_goodbye(GOODBYE_TIMEOUT_S) for link in self.links.values() if link.alive),
                                  return_exceptions=True)
-            self.snapshot()
-            self.record("peer_finished", status=status)
-            await server.stop(grace=0.2)
-            await asyncio.gather(*(link.close() for link in self.links.values()), return_exceptions=True)
+            try:
+                await server.stop(grace=0.2)
+                await asyncio.gather(*(link.close() for link in self.links.values()), return_exceptions=True)
+            finally:  # last, after the server stopped: nothing can record after peer_finished
+                self.snapshot()
+                self.record("peer_finished", status=status)
 
     async def _drain(self, timeout: float, stop: asyncio.Event) -> None:
         """Let queued messages go out (bounded), so neighbours get the last round's messages."""

@@ -3,8 +3,8 @@
 Round 0 diffuses the initiator's model to every peer. Each round r >= 1 then:
 1. VOTE: every peer votes for `votes_per_peer` random peers with random weights; ballots are
    flooded, and every peer tallies the same train set (most votes, ties by lower id). A relay
-   holds the ballots it learns for `vote_batch_s` and sends them as one `Votes` message per
-   neighbour, so flooding costs a few messages per link, not one per peer per link.
+   holds the ballots it learns for `vote_batch_s` and sends them as one `Votes` message, the
+   same to every neighbour, so flooding costs a few messages per link, not one per peer.
 2. TRAIN: train-set peers train locally.
 3. AGGREGATE: peers gossip disjoint partial aggregates (each step to `gossip_fanout`
    neighbours the parts they lack, train-set neighbours first) until they hold every

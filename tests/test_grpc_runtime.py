@@ -88,7 +88,7 @@ def test_peer_config_errors_name_the_field(tmp_path):
         PeerConfig(peer_id=5, listen="127.0.0.1:1", experiment=experiment)
     bad = tmp_path / "peer.yaml"
     bad.write_text("peer_id: 0\nlisten: 127.0.0.1:5000\nexperiment: {peers: 0}\n")
-    with pytest.raises(ConfigError, match=r"^experiment\.peers: ") as err:
+    with pytest.raises(ConfigError, match=r"^\S*peer\.yaml: experiment\.peers: ") as err:
         load_peer_config(bad)
     assert "\n" not in str(err.value)
     bad.write_text("peer_id: 0\nlisten: 127.0.0.1:5000\nexperiment: exp.yaml\ncolour: red\n")

@@ -98,7 +98,7 @@ def load_peer_config(path: str | Path) -> PeerConfig:
     try:
         return PeerConfig.model_validate(tree)
     except ValidationError as err:
-        raise ConfigError(_one_line(err)) from None
+        raise ConfigError(f"{p}: {_one_line(err)}") from None
 
 
 def _one_line(err: ValidationError) -> str:

@@ -114,7 +114,7 @@ class TorchLearner:
         if len(data) == 0:
             return Evaluation(float("nan"), float("nan"), 0)
         self.flat.copy_(params.flat)
-        self.module.eval()
+        self.module.eval()  # safe: torch evaluation mode, not Python eval
         x, y = self._tensors(data)
         correct = 0
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)

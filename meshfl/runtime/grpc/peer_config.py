@@ -13,7 +13,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from meshfl.config import ConfigError, ExperimentConfig, TlsConfig, load_config
+from meshfl.config import ConfigError, ExperimentConfig, TlsConfig, load_config, read_yaml_mapping
 
 
 class PeerConfig(BaseModel):
@@ -87,14 +87,7 @@ def split_address(address: str) -> tuple[str, int]:
 def load_peer_config(path: str | Path) -> PeerConfig:
     """Read and validate a peer config; ConfigError with one line naming the field otherwise."""
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"peer config {p} does not exist")
-    try:
-        tree = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{p}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    if not isinstance(tree, dict):
-        raise ConfigError(f"{p}: the top level must be a mapping of fields")
+    tree = read_yaml_mapping(p, what="peer config")
     try:
         return PeerConfig.model_validate(tree)
     except ValidationError as err:

@@ -61,16 +61,14 @@ def summarise(config: ExperimentConfig, result: SimResult, metrics: MetricsLog, 
     return build_summary(config, metrics.events, messages_sent=dict(enumerate(traffic.messages_sent)),
                          bytes_sent=dict(enumerate(traffic.bytes_sent)),
                          messages_dropped=dict(enumerate(traffic.messages_dropped)),
-                         messages_by_type=dict(sorted(traffic.messages_by_type.items())),
-                         bytes_by_type=dict(sorted(traffic.bytes_by_type.items())),
+                         messages_by_type=traffic.messages_by_type, bytes_by_type=traffic.bytes_by_type,
                          virtual_time_s=result.virtual_time_s, wall_time_s=wall_time_s)
 
 
 def build_summary(config: ExperimentConfig, events: list[dict[str, Any]], *, messages_sent: dict[int, int],
-                  bytes_sent: dict[int, int], messages_dropped: dict[int, int], virtual_time_s: float,
-                  wall_time_s: float, dead_peers: Iterable[int] = (),
-                  messages_by_type: dict[str, int] | None = None,
-                  bytes_by_type: dict[str, int] | None = None) -> dict[str, Any]:
+                  bytes_sent: dict[int, int], messages_dropped: dict[int, int], messages_by_type: dict[str, int],
+                  bytes_by_type: dict[str, int], virtual_time_s: float, wall_time_s: float,
+                  dead_peers: Iterable[int] = ()) -> dict[str, Any]:
     """summary.json of any runtime: final accuracies from the events, per-peer traffic counters.
 
     A peer is dead when it is named in `dead_peers` (the runtime saw it die) or never
@@ -96,8 +94,8 @@ def build_summary(config: ExperimentConfig, events: list[dict[str, Any]], *, mes
         "messages_dropped": {str(p): n for p, n in sorted(messages_dropped.items())},
         "total_messages": sum(messages_sent.values()),
         "total_bytes": sum(bytes_sent.values()),
-        **({"messages_by_type": messages_by_type} if messages_by_type is not None else {}),
-        **({"bytes_by_type": bytes_by_type} if bytes_by_type is not None else {}),
+        "messages_by_type": dict(sorted(messages_by_type.items())),
+        "bytes_by_type": dict(sorted(bytes_by_type.items())),
         "dead_peers": sorted(dead),
         "virtual_time_s": virtual_time_s,
         "wall_time_s": wall_time_s,

@@ -9,6 +9,7 @@ peer's metrics.jsonl is merged into one run folder with the simulator's files an
 
 from __future__ import annotations
 
+import collections
 import json
 import math
 import os
@@ -342,11 +343,10 @@ def last_traffic(events: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _sum_by_type(traffic: Iterable[dict[str, Any]], counter: str) -> dict[str, int]:
-    totals: dict[str, int] = {}
+    totals: collections.Counter[str] = collections.Counter()
     for counters in traffic:
-        for kind, count in counters.get(counter, {}).items():
-            totals[kind] = totals.get(kind, 0) + int(count)
-    return dict(sorted(totals.items()))
+        totals.update({kind: int(count) for kind, count in counters.get(counter, {}).items()})
+    return dict(totals)
 
 
 def grpc_summary(config: ExperimentConfig, per_peer: dict[int, list[dict[str, Any]]], events: list[dict[str, Any]],

@@ -147,3 +147,18 @@ def test_rewrite_overwrites(tmp_path: Path) -> None:
     summary["final_global_accuracy"]["0"] = 0.1234
     html = write_report(tmp_path, events, summary, CONFIG)[-1].read_text()
     assert "0.1234" in html
+
+
+def test_traffic_by_type_and_grpc_rows(tmp_path: Path) -> None:
+    events, summary = synthetic_run(dead=None)
+    summary.update({"messages_by_type": {"Votes": 30, "PartialModel": 10},
+                    "bytes_by_type": {"Votes": 1_000, "PartialModel": 3_000}})
+    html = write_report(tmp_path / "sim", events, summary, CONFIG)[-1].read_text()
+    assert '<tr><td>PartialModel</td><td class="num">10</td><td class="num">3,000</td><td class="num">75.0%</td></tr>' in html
+    assert '<tr><td>Votes</td><td class="num">30</td><td class="num">1,000</td><td class="num">25.0%</td></tr>' in html
+    assert "Virtual time" in html and "Runtime" not in html
+    summary.update({"runtime": "grpc", "total_refused": 1200, "wire_overhead_ratio": 1.0011})
+    html = write_report(tmp_path / "grpc", events, summary, CONFIG)[-1].read_text()
+    assert "Virtual time" not in html and "Longest peer clock" in html
+    assert '<tr><th>Messages refused at the door</th><td class="dead">1,200</td></tr>' in html
+    assert "<td>1.0011</td>" in html

@@ -366,10 +366,38 @@ def _summary_table(summary: dict[str, Any], peers: list[int], final: dict[int, f
         _row("Total messages", _fmt_count(sum(messages.values()) if messages else None)),
         _row("Total bytes", "—" if total_bytes is None else f"{int(total_bytes):,} ({_human_bytes(total_bytes)})"),
         _row("Wall time", _fmt_seconds(summary.get("wall_time_s"))),
-        _row("Virtual time", _fmt_seconds(summary.get("virtual_time_s"))),
-        _row("Dead peers", ", ".join(map(str, sorted(dead))) if dead else "none", "dead" if dead else ""),
     ]
+    if summary.get("runtime") == "grpc":  # real peers: their own clocks, and what the network did
+        refused = summary.get("total_refused", 0)
+        rows += [
+            _row("Runtime", "gRPC, one process per peer"),
+            _row("Longest peer clock", _fmt_seconds(summary.get("virtual_time_s"))),
+            _row("Wire bytes / algorithm bytes", _fmt_ratio(summary.get("wire_overhead_ratio"))),
+            _row("Messages refused at the door", _fmt_count(refused), "dead" if refused else ""),
+        ]
+    else:
+        rows.append(_row("Virtual time", _fmt_seconds(summary.get("virtual_time_s"))))
+    rows.append(_row("Dead peers", ", ".join(map(str, sorted(dead))) if dead else "none", "dead" if dead else ""))
     return "<table>\n" + "\n".join(rows) + "\n</table>"
+
+
+def _fmt_ratio(value: Any) -> str:
+    return "—" if not isinstance(value, (int, float)) or math.isnan(value) else f"{value:.4f}"
+
+
+def _type_table(summary: dict[str, Any]) -> str:
+    """Messages and bytes per message type: where an algorithm's traffic goes."""
+    messages = summary.get("messages_by_type") or {}
+    sent = summary.get("bytes_by_type") or {}
+    if not messages:
+        return "<p>—</p>"
+    total = sum(sent.values()) or 1
+    head = ('<tr><th>message type</th><th class="num">messages</th><th class="num">bytes</th>'
+            '<th class="num">share of bytes</th></tr>')
+    rows = [f'<tr><td>{html.escape(kind)}</td><td class="num">{_fmt_count(messages[kind])}</td>'
+            f'<td class="num">{_fmt_count(sent.get(kind))}</td>'
+            f'<td class="num">{100 * sent.get(kind, 0) / total:.1f}%</td></tr>' for kind in sorted(messages)]
+    return "<table>\n" + head + "\n" + "\n".join(rows) + "\n</table>"
 
 
 def _peer_table(peers: list[int], final: dict[int, float], messages: dict[int, float], sent_bytes: dict[int, float],
@@ -386,7 +414,8 @@ def _peer_table(peers: list[int], final: dict[int, float], messages: dict[int, f
     return "<table>\n" + head + "\n" + "\n".join(rows) + "\n</table>"
 
 
-def render_html(title: str, summary_html: str, images: list[str], peer_html: str, config_yaml: str) -> str:
+def render_html(title: str, summary_html: str, images: list[str], peer_html: str, config_yaml: str,
+                type_html: str = "") -> str:
     esc = html.escape(title)
     return "\n".join([
         "<!DOCTYPE html>",
@@ -396,6 +425,7 @@ def render_html(title: str, summary_html: str, images: list[str], peer_html: str
         "<h2>Summary</h2>", summary_html,
         "<h2>Plots</h2>", *images,
         "<h2>Per-peer results</h2>", peer_html,
+        *(["<h2>Traffic by message type</h2>", type_html] if type_html else []),
         "<h2>Configuration</h2>", f"<pre>{html.escape(config_yaml)}</pre>",
         "</body></html>", "",
     ])
@@ -431,6 +461,7 @@ def write_report(run_dir: Path, events: list[dict], summary: dict, config_yaml: 
         [_img(p, alt) for p, alt in zip(pngs, alts, strict=True)],
         _peer_table(peers, final, messages, sent_bytes, dead),
         config_yaml,
+        _type_table(summary),
     )
     report = run_dir / "report.html"
     report.write_text(page, encoding="utf-8")

@@ -20,11 +20,11 @@ import torch
 import torch.nn.functional as F
 
 from meshfl.config import load_config
+from meshfl.core.seeds import batch_generator
 from meshfl.data import load_dataset, split_for_peers
 from meshfl.experiment.run import simulate
 from meshfl.learn.learner import batch_indices, steps_per_round
 from meshfl.learn.models import build_model
-from meshfl.runtime.sim.runtime import peer_seed
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "mnist_gossip.yaml"
 
@@ -42,7 +42,7 @@ def bare_loop(config) -> None:
     peers = split_for_peers(train, config.peers, config.data, config.seed)
     torch.manual_seed(0)
     model = build_model(config.train.model, train.feature_shape, train.num_classes)
-    generators = [torch.Generator().manual_seed(peer_seed(config.seed, p, 1)) for p in range(config.peers)]
+    generators = [batch_generator(config.seed, p) for p in range(config.peers)]
     global_state = {k: v.clone() for k, v in model.state_dict().items()}
     for _round in range(config.rounds):
         states, weights = [], []

@@ -181,7 +181,7 @@ def launch(
     from meshfl.runtime.launch import Interrupted, LaunchError, launch_local
 
     if not local:
-        _fail("launch: only --local is supported so far (every peer on this host); use `meshfl configs` + `meshfl node` across hosts")
+        _fail("launch: only --local is supported so far (every peer on this host); use `meshfl configs` + `meshfl node` + `meshfl merge` across hosts")
     try:
         config = load_config(config_path, set_)
     except ConfigError as exc:
@@ -217,13 +217,9 @@ def merge(
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="run folder (default runs/<time>-<name>)")] = None,
 ) -> None:
     """Merge the output folders of `meshfl node` peers (e.g. copied from several hosts) into one run folder and report."""
-    from meshfl.experiment.run import default_run_dir
     from meshfl.runtime.launch import merge_peer_folders
 
     try:
-        if out is None:
-            first = folders[0] / "config.yaml"
-            out = default_run_dir(load_config(first)) if first.is_file() else Path("runs") / "merged"
         result = merge_peer_folders(folders, out)
     except ConfigError as exc:
         _fail(str(exc))
@@ -231,7 +227,7 @@ def merge(
     console.print(f"[bold]{len(folders)} of {summary['peers']} peers merged[/]: mean final accuracy "
                   f"{summary['mean_final_accuracy']:.4f}, min {summary['min_final_accuracy']:.4f}, "
                   f"dead peers {summary['dead_peers'] or 'none'}")
-    console.print(f"run folder: {out}  (report: {out / 'report.html'})")
+    console.print(f"run folder: {result.run_dir}  (report: {result.run_dir / 'report.html'})")
 
 
 @app.command()

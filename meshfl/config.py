@@ -82,7 +82,7 @@ class GossipConfig(_Section):
     votes_per_peer: int = Field(4, ge=1, description="number of candidates each peer votes for in the train-set election")
     gossip_fanout: int = Field(2, ge=1, description="neighbours a peer sends models to per gossip step")
     gossip_period_s: float = Field(0.1, gt=0, description="virtual/real seconds between gossip steps")
-    vote_batch_s: float = Field(0.02, ge=0, description="a relay holds the ballots it learns this long and sends them in one message per neighbour (0: relay as they arrive)")
+    vote_batch_s: float = Field(0.02, ge=0, description="a relay holds the ballots it learns this long, then sends them to its neighbours in one message (0: relay as they arrive)")
     vote_timeout_s: float = Field(30.0, gt=0, description="how long a peer waits for every vote before tallying what it has")
     aggregation_timeout_s: float = Field(300.0, gt=0, description="how long a train-set peer waits for every train-set model")
     wait_model_timeout_s: float = Field(300.0, gt=0, description="how long a peer outside the train set waits for the aggregated model")

@@ -25,6 +25,7 @@ import torch
 from meshfl.config import ConfigError, load_config
 from meshfl.core.messages import Ballot, HaveModels, PartialModel, Votes
 from meshfl.core.params import Layout, Params
+from meshfl.core.seeds import initial_model_seed
 from meshfl.experiment.run import simulate, summarise
 from meshfl.learn.learner import TorchLearner
 from meshfl.runtime.grpc import meshfl_pb2, meshfl_pb2_grpc
@@ -33,7 +34,6 @@ from meshfl.runtime.grpc.peer_config import PeerConfig, load_peer_config
 from meshfl.runtime.grpc.transport import CALL_OVERHEAD_BYTES, call_framing, chunk_framing, peer_from_auth_context
 from meshfl.runtime.grpc.wire import WIRE_VERSION, Heartbeat, encode
 from meshfl.runtime.launch import build_peer_configs, choose_ports, launch_local
-from meshfl.runtime.sim.runtime import peer_seed
 
 # small real-time timeouts so a lost peer costs seconds, not minutes
 FAST = ["gossip.vote_timeout_s=5", "gossip.aggregation_timeout_s=10", "gossip.wait_model_timeout_s=10",
@@ -338,8 +338,24 @@ def test_context_seeds_like_the_simulator(tmp_path):
     ctx = GrpcContext(node)
     assert ctx.peers == (0, 1) and ctx.neighbours == (0,) and ctx.num_samples == len(node.data.train)
     assert ctx.rng.random() == np.random.default_rng([5, 1]).random()
-    expected = node.learner.init_params(peer_seed(5, 0, 2))
+    expected = node.learner.init_params(initial_model_seed(5))
     assert torch.equal(ctx.initial_params().flat, expected.flat)
     with pytest.raises(ValueError, match="not its neighbour"):
         ctx.send(7, HaveModels(sender=1, round=0, contributors=frozenset()))
+    node.metrics_file.close()
+
+
+def test_a_message_sent_to_several_neighbours_is_encoded_once(tmp_path, monkeypatch):
+    config = digits(2, 1)
+    node = PeerNode(build_peer_configs(config, ["127.0.0.1:1", "127.0.0.1:2"])[0], config, tmp_path)
+    calls = []
+    monkeypatch.setattr("meshfl.runtime.grpc.node.encode", lambda m, w: calls.append(m) or encode(m, w))
+    have = HaveModels(sender=0, round=1, contributors=frozenset({1}))
+    first = node.encoded(have)
+    assert node.encoded(have) is first and calls == [have]
+    twin = HaveModels(sender=0, round=1, contributors=frozenset({1}))  # equal, but another object: encoded anew
+    assert node.encoded(twin) == first and len(calls) == 2
+    for r in range(10):  # only the last few are kept: memory stays bounded
+        node.encoded(HaveModels(sender=0, round=r, contributors=frozenset()))
+    assert node.encoded(have) == first and len(calls) == 13
     node.metrics_file.close()

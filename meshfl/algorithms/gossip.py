@@ -86,10 +86,14 @@ class RoundState:
     train_set: tuple[int, ...] = ()
     parts: PartialAggregates = field(default_factory=PartialAggregates)
     aggregated: AggregatedModel | None = None
-    model: Params | None = None
+    diffused: AggregatedModel | None = None  # this peer's model of the round, as it sends it to neighbours
     neighbour_holds: dict[int, frozenset[int]] = field(default_factory=dict)
     neighbour_complete: set[int] = field(default_factory=set)
     awaiting_ack: dict[int, float] = field(default_factory=dict)
+
+    @property
+    def model(self) -> Params | None:
+        return self.diffused.params if self.diffused is not None else None
 
 
 @dataclass
@@ -238,11 +242,16 @@ class GossipPeer:
         return best
 
     def _complete_round(self, ctx: NodeContext, round: int, model: Params) -> None:
+        """Keep the round's model as the one message every neighbour may be sent, and tell them we have it.
+
+        One message object per round (not one per send) lets the gRPC runtime encode it once.
+        """
         state = self.state(round)
-        state.model = model
         contributors = frozenset(state.train_set) if round else frozenset()
+        state.diffused = AggregatedModel(sender=ctx.peer_id, round=round, params=model, contributors=contributors)
+        have = HaveModels(sender=ctx.peer_id, round=round, contributors=contributors, complete=True)
         for neighbour in ctx.neighbours:
-            ctx.send(neighbour, HaveModels(sender=ctx.peer_id, round=round, contributors=contributors, complete=True))
+            ctx.send(neighbour, have)
 
     # ---- gossip steps ---------------------------------------------------------------------
 
@@ -274,10 +283,8 @@ class GossipPeer:
         state = self.state(round)
         lacking = [n for n in ctx.neighbours
                    if n not in state.neighbour_complete and self._ready_for(ctx, state, n)]
-        contributors = frozenset(state.train_set) if round else frozenset()
         for target in choose_targets(ctx.rng, lacking, [], self.config.gossip_fanout):
-            ctx.send(target, AggregatedModel(sender=ctx.peer_id, round=round, params=state.model,
-                                             contributors=contributors))
+            ctx.send(target, state.diffused)
             state.awaiting_ack[target] = ctx.now()
 
     # ---- receiving ------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from typing import Any
 from meshfl.config import ConfigError, ExperimentConfig, TlsConfig, load_config
 from meshfl.core.metrics import MetricsLog
 from meshfl.core.topology import make_topology
-from meshfl.experiment.run import build_summary, write_run_folder
+from meshfl.experiment.run import build_summary, default_run_dir, write_run_folder
 from meshfl.runtime.grpc.peer_config import PeerConfig, dump_peer_config, split_address
 
 PEER_PLACEHOLDER = "{peer}"
@@ -272,7 +272,6 @@ class PeerMetricsReader:
         self._offset = 0
         self.round = 0
         self.accuracy = float("nan")
-        self.finished = False
 
     def poll(self) -> None:
         try:
@@ -291,8 +290,6 @@ class PeerMetricsReader:
             if event.get("event") == "metric" and event.get("metric") == "global_accuracy":
                 if event.get("round", 0) >= self.round:
                     self.round, self.accuracy = event["round"], event["value"]
-            elif event.get("event") == "peer_finished":
-                self.finished = True
 
 
 ProgressCallback = Callable[[int, int, float], None]
@@ -470,12 +467,13 @@ EXIT_BY_STATUS = {"finished": 0, "stopped": 0, "failed": 1}
 """A peer's exit code as its last `peer_finished` event tells it; no such event means it was killed."""
 
 
-def merge_peer_folders(folders: list[Path], run_dir: Path, *, report: bool = True) -> LaunchResult:
+def merge_peer_folders(folders: list[Path], run_dir: Path | None = None, *, report: bool = True) -> LaunchResult:
     """`meshfl merge`: the run folder of a deployment from the output folders of its `meshfl node` peers.
 
     Each folder holds one peer's metrics.jsonl and config.yaml (written by the peer). Every
     peer must belong to the same experiment; a peer of the experiment without a folder, or
-    whose metrics end without `peer_finished`, is reported dead.
+    whose metrics end without `peer_finished`, is reported dead. `run_dir` defaults to
+    runs/<time>-<name>, as for `meshfl run`.
     """
     if not folders:
         raise ConfigError("merge: give at least one peer output folder (the out_dir of `meshfl node`)")
@@ -486,32 +484,32 @@ def merge_peer_folders(folders: list[Path], run_dir: Path, *, report: bool = Tru
         for name in ("metrics.jsonl", "config.yaml"):
             if not (folder / name).is_file():
                 raise ConfigError(f"merge: {folder} has no {name}; is it the out_dir of a `meshfl node` peer?")
-        peer_config = load_config(folder / "config.yaml")
+        folder_config = load_config(folder / "config.yaml")
         if config is None:
-            config = peer_config
-        elif peer_config != config:
+            config = folder_config
+        elif folder_config != config:
             raise ConfigError(f"merge: {folder} ran another experiment than {folders[0]} (their config.yaml differ)")
         events = read_events(folder / "metrics.jsonl")
         started = next((e for e in events if e.get("event") == "peer_started"), None)
         if started is None or not isinstance(started.get("peer"), int) or not isinstance(started.get("unix_time"), float):
             raise ConfigError(f"merge: {folder / 'metrics.jsonl'} has no peer_started event with peer and unix_time")
         peer = started["peer"]
-        started_at[peer] = started["unix_time"]
         if peer in per_peer:
             raise ConfigError(f"merge: peer {peer} appears twice (second time in {folder})")
         if not 0 <= peer < config.peers:
             raise ConfigError(f"merge: {folder} is peer {peer}, but the experiment has peers 0..{config.peers - 1}")
         per_peer[peer] = events
+        started_at[peer] = started["unix_time"]
     assert config is not None
     exit_codes: dict[int, int | None] = {}
     for peer in range(config.peers):
         finished = [e for e in per_peer.get(peer, []) if e.get("event") == "peer_finished"]
         exit_codes[peer] = EXIT_BY_STATUS.get(finished[-1].get("status"), 1) if finished else None
-    starts = {peer: float(started_at[peer]) for peer in per_peer}
-    started_unix = min(starts.values())
+    started_unix = min(started_at.values())
     # each peer's wall_time counts from its own start
-    finished_unix = max(starts[p] + float(events[-1].get("wall_time", 0.0)) for p, events in per_peer.items())
-    return write_grpc_run(config, per_peer, exit_codes, Path(run_dir).resolve(), started_unix=started_unix,
+    finished_unix = max(started_at[p] + float(events[-1].get("wall_time", 0.0)) for p, events in per_peer.items())
+    run_dir = Path(run_dir).resolve() if run_dir is not None else default_run_dir(config).resolve()
+    return write_grpc_run(config, per_peer, exit_codes, run_dir, started_unix=started_unix,
                           finished_unix=finished_unix, wall_time_s=finished_unix - started_unix, report=report)
 
 

@@ -15,6 +15,7 @@ its neighbours and exits 0.
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import signal
 import threading
@@ -34,17 +35,18 @@ from meshfl.core.context import TrainResult
 from meshfl.core.messages import Message
 from meshfl.core.metrics import MetricsLog
 from meshfl.core.params import Params
+from meshfl.core.seeds import algorithm_rng, batch_generator, initial_model_seed
 from meshfl.data import load_dataset, partition_stats, split_for_peers
 from meshfl.learn.learner import TorchLearner
 from meshfl.runtime.grpc import meshfl_pb2_grpc
 from meshfl.runtime.grpc.door import Door, Refused
 from meshfl.runtime.grpc.peer_config import PeerConfig
 from meshfl.runtime.grpc.transport import Link, PeerServicer, Traffic, channel_options, peer_from_auth_context
-from meshfl.runtime.grpc.wire import Goodbye, Heartbeat
-from meshfl.runtime.sim.runtime import peer_seed
+from meshfl.runtime.grpc.wire import Goodbye, Heartbeat, encode
 
 STARTUP_PING_TIMEOUT_S = 2.0
 GOODBYE_TIMEOUT_S = 1.0
+ENCODED_KEPT = 4
 
 # ---- the context the algorithm sees ---------------------------------------------------------
 
@@ -53,8 +55,8 @@ class GrpcContext:
 
     def __init__(self, node: PeerNode) -> None:
         self._node = node
-        self._rng = np.random.default_rng([node.config.seed, node.peer_id])
-        self._torch_generator = torch.Generator().manual_seed(peer_seed(node.config.seed, node.peer_id, 1))
+        self._rng = algorithm_rng(node.config.seed, node.peer_id)
+        self._torch_generator = batch_generator(node.config.seed, node.peer_id)
         self._learner_lock = threading.Lock()
 
     @property
@@ -110,7 +112,7 @@ class GrpcContext:
             return None
 
     def initial_params(self) -> Params:
-        return self._node.learner.init_params(peer_seed(self._node.config.seed, 0, 2))
+        return self._node.learner.init_params(initial_model_seed(self._node.config.seed))
 
     def _locked(self, fn: Callable[..., Any], *args: Any) -> Any:
         with self._learner_lock:
@@ -176,6 +178,7 @@ class PeerNode:
         self._backoff_rng = np.random.default_rng([config.seed, self.peer_id, 0x6261636B])
         self.inbox: asyncio.Queue[Message] = asyncio.Queue()
         self.links: dict[int, Link] = {}
+        self._encoded: collections.OrderedDict[int, tuple[Message, bytes]] = collections.OrderedDict()
 
     # -- clock, counters, events
 
@@ -189,6 +192,22 @@ class PeerNode:
         grpc_config = self.config.grpc
         base = min(grpc_config.backoff_max_s, grpc_config.backoff_initial_s * 2 ** attempt)
         return float(base * self._backoff_rng.uniform(0.5, 1.0))
+
+    def encoded(self, message: Message) -> bytes:
+        """`message` as envelope bytes, encoded once however many links send it (the last few are kept).
+
+        Algorithms send one message object to several neighbours (a round's model, relayed
+        ballots); with compression on, encoding a model costs more than sending it.
+        """
+        cached = self._encoded.get(id(message))
+        if cached is not None and cached[0] is message:  # holding the message keeps its id from being reused
+            self._encoded.move_to_end(id(message))
+            return cached[1]
+        data = encode(message, self.config.wire)
+        self._encoded[id(message)] = (message, data)
+        if len(self._encoded) > ENCODED_KEPT:
+            self._encoded.popitem(last=False)
+        return data
 
     def record(self, event: str, **fields: Any) -> None:
         self.metrics.record(event, peer=self.peer_id, round=self.round, **fields)
@@ -331,7 +350,7 @@ class PeerNode:
             try:
                 await server.stop(grace=0.2)
                 await asyncio.gather(*(link.close() for link in self.links.values()), return_exceptions=True)
-            finally:  # last, after the server stopped: nothing can record after peer_finished
+            finally:  # last, after the server stopped: only `serve`'s peer_failed line may follow
                 self.snapshot()
                 self.record("peer_finished", status=status)
 

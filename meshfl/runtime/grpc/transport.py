@@ -180,7 +180,7 @@ class Link:
 
     async def _deliver(self, message: Message) -> None:
         node = self.node
-        data = encode(message, node.config.wire)
+        data = node.encoded(message)
         pieces = list(chunks(data, node.config.grpc.chunk_kb * 1024))
         timeout = 10.0 + len(data) / 1e6  # generous: 1 MB/s on a loaded host
         retries = node.config.grpc.connect_retries
@@ -208,24 +208,25 @@ class Link:
         node.traffic.messages_dropped += 1
 
     async def ping(self, timeout: float, wait_for_ready: bool = False) -> bool:
-        node = self.node
-        data = encode(Heartbeat(sender=node.peer_id, round=node.round), node.config.wire)
+        """A heartbeat; True (and the neighbour counts as heard) when it answered."""
+        answered = await self._control(Heartbeat(sender=self.node.peer_id, round=self.node.round), timeout, wait_for_ready)
+        if answered:
+            self.heard()
+        return answered
+
+    async def say_goodbye(self, timeout: float) -> None:
+        """Tell the neighbour this peer is leaving on purpose; best effort, bounded by `timeout`."""
+        await self._control(Goodbye(sender=self.node.peer_id, round=self.node.round), timeout)
+
+    async def _control(self, message: Heartbeat | Goodbye, timeout: float, wait_for_ready: bool = False) -> bool:
+        """Send a payload-free message over the unary `Ping`; its bytes count as heartbeat bytes."""
+        data = encode(message, self.node.config.wire)
         try:
             await self.stub.Ping(meshfl_pb2.Chunk(data=data, last=True), timeout=timeout, wait_for_ready=wait_for_ready)
         except grpc.aio.AioRpcError:
             return False
-        node.traffic.heartbeat_bytes += len(data) + call_framing([len(data)])
-        self.heard()
-        return True
-
-    async def say_goodbye(self, timeout: float) -> None:
-        """Tell the neighbour this peer is leaving on purpose; best effort, bounded by `timeout`."""
-        data = encode(Goodbye(sender=self.node.peer_id, round=self.node.round), self.node.config.wire)
-        try:
-            await self.stub.Ping(meshfl_pb2.Chunk(data=data, last=True), timeout=timeout)
-        except grpc.aio.AioRpcError:
-            return
         self.node.traffic.heartbeat_bytes += len(data) + call_framing([len(data)])
+        return True
 
     async def run_heartbeat(self) -> None:
         config = self.node.config.grpc

@@ -11,6 +11,7 @@ with a reason, so the door can interleave its own checks (sender, round) in a fi
 
 from __future__ import annotations
 
+import math
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -187,7 +188,7 @@ def message_class(env: Envelope) -> type[Message]:
 
 def decode_payload(env: Envelope, cls: type[Message], layout: Layout, *, max_bytes: int | None = None) -> Params | None:
     """Check and decode the tensor (for model messages) and float fields; None for the others."""
-    if cls is PartialModel and not _finite(env.weight):
+    if cls is PartialModel and not math.isfinite(env.weight):
         raise Refused("non_finite", f"PartialModel weight is {env.weight}")
     if cls not in _TENSOR_TYPES:
         return None
@@ -203,10 +204,6 @@ def decode_payload(env: Envelope, cls: type[Message], layout: Layout, *, max_byt
     if not finite.all():
         raise Refused("non_finite", f"{int(finite.size - finite.sum())} NaN/Inf entries in the {codec} tensor")
     return Params(flat, layout)
-
-
-def _finite(x: float) -> bool:
-    return x == x and x not in (float("inf"), float("-inf"))
 
 
 def _codec_names(env: Envelope) -> tuple[str, str]:

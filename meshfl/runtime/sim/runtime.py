@@ -14,13 +14,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from meshfl.config import ExperimentConfig
 from meshfl.core.context import NodeContext, TrainResult
 from meshfl.core.messages import Message
 from meshfl.core.metrics import MetricsLog
 from meshfl.core.params import Params
+from meshfl.core.seeds import algorithm_rng, batch_generator, initial_model_seed
 from meshfl.core.topology import Topology
 from meshfl.data import Dataset, PeerData
 from meshfl.learn.learner import Learner
@@ -28,11 +28,6 @@ from meshfl.runtime.sim.loop import VirtualClock, run_virtual
 from meshfl.runtime.sim.network import SimNetwork, TrafficCounters
 
 PeerMain = Callable[[NodeContext], Awaitable[None]]
-
-
-def peer_seed(seed: int, peer: int, stream: int) -> int:
-    """A 63-bit seed for one peer's stream, independent of hashing and process."""
-    return int(np.random.SeedSequence([seed, peer, stream]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
 @dataclass
@@ -49,8 +44,8 @@ class SimContext:
         self._sim = sim
         self._peer_id = peer_id
         self._inbox: asyncio.Queue[Message] = asyncio.Queue()
-        self._rng = np.random.default_rng([sim.config.seed, peer_id])
-        self._torch_generator = torch.Generator().manual_seed(peer_seed(sim.config.seed, peer_id, 1))
+        self._rng = algorithm_rng(sim.config.seed, peer_id)
+        self._torch_generator = batch_generator(sim.config.seed, peer_id)
         self.final_params: Params | None = None
 
     @property
@@ -100,7 +95,7 @@ class SimContext:
                 return None
 
     def initial_params(self) -> Params:
-        return self._sim.learner.init_params(peer_seed(self._sim.config.seed, 0, 2))
+        return self._sim.learner.init_params(initial_model_seed(self._sim.config.seed))
 
     async def train(self, params: Params) -> TrainResult:
         data = self._sim.peer_data[self._peer_id].train

@@ -4,7 +4,7 @@ Runs one experiment twice, in the simulator and as real peer processes on 127.0.
 (`launch_local`), then prints JSON:
 
 - bytes per round: the encoded envelopes actually sent (plus an estimate of gRPC/HTTP2
-  framing) against the algorithm's own count (sum of `message.wire_size`) for the same
+  framing) against the algorithm's own count (sum of `encoded_size(message)`) for the same
   delivered messages; `ratio` should stay <= 1.05. Heartbeats are reported apart.
 - seconds per round: the gRPC runtime's wall time per round (every peer done) against the
   simulator's wall time per round, which is pure compute (its clock is virtual).
@@ -74,7 +74,7 @@ def main() -> None:
     report = {
         "config": {"name": config.name, "dataset": config.data.dataset, "model": config.train.model,
                    "peers": config.peers, "rounds": config.rounds, "topology": config.topology.kind,
-                   "codec": config.wire.codec, "compression": config.wire.compression},
+                   "algorithm": config.algorithm},
         "bytes": {
             "algorithm_bytes_per_round": round(delivered / config.rounds),
             "wire_bytes_per_round": round(wire / config.rounds),

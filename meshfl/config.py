@@ -1,7 +1,8 @@
 """Typed experiment configuration: every knob has a default and a one-line description.
 
 The CLI, `meshfl config` and the docs all read the descriptions from here, so a field is
-documented in exactly one place. Dotted keys (`gossip.gossip_fanout`) address nested fields.
+documented in exactly one place. Algorithms declare their own sections (see
+meshfl.algorithms.base); `ExperimentConfig` is assembled from the registry at import. Dotted keys (`gossip.gossip_fanout`) address nested fields.
 """
 
 from __future__ import annotations
@@ -10,11 +11,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, create_model, model_validator
 
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+from meshfl.algorithms import ALGORITHMS
+from meshfl.core.section import Section as _Section
 
 
 class DataConfig(_Section):
@@ -77,26 +77,14 @@ class ComputeConfig(_Section):
         return self
 
 
-class GossipConfig(_Section):
-    train_set_size: int = Field(8, ge=1, description="number of peers elected each round to train (capped at the number of peers)")
-    votes_per_peer: int = Field(4, ge=1, description="number of candidates each peer votes for in the train-set election")
-    gossip_fanout: int = Field(2, ge=1, description="neighbours a peer sends models to per gossip step")
-    gossip_period_s: float = Field(0.1, gt=0, description="virtual/real seconds between gossip steps")
-    vote_batch_s: float = Field(0.02, ge=0, description="a relay holds the ballots it learns this long, then sends them to its neighbours in one message (0: relay as they arrive)")
-    vote_timeout_s: float = Field(30.0, gt=0, description="how long a peer waits for every vote before tallying what it has")
-    aggregation_timeout_s: float = Field(300.0, gt=0, description="how long a train-set peer waits for every train-set model")
-    wait_model_timeout_s: float = Field(300.0, gt=0, description="how long a peer outside the train set waits for the aggregated model")
-    diffusion_timeout_s: float = Field(60.0, gt=0, description="how long a peer keeps sending the round's model to neighbours that lack it")
-    resend_timeout_s: float = Field(5.0, gt=0, description="how long a sender waits for a neighbour to confirm a model before sending it another")
-    initiator: int = Field(0, ge=0, description="peer whose initial model is diffused to every peer")
-
-
 class WireConfig(_Section):
-    codec: Literal["float32", "float16", "int8", "topk"] = Field("float32", description="how tensors travel: raw float32, float16, int8 with a per-tensor scale, or top-k sparse")
-    topk_fraction: float = Field(0.1, gt=0, le=1, description="topk: fraction of the largest-magnitude entries sent")
-    compression: Literal["none", "gzip", "zstd"] = Field("none", description="byte compression applied after the codec")
     max_message_mb: float = Field(256.0, gt=0, description="messages larger than this are refused at the door")
-    max_round_lag: int = Field(2, ge=0, description="messages more than this many rounds older than the receiver's round are refused")
+    inbox_messages: int = Field(100_000, ge=1, description="messages a peer holds unread at most; more are dropped and counted")
+
+
+class LivenessConfig(_Section):
+    heartbeat_interval_s: float = Field(1.0, gt=0, description="gRPC: seconds between heartbeats on every open link")
+    timeout_s: float = Field(5.0, gt=0, description="a peer silent this long is believed dead (both runtimes model the same detector)")
 
 
 class TlsConfig(_Section):
@@ -118,38 +106,57 @@ class GrpcConfig(_Section):
     host: str = Field("127.0.0.1", description="launch --local: host every peer listens on")
     base_port: int = Field(50100, ge=1, le=65535, description="launch --local: peer i listens on base_port + i")
     chunk_kb: int = Field(1024, ge=1, description="large messages are streamed in chunks of this size")
-    heartbeat_interval_s: float = Field(1.0, gt=0, description="seconds between heartbeats to each neighbour")
-    heartbeat_timeout_s: float = Field(5.0, gt=0, description="a neighbour silent this long is considered dead")
+    idle_link_s: float = Field(30.0, gt=0, description="a link to a peer outside the overlay is closed after this many idle seconds")
     connect_retries: int = Field(8, ge=0, description="reconnect attempts (jittered exponential backoff) before a neighbour is given up")
     backoff_initial_s: float = Field(0.2, gt=0, description="first reconnect delay")
     backoff_max_s: float = Field(5.0, gt=0, description="largest reconnect delay")
     tls: TlsConfig = Field(default_factory=TlsConfig, description="transport security")
 
 
-class ExperimentConfig(_Section):
+class CoreConfig(_Section):
+    """The experiment's own fields; `ExperimentConfig` adds one section per registered algorithm."""
+
     name: str = Field("default", description="experiment name, used for the run folder")
     seed: int = Field(0, ge=0, description="run seed: a simulated run is a pure function of (config, seed)")
     peers: int = Field(8, ge=1, description="number of peers")
     rounds: int = Field(10, ge=1, description="number of federated rounds")
-    algorithm: Literal["gossip"] = Field("gossip", description="peer algorithm, registered by name in meshfl.algorithms")
+    algorithm: str = Field("gossip", description="peer algorithm, by its registered name; its settings are the section of that name")
     max_virtual_time_s: float = Field(1e6, gt=0, description="hard end of a simulated run; waits still pending then fail with their peers named")
     data: DataConfig = Field(default_factory=DataConfig, description="dataset and partitioning")
     train: TrainConfig = Field(default_factory=TrainConfig, description="local training")
     topology: TopologyConfig = Field(default_factory=TopologyConfig, description="overlay graph")
     network: NetworkConfig = Field(default_factory=NetworkConfig, description="simulated links")
     compute: ComputeConfig = Field(default_factory=ComputeConfig, description="simulated compute speed")
-    gossip: GossipConfig = Field(default_factory=GossipConfig, description="gossip algorithm (P2PFL round workflow)")
-    wire: WireConfig = Field(default_factory=WireConfig, description="wire format of the gRPC runtime")
+    liveness: LivenessConfig = Field(default_factory=LivenessConfig, description="failure detector")
+    wire: WireConfig = Field(default_factory=WireConfig, description="message limits")
     grpc: GrpcConfig = Field(default_factory=GrpcConfig, description="gRPC runtime: addresses, heartbeats, reconnects, TLS")
 
     @model_validator(mode="after")
-    def _cross_checks(self) -> ExperimentConfig:
-        if self.gossip.initiator >= self.peers:
-            raise ValueError(f"gossip.initiator must be < peers ({self.peers})")
+    def _cross_checks(self) -> CoreConfig:
+        algorithm = ALGORITHMS.get(self.algorithm)
+        if algorithm is None:
+            raise ValueError(f"algorithm: must be one of {', '.join(sorted(ALGORITHMS))} (got {self.algorithm!r})")
+        if algorithm.check is not None:
+            algorithm.check(self.section(), self)
         k = self.topology.small_world_neighbours
         if self.topology.kind == "small_world" and (k % 2 or k >= self.peers):
             raise ValueError(f"topology.small_world_neighbours must be even and < peers ({self.peers}), got {k}")
         return self
+
+    def section(self, name: str | None = None) -> Any:
+        """The config section of algorithm `name` (default: the one this experiment runs)."""
+        return getattr(self, name or self.algorithm)
+
+
+def _experiment_class() -> type[CoreConfig]:
+    """CoreConfig plus a section per registered algorithm, each named after it."""
+    sections: dict[str, Any] = {
+        name: (algorithm.config, Field(default_factory=algorithm.config, description=algorithm.summary))
+        for name, algorithm in sorted(ALGORITHMS.items())}
+    return create_model("ExperimentConfig", __base__=CoreConfig, __module__=__name__, **sections)
+
+
+ExperimentConfig = _experiment_class()
 
 
 class ConfigError(ValueError):

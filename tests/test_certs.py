@@ -13,8 +13,8 @@ from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from meshfl.config import ConfigError, TlsConfig
-from meshfl.runtime.grpc import meshfl_pb2, meshfl_pb2_grpc
 from meshfl.runtime.grpc.certs import generate_deployment, load_credentials
+from meshfl.wire import meshfl_pb2, meshfl_pb2_grpc
 
 RPC_TIMEOUT_S = 5.0
 

@@ -2,9 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from meshfl.algorithms.gossip import choose_targets, make_ballot, tally_votes
+from meshfl.algorithms.gossip import Ballot, choose_targets, make_ballot, tally_votes
 from meshfl.config import load_config
-from meshfl.core.messages import Ballot
 from meshfl.core.metrics import without_wall_clock
 from meshfl.experiment.run import simulate
 

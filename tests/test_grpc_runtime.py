@@ -22,22 +22,23 @@ import numpy as np
 import pytest
 import torch
 
+from meshfl.algorithms.gossip import AggregatedModel, Ballot, HaveModels, PartialModel, Votes
 from meshfl.config import ConfigError, load_config
-from meshfl.core.messages import Ballot, HaveModels, PartialModel, Votes
+from meshfl.core.messages import TYPE_IDS, Heartbeat
 from meshfl.core.params import Layout, Params
 from meshfl.core.seeds import initial_model_seed
 from meshfl.experiment.run import simulate, summarise
 from meshfl.learn.learner import TorchLearner
-from meshfl.runtime.grpc import meshfl_pb2, meshfl_pb2_grpc
 from meshfl.runtime.grpc.node import GrpcContext, PeerNode, serve
 from meshfl.runtime.grpc.peer_config import PeerConfig, load_peer_config
 from meshfl.runtime.grpc.transport import CALL_OVERHEAD_BYTES, call_framing, chunk_framing, peer_from_auth_context
-from meshfl.runtime.grpc.wire import WIRE_VERSION, Heartbeat, encode
 from meshfl.runtime.launch import build_peer_configs, choose_ports, launch_local
+from meshfl.wire import meshfl_pb2, meshfl_pb2_grpc
+from meshfl.wire.envelope import WIRE_VERSION, encode
 
 # small real-time timeouts so a lost peer costs seconds, not minutes
 FAST = ["gossip.vote_timeout_s=5", "gossip.aggregation_timeout_s=10", "gossip.wait_model_timeout_s=10",
-        "gossip.diffusion_timeout_s=3", "grpc.heartbeat_interval_s=0.5", "grpc.heartbeat_timeout_s=3"]
+        "gossip.diffusion_timeout_s=3", "liveness.heartbeat_interval_s=0.5", "liveness.timeout_s=3"]
 
 
 def digits(peers: int, rounds: int, *extra: str):
@@ -83,7 +84,9 @@ def test_peer_config_errors_name_the_field(tmp_path):
     with pytest.raises(ValueError, match="listen"):
         PeerConfig(peer_id=0, listen="nowhere", experiment=experiment)
     with pytest.raises(ValueError, match="lists itself"):
-        PeerConfig(peer_id=0, listen="127.0.0.1:1", neighbours={0: "127.0.0.1:2"}, experiment=experiment)
+        PeerConfig(peer_id=0, listen="127.0.0.1:1", addresses={0: "127.0.0.1:2"}, neighbours=[0], experiment=experiment)
+    with pytest.raises(ValueError, match="no entry in addresses"):
+        PeerConfig(peer_id=0, listen="127.0.0.1:1", neighbours=[1], experiment=experiment)
     with pytest.raises(ValueError, match="peer_id"):
         PeerConfig(peer_id=5, listen="127.0.0.1:1", experiment=experiment)
     bad = tmp_path / "peer.yaml"
@@ -154,33 +157,33 @@ def hostile_messages(layout: Layout, count: int, max_bytes: int) -> list[tuple[s
     good = torch.zeros(layout.numel)
     nan = good.clone()
     nan[::97] = float("nan")
-    wire = digits(2, 1).wire
     other_layout = Layout(("w",), ((10,),))
+    aggregated = TYPE_IDS[AggregatedModel]
 
     def envelope(**fields) -> bytes:
-        return meshfl_pb2.Envelope(**{"version": WIRE_VERSION, **fields}).SerializeToString()
+        return meshfl_pb2.Envelope(**{"wire_version": WIRE_VERSION, **fields}).SerializeToString()
 
-    def tensor_envelope(**overrides) -> bytes:
-        fields = dict(type=3, sender=1, round=1, layout_fingerprint=bytes.fromhex(layout.fingerprint),
-                      codec=0, compression=0, numel=layout.numel, tensor=good.numpy().tobytes())
-        fields.update(overrides)
-        return envelope(**fields)
+    def tensor_envelope(version=WIRE_VERSION, **overrides) -> bytes:
+        tensor = dict(layout_fingerprint=bytes.fromhex(layout.fingerprint), codec=0, compression=0,
+                      numel=layout.numel, data=good.numpy().tobytes())
+        tensor.update(overrides)
+        return envelope(wire_version=version, type=aggregated, sender=1, ints=[1], lengths=[0],
+                        tensors=[meshfl_pb2.Tensor(**tensor)])
 
     makers = [
         ("malformed", lambda: rng.bytes(int(rng.integers(1, 4000)))),  # random bytes
         ("malformed", lambda: tensor_envelope(version=99)),  # another wire version
-        ("unknown_type", lambda: envelope(type=77, sender=1, round=1)),
-        ("unknown_sender", lambda: encode(Votes(sender=99, round=1, ballots=(Ballot(99, (0,), (5,)),)), wire)),  # forged
-        ("unknown_sender", lambda: encode(HaveModels(sender=1234, round=1, contributors=frozenset({0})), wire)),
+        ("unknown_type", lambda: envelope(type=77, sender=1)),
+        ("unknown_sender", lambda: encode(Votes(sender=99, round=1, ballots=(Ballot(99, (0,), (5,)),)))),  # forged
+        ("unknown_sender", lambda: encode(HaveModels(sender=1234, round=1, contributors=frozenset({0})))),
         ("layout_mismatch", lambda: encode(PartialModel(sender=1, round=1, params=Params(torch.ones(10), other_layout),
-                                                        contributors=frozenset({1}), weight=5.0), wire)),
+                                                        contributors=frozenset({1}), weight=5.0))),
         ("bad_shape", lambda: tensor_envelope(numel=layout.numel + 3)),  # wrong shape
-        ("bad_shape", lambda: tensor_envelope(tensor=good[:-5].numpy().tobytes())),  # short tensor
+        ("bad_shape", lambda: tensor_envelope(data=good[:-5].numpy().tobytes())),  # short tensor
         ("non_finite", lambda: encode(PartialModel(sender=1, round=1, params=Params(nan, layout),
-                                                   contributors=frozenset({1}), weight=5.0), wire)),
-        ("non_finite", lambda: tensor_envelope(type=2, weight=float("nan"), ints=[1])),
+                                                   contributors=frozenset({1}), weight=5.0))),
         ("bad_codec", lambda: tensor_envelope(codec=42)),
-        ("malformed", lambda: envelope(type=1, sender=1, round=1, ints=[1, 2, 3])),  # odd vote
+        ("malformed", lambda: envelope(type=TYPE_IDS[Votes], sender=1, ints=[1, 2, 3])),  # odd vote
     ]
     messages = []
     for i in range(count):
@@ -219,7 +222,7 @@ def test_a_thousand_hostile_messages_are_refused_and_change_nothing(tmp_path):
     messages arrive; then peer 2 resumes and the run completes."""
     config = digits(3, 2, "wire.max_message_mb=1", "grpc.base_port=50710", "gossip.vote_timeout_s=30",
                     "gossip.aggregation_timeout_s=30", "gossip.wait_model_timeout_s=30", "gossip.diffusion_timeout_s=30",
-                    "grpc.heartbeat_timeout_s=30")
+                    "liveness.timeout_s=30")
     learner = TorchLearner(config.train, (64,), 10)
     messages = hostile_messages(learner.layout, 1000, int(config.wire.max_message_mb * (1 << 20)))
     sent = Counter(reason for reason, _ in messages)
@@ -305,7 +308,7 @@ def test_mtls_run_end_to_end(tmp_path):
                  and "peer_started" in (processes[0].folder / "metrics.jsonl").read_text(), 60, "peer 0 serving")
         with grpc.insecure_channel(address) as channel:  # no certificate: the handshake fails
             stub = meshfl_pb2_grpc.PeerStub(channel)
-            beat = meshfl_pb2.Chunk(data=encode(Heartbeat(sender=1, round=0), config.wire), last=True)
+            beat = meshfl_pb2.Chunk(data=encode(Heartbeat(sender=1)), last=True)
             try:
                 stub.Ping(beat, timeout=3)
                 seen["plaintext"] = "accepted"
@@ -334,13 +337,12 @@ def test_context_seeds_like_the_simulator(tmp_path):
     """Same rng stream, same torch stream and same initial model as the simulator's SimContext."""
     config = digits(2, 1, "seed=5")
     node = PeerNode(build_peer_configs(config, ["127.0.0.1:1", "127.0.0.1:2"])[1], config, tmp_path)
-    node.load()
     ctx = GrpcContext(node)
-    assert ctx.peers == (0, 1) and ctx.neighbours == (0,) and ctx.num_samples == len(node.data.train)
+    assert ctx.peers == (0, 1) and ctx.neighbours == (0,) and ctx.num_samples == len(node.worlds.peer_data[1].train)
     assert ctx.rng.random() == np.random.default_rng([5, 1]).random()
-    expected = node.learner.init_params(initial_model_seed(5))
+    expected = node.worlds.learner.init_params(initial_model_seed(5))
     assert torch.equal(ctx.initial_params().flat, expected.flat)
-    with pytest.raises(ValueError, match="not its neighbour"):
+    with pytest.raises(ValueError, match="not in the experiment"):
         ctx.send(7, HaveModels(sender=1, round=0, contributors=frozenset()))
     node.metrics_file.close()
 
@@ -349,7 +351,7 @@ def test_a_message_sent_to_several_neighbours_is_encoded_once(tmp_path, monkeypa
     config = digits(2, 1)
     node = PeerNode(build_peer_configs(config, ["127.0.0.1:1", "127.0.0.1:2"])[0], config, tmp_path)
     calls = []
-    monkeypatch.setattr("meshfl.runtime.grpc.node.encode", lambda m, w: calls.append(m) or encode(m, w))
+    monkeypatch.setattr("meshfl.runtime.grpc.node.encode", lambda m: calls.append(m) or encode(m))
     have = HaveModels(sender=0, round=1, contributors=frozenset({1}))
     first = node.encoded(have)
     assert node.encoded(have) is first and calls == [have]

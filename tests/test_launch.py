@@ -43,7 +43,7 @@ from meshfl.runtime.launch import (
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["gossip.vote_timeout_s=4", "gossip.aggregation_timeout_s=6", "gossip.wait_model_timeout_s=6",
-        "gossip.diffusion_timeout_s=2", "grpc.heartbeat_interval_s=0.5", "grpc.heartbeat_timeout_s=2"]
+        "gossip.diffusion_timeout_s=2", "liveness.heartbeat_interval_s=0.5", "liveness.timeout_s=2"]
 runner = CliRunner()
 RUN_FILES = {"config.yaml", "metrics.jsonl", "summary.json", "partition.json", "report.html",
              "accuracy_per_peer.png", "messages_per_peer.png", "loss_per_round.png"}
@@ -104,7 +104,8 @@ def test_write_peer_configs_follows_the_topology(tmp_path):
         assert peer_config.resolve_experiment(tmp_path) == config
     assert load_peer_config(paths[0]).listen == "127.0.0.1:6000"
     assert load_peer_config(paths[1]).listen == "0.0.0.0:7000"  # a remote host binds every interface
-    assert load_peer_config(paths[2]).neighbours[1] == "10.1.1.1:7000"
+    assert load_peer_config(paths[2]).addresses[1] == "10.1.1.1:7000"  # every peer is in the address book
+    assert sorted(load_peer_config(paths[2]).addresses) == [0, 1, 3, 4, 5]
 
 
 def test_configs_command_and_bad_input(tmp_path, monkeypatch):

@@ -14,33 +14,133 @@ Round 0 diffuses the initiator's model to every peer. Each round r >= 1 then:
 
 Neighbours confirm what they hold with `HaveModels`; a sender waits for that confirmation
 (or `resend_timeout_s`) before sending the same neighbour another model.
+
+Failures cost one detector timeout: a peer the failure detector believes dead gets no
+votes, no ballot is awaited from it, no model is awaited from it, and no model is sent to
+it, until it is heard again. A restarted peer (incarnation > 0) asks its neighbours where
+the network is (`JoinRequest`) and joins the next round with a neighbour's model.
 """
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from itertools import chain
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
+from pydantic import Field
 
 from meshfl.aggregate.partial import Part, PartialAggregates
-from meshfl.config import GossipConfig
+from meshfl.algorithms.base import Algorithm, register
 from meshfl.core.context import NodeContext
-from meshfl.core.messages import AggregatedModel, Ballot, HaveModels, Message, PartialModel, Votes
+from meshfl.core.messages import LOSSLESS, Codec, Message, Reply, Request
+from meshfl.core.metrics import TRAIN_LOSS
 from meshfl.core.params import Params
+from meshfl.core.section import Section
+
+if TYPE_CHECKING:
+    from meshfl.config import ExperimentConfig
+
+MAX_ROUNDS_AHEAD = 2
+"""Messages for rounds further ahead than this are ignored: no peer can be that far ahead honestly."""
 
 
-class Phase(enum.Enum):
-    INITIAL_MODEL = "initial_model"
-    VOTE = "vote"
-    TRAIN = "train"
-    AGGREGATE = "aggregate"
-    WAIT_MODEL = "wait_model"
-    DIFFUSE = "diffuse"
-    EVALUATE = "evaluate"
-    DONE = "done"
+class GossipConfig(Section):
+    train_set_size: int = Field(8, ge=1, description="number of peers elected each round to train (capped at the number of peers)")
+    votes_per_peer: int = Field(4, ge=1, description="number of candidates each peer votes for in the train-set election")
+    gossip_fanout: int = Field(2, ge=1, description="neighbours a peer sends models to per gossip step")
+    gossip_period_s: float = Field(0.1, gt=0, description="virtual/real seconds between gossip steps")
+    vote_batch_s: float = Field(0.02, ge=0, description="a relay holds the ballots it learns this long, then sends them to its neighbours in one message (0: relay as they arrive)")
+    vote_timeout_s: float = Field(30.0, gt=0, description="how long a peer waits for every live peer's vote before tallying what it has")
+    aggregation_timeout_s: float = Field(300.0, gt=0, description="how long a train-set peer waits for every live train-set model")
+    wait_model_timeout_s: float = Field(300.0, gt=0, description="how long a peer outside the train set waits for the aggregated model")
+    diffusion_timeout_s: float = Field(60.0, gt=0, description="how long a peer keeps sending the round's model to live neighbours that lack it")
+    resend_timeout_s: float = Field(5.0, gt=0, description="how long a sender waits for a neighbour to confirm a model before sending it another")
+    join_timeout_s: float = Field(5.0, gt=0, description="a restarted peer waits this long for a neighbour to say which round the network is in")
+    initiator: int = Field(0, ge=0, description="peer whose initial model is diffused to every peer")
+    codec: Literal["float32", "float16", "int8"] = Field("float32", description="how models travel: exact float32, float16, or int8 with a per-tensor scale (lossy, in both runtimes alike)")
+    compression: Literal["none", "gzip", "zstd"] = Field("none", description="byte compression of models after the codec")
+
+
+# ---- messages -------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Ballot:
+    """One peer's train-set ballot for a round: the candidates it votes for, with weights."""
+
+    origin: int
+    candidates: tuple[int, ...]
+    weights: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        if self.origin < 0:
+            raise ValueError(f"Ballot.origin must be >= 0, got {self.origin}")
+        if len(self.candidates) != len(self.weights):
+            raise ValueError(f"Ballot of peer {self.origin}: candidates and weights differ in length")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Votes(Message):
+    """Ballots flooded so every peer tallies the same train set; relays batch ballots that arrive close together."""
+
+    round: int
+    ballots: tuple[Ballot, ...]
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.ballots:
+            raise ValueError("Votes: ballots must not be empty")
+
+
+@dataclass(frozen=True, kw_only=True)
+class PartialModel(Message):
+    """A weighted average of the models of `contributors`; `weight` is their total sample count."""
+
+    round: int
+    params: Params
+    contributors: frozenset[int]
+    weight: float
+    codec: Codec = LOSSLESS
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.contributors:
+            raise ValueError("PartialModel: contributors must not be empty")
+        if not self.weight > 0 or self.weight == float("inf"):
+            raise ValueError(f"PartialModel: weight must be finite and > 0, got {self.weight}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class AggregatedModel(Message):
+    """The round's aggregated model, gossiped to neighbours that lack it (round 0: the initial model)."""
+
+    round: int
+    params: Params
+    contributors: frozenset[int] = frozenset()
+    codec: Codec = LOSSLESS
+
+
+@dataclass(frozen=True, kw_only=True)
+class HaveModels(Message):
+    """Tells neighbours which contributions (or the whole aggregate) the sender holds, so they skip them."""
+
+    round: int
+    contributors: frozenset[int]
+    complete: bool = False
+
+
+@dataclass(frozen=True, kw_only=True)
+class JoinRequest(Request):
+    """A restarted peer asks a neighbour which round the network is in."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class JoinReply(Reply):
+    """The neighbour's current round and the last model it completed."""
+
+    round: int
+    params: Params
 
 
 # ---- the maths, as plain functions -------------------------------------------------------
@@ -53,11 +153,11 @@ def make_ballot(rng: np.random.Generator, origin: int, peers: tuple[int, ...], v
     return Ballot(origin, tuple(int(c) for c in candidates), tuple(weights))
 
 
-def tally_votes(ballots: Iterable[Ballot], train_set_size: int) -> tuple[int, ...]:
+def tally_votes(ballots: Iterable[Ballot], train_set_size: int, exclude: Iterable[int] = ()) -> tuple[int, ...]:
     """The `train_set_size` peers with the most vote weight; ties go to the lower peer id.
 
-    Only peers named on some ballot are ranked. One numpy pass: with a thousand peers every
-    peer tallies a thousand ballots each round.
+    Only peers named on some ballot are ranked, and never those in `exclude` (believed
+    dead). One numpy pass: with a thousand peers every peer tallies a thousand ballots each round.
     """
     ballots = list(ballots)
     candidates = np.fromiter(chain.from_iterable(b.candidates for b in ballots), dtype=np.int64)
@@ -67,6 +167,9 @@ def tally_votes(ballots: Iterable[Ballot], train_set_size: int) -> tuple[int, ..
     named = np.flatnonzero(np.bincount(candidates))  # peers on some ballot, even with weight 0
     totals = np.bincount(candidates, weights=weights.astype(np.float64))[named]  # exact: integer sums < 2**53
     ranked = named[np.lexsort((named, -totals))]
+    excluded = np.fromiter(exclude, dtype=np.int64)
+    if excluded.size:
+        ranked = ranked[~np.isin(ranked, excluded)]
     return tuple(sorted(int(p) for p in ranked[:train_set_size]))
 
 
@@ -105,15 +208,15 @@ class RelayBatch:
 
 
 class GossipPeer:
-    """One peer's side of the protocol; `run` drives it through the phases."""
+    """One peer's side of the protocol (one object per incarnation); `run` drives it round by round."""
 
     def __init__(self, config: GossipConfig, rounds: int) -> None:
         self.config = config
         self.rounds = rounds
-        self.phase = Phase.INITIAL_MODEL
+        self.codec = Codec(kind=config.codec, compression=config.compression)
         self.round = 0
         self._states: dict[int, RoundState] = {}
-        self._ctx: NodeContext | None = None
+        self._completed: AggregatedModel | None = None  # the last round's model this peer completed
         self._relay: dict[int, RelayBatch] = {}  # round -> ballots learned since the last relay
         self._relay_at: float | None = None
         self._peers: frozenset[int] | None = None
@@ -126,13 +229,26 @@ class GossipPeer:
     # ---- driving ----------------------------------------------------------------------------
 
     async def run(self, ctx: NodeContext) -> None:
-        self._ctx = ctx
-        model = await self._initial_model(ctx)
-        for round in range(1, self.rounds + 1):
+        if ctx.incarnation > 0:
+            first, model = await self._rejoin(ctx)
+        else:
+            first, model = 1, await self._initial_model(ctx)
+        for round in range(first, self.rounds + 1):
             self.round = round
-            self._states.pop(round - 2, None)
+            for old in [r for r in self._states if r < round - 1]:
+                del self._states[old]
             model = await self._run_round(ctx, round, model)
-        self.phase = Phase.DONE
+
+    async def _rejoin(self, ctx: NodeContext) -> tuple[int, Params]:
+        """Ask live neighbours which round the network is in; join the next one with that neighbour's model."""
+        for neighbour in self._alive_neighbours(ctx):
+            reply = await ctx.request(neighbour, JoinRequest(sender=ctx.peer_id), self.config.join_timeout_s)
+            if isinstance(reply, JoinReply):
+                self.round = reply.round
+                ctx.log("rejoined", reply.round, round=reply.round)
+                return reply.round + 1, reply.params
+        ctx.log("rejoined", 0, round=0)
+        return 1, ctx.initial_params()
 
     async def _initial_model(self, ctx: NodeContext) -> Params:
         state = self.state(0)
@@ -150,43 +266,41 @@ class GossipPeer:
 
     async def _run_round(self, ctx: NodeContext, round: int, model: Params) -> Params:
         state = self.state(round)
-        self.phase = Phase.VOTE
         state.train_set = await self._elect_train_set(ctx, round)
         if ctx.peer_id in state.train_set:
-            self.phase = Phase.TRAIN
             result = await ctx.train(model)
-            ctx.log("train_loss", result.loss, round=round)
+            ctx.log(TRAIN_LOSS, result.loss, round=round)
             state.parts.add(Part(result.params, frozenset([ctx.peer_id]), float(max(ctx.num_samples, 1))))
-            self.phase = Phase.AGGREGATE
             timeout = self.config.aggregation_timeout_s
         else:
-            self.phase = Phase.WAIT_MODEL
             timeout = self.config.wait_model_timeout_s
-        await self._pump(ctx, lambda: self._complete_model(state) is not None, ctx.now() + timeout,
+        await self._pump(ctx, lambda: self._complete_model(ctx, state) is not None, ctx.now() + timeout,
                          on_tick=lambda: self._gossip_parts(ctx, round))
         self._complete_round(ctx, round, self._best_model(ctx, state, model))
         await self._diffuse(ctx, round)
-        self.phase = Phase.EVALUATE
         for metric, value in (await ctx.evaluate(state.model)).items():
             ctx.log(metric, value, round=round)
         return state.model
 
     async def _elect_train_set(self, ctx: NodeContext, round: int) -> tuple[int, ...]:
         state = self.state(round)
-        own = make_ballot(ctx.rng, ctx.peer_id, ctx.peers, self.config.votes_per_peer)
+        alive = self._alive_peers(ctx)
+        own = make_ballot(ctx.rng, ctx.peer_id, alive, self.config.votes_per_peer)
         self._learn_ballots(ctx, round, (own,), came_from=ctx.peer_id)
         self._send_relays(ctx)  # one's own ballot goes out at once
-        everyone = len(ctx.peers)
-        await self._pump(ctx, lambda: len(state.ballots) >= everyone, ctx.now() + self.config.vote_timeout_s)
-        if len(state.ballots) < everyone:
-            ctx.log("missed_votes", everyone - len(state.ballots), round=round)
-        return tally_votes(state.ballots.values(), min(self.config.train_set_size, everyone))
+        voted = lambda: state.ballots.keys() >= set(self._alive_peers(ctx))  # noqa: E731
+        await self._pump(ctx, voted, ctx.now() + self.config.vote_timeout_s)
+        expected = self._alive_peers(ctx)
+        missing = len(set(expected) - state.ballots.keys())
+        if missing:
+            ctx.log("missed_votes", missing, round=round)
+        dead = set(ctx.peers) - set(expected)
+        return tally_votes(state.ballots.values(), min(self.config.train_set_size, len(expected)), exclude=dead)
 
     async def _diffuse(self, ctx: NodeContext, round: int) -> None:
-        """DIFFUSE: send the round's model to neighbours not known to hold it, until all do."""
-        self.phase = Phase.DIFFUSE
+        """DIFFUSE: send the round's model to live neighbours not known to hold it, until all do."""
         state = self.state(round)
-        everyone_has_it = lambda: state.neighbour_complete.issuperset(ctx.neighbours)  # noqa: E731
+        everyone_has_it = lambda: state.neighbour_complete.issuperset(self._alive_neighbours(ctx))  # noqa: E731
         await self._pump(ctx, everyone_has_it, ctx.now() + self.config.diffusion_timeout_s,
                          on_tick=lambda: self._gossip_model(ctx, round))
 
@@ -195,7 +309,8 @@ class GossipPeer:
         """Handle messages (and gossip every period) until `done()` or the deadline.
 
         Ballots waiting to be relayed go out when their batch time comes, and in any case
-        before returning: a peer may not pump again for a long time (it trains).
+        before returning: a peer may not pump again for a long time (it trains). A change
+        of liveness arrives as a message too, so `done()` is re-checked when a peer dies.
         """
         next_tick = ctx.now()
         try:
@@ -218,28 +333,39 @@ class GossipPeer:
         finally:
             self._send_relays(ctx)
 
+    # ---- liveness -------------------------------------------------------------------------
+
+    def _alive_peers(self, ctx: NodeContext) -> tuple[int, ...]:
+        return tuple(p for p in ctx.peers if p == ctx.peer_id or ctx.is_alive(p))
+
+    def _alive_neighbours(self, ctx: NodeContext) -> list[int]:
+        return [n for n in ctx.neighbours if ctx.is_alive(n)]
+
     # ---- round model ----------------------------------------------------------------------
 
-    def _complete_model(self, state: RoundState) -> Params | None:
-        """The round's model if this peer holds all of it, else None."""
-        if state.aggregated is not None and state.aggregated.contributors.issuperset(state.train_set):
+    def _complete_model(self, ctx: NodeContext, state: RoundState) -> Params | None:
+        """The round's model if this peer holds every live train-set peer's part of it, else None."""
+        needed = [p for p in state.train_set if p == ctx.peer_id or ctx.is_alive(p)]
+        if state.aggregated is not None and state.aggregated.contributors.issuperset(needed):
             return state.aggregated.params
-        if state.train_set and state.parts.covers(state.train_set):
+        if needed and state.parts.covers(needed):
             return state.parts.result().params
         return None
 
     def _best_model(self, ctx: NodeContext, state: RoundState, previous: Params) -> Params:
-        complete = self._complete_model(state)
-        if complete is not None:
-            return complete
+        complete = self._complete_model(ctx, state)
+        missing_dead = set(state.train_set) - state.parts.covered
         have = state.parts.covered
         if state.aggregated is not None and len(state.aggregated.contributors) >= len(have):
             have = state.aggregated.contributors
             best = state.aggregated.params
         else:
             best = state.parts.result().params if have else previous
-        ctx.log("missed_models", len(set(state.train_set) - have), round=self.round)
-        return best
+        missed = set(state.train_set) - have
+        if missed:
+            ctx.log("missed_models", len(missed), round=self.round)
+        del missing_dead
+        return complete if complete is not None else best
 
     def _complete_round(self, ctx: NodeContext, round: int, model: Params) -> None:
         """Keep the round's model as the one message every neighbour may be sent, and tell them we have it.
@@ -248,9 +374,11 @@ class GossipPeer:
         """
         state = self.state(round)
         contributors = frozenset(state.train_set) if round else frozenset()
-        state.diffused = AggregatedModel(sender=ctx.peer_id, round=round, params=model, contributors=contributors)
+        state.diffused = AggregatedModel(sender=ctx.peer_id, round=round, params=model, contributors=contributors,
+                                         codec=self.codec)
+        self._completed = state.diffused
         have = HaveModels(sender=ctx.peer_id, round=round, contributors=contributors, complete=True)
-        for neighbour in ctx.neighbours:
+        for neighbour in self._alive_neighbours(ctx):
             ctx.send(neighbour, have)
 
     # ---- gossip steps ---------------------------------------------------------------------
@@ -263,7 +391,7 @@ class GossipPeer:
         state = self.state(round)
         train_set = set(state.train_set)
         holds: dict[int, frozenset[int]] = {}
-        for neighbour in ctx.neighbours:
+        for neighbour in self._alive_neighbours(ctx):
             if neighbour in state.neighbour_complete or not self._ready_for(ctx, state, neighbour):
                 continue
             held = state.neighbour_holds.get(neighbour, frozenset())
@@ -276,12 +404,12 @@ class GossipPeer:
         for target in choose_targets(ctx.rng, preferred, others, self.config.gossip_fanout):
             part = state.parts.for_neighbour(holds[target])
             ctx.send(target, PartialModel(sender=ctx.peer_id, round=round, params=part.params,
-                                          contributors=part.contributors, weight=part.weight))
+                                          contributors=part.contributors, weight=part.weight, codec=self.codec))
             state.awaiting_ack[target] = ctx.now()
 
     def _gossip_model(self, ctx: NodeContext, round: int) -> None:
         state = self.state(round)
-        lacking = [n for n in ctx.neighbours
+        lacking = [n for n in self._alive_neighbours(ctx)
                    if n not in state.neighbour_complete and self._ready_for(ctx, state, n)]
         for target in choose_targets(ctx.rng, lacking, [], self.config.gossip_fanout):
             ctx.send(target, state.diffused)
@@ -290,9 +418,16 @@ class GossipPeer:
     # ---- receiving ------------------------------------------------------------------------
 
     def handle(self, ctx: NodeContext, message: Message) -> None:
+        if isinstance(message, JoinRequest):
+            if self._completed is not None:
+                ctx.reply(message, JoinReply(sender=ctx.peer_id, round=self.round, params=self._completed.params))
+            return
+        round = getattr(message, "round", None)
+        if round is None or round > self.round + MAX_ROUNDS_AHEAD:
+            return  # liveness notices (re-checked by the pump), or rounds no honest peer can be in yet
         if isinstance(message, Votes):
-            if message.round >= self.round:
-                self._learn_ballots(ctx, message.round, message.ballots, came_from=message.sender)
+            if round >= self.round:
+                self._learn_ballots(ctx, round, message.ballots, came_from=message.sender)
         elif isinstance(message, HaveModels):
             self._handle_have(message)
         elif isinstance(message, (PartialModel, AggregatedModel)):
@@ -366,6 +501,16 @@ class GossipPeer:
             ctx.send(neighbour, have)
 
 
-def build_gossip(config: GossipConfig, rounds: int) -> Callable[[int], Callable[[NodeContext], object]]:
-    """Factory per peer, as the runtimes expect."""
-    return lambda peer_id: GossipPeer(config, rounds).run
+def _check(config: GossipConfig, experiment: ExperimentConfig) -> None:
+    if config.initiator >= experiment.peers:
+        raise ValueError(f"gossip.initiator must be < peers ({experiment.peers})")
+
+
+GOSSIP = register(Algorithm(
+    name="gossip",
+    summary="gossip FedAvg with P2PFL's round workflow (vote, train, gossip partial aggregates, diffuse)",
+    config=GossipConfig,
+    messages=(Votes, PartialModel, AggregatedModel, HaveModels, JoinRequest, JoinReply),
+    peer=lambda config, experiment: GossipPeer(config, experiment.rounds).run,
+    check=_check,
+))

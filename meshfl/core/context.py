@@ -3,18 +3,26 @@
 An algorithm is an `async` coroutine per peer that sends, receives, sleeps, trains and
 logs through a `NodeContext`. The simulator implements it with a virtual clock and a
 modelled network; the gRPC runtime with a real clock and sockets. Randomness comes from
-`ctx.rng` (seeded from run seed and peer id) and time from `ctx.now()` only.
+`ctx.rng` (seeded from run seed, peer id and incarnation) and time from `ctx.now()` only.
+
+Reachability is not the overlay: `peers` is the address book (every peer of the
+experiment can be sent to), `neighbours` is who the topology says this peer gossips with.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 import numpy as np
 
-from meshfl.core.messages import Message
+from meshfl.core.messages import Message, Reply, Request
 from meshfl.core.params import Params
+
+if TYPE_CHECKING:
+    from meshfl.core.store import Store
+
+M = TypeVar("M", bound=Message)
 
 
 @dataclass(frozen=True)
@@ -30,13 +38,18 @@ class NodeContext(Protocol):
     def peer_id(self) -> int: ...
 
     @property
+    def incarnation(self) -> int:
+        """0 for the first start, +1 at each restart after a crash."""
+        ...
+
+    @property
     def peers(self) -> tuple[int, ...]:
-        """Every peer id in the experiment, sorted."""
+        """Every peer id in the experiment, sorted: each one can be sent to."""
         ...
 
     @property
     def neighbours(self) -> tuple[int, ...]:
-        """Peers this one may send to directly, sorted."""
+        """The overlay: peers the topology says this one gossips with, sorted."""
         ...
 
     @property
@@ -47,26 +60,46 @@ class NodeContext(Protocol):
         """Local training samples: this peer's weight in FedAvg."""
         ...
 
+    @property
+    def store(self) -> Store:
+        """Named blobs and Params that survive a crash (not a wipe)."""
+        ...
+
     def now(self) -> float: ...
 
     async def sleep(self, seconds: float) -> None: ...
 
     def send(self, to: int, message: Message) -> None:
-        """Queue a message for a neighbour; never blocks. Delivery is not guaranteed."""
+        """Queue a message for any peer of the experiment; never blocks. Delivery is not guaranteed."""
         ...
 
-    async def recv(self, timeout: float | None = None) -> Message | None:
-        """Next delivered message, or None when `timeout` seconds pass first."""
+    async def recv(self, timeout: float | None = None, types: tuple[type[M], ...] | None = None) -> M | None:
+        """Next delivered message (of one of `types`, others stay queued), or None after `timeout` seconds."""
+        ...
+
+    async def request(self, to: int, message: Request, timeout: float) -> Reply | None:
+        """Send `message` with a fresh request id and await its reply; None after `timeout` seconds.
+
+        Other messages keep arriving in the inbox meanwhile; a reply that comes late is dropped.
+        """
+        ...
+
+    def reply(self, request: Request, message: Reply) -> None:
+        """Answer `request` (its sender gets `message` with `in_reply_to` set)."""
+        ...
+
+    def is_alive(self, peer: int) -> bool:
+        """Whether this peer's failure detector believes `peer` alive; changes arrive as `PeerLiveness`."""
         ...
 
     def initial_params(self) -> Params: ...
 
-    async def train(self, params: Params) -> TrainResult:
-        """Local training per the experiment's train config, starting from `params`."""
+    async def train(self, params: Params, *, epochs: int | None = None, steps: int | None = None) -> TrainResult:
+        """Local training from `params`: `epochs` passes or `steps` mini-batches (default: the train config's)."""
         ...
 
     async def evaluate(self, params: Params) -> dict[str, float]:
-        """Accuracy and loss on the local test split and the global test set."""
+        """Accuracy and loss on the local test split and the global test set (logged by the runtime)."""
         ...
 
-    def log(self, metric: str, value: float, *, round: int) -> None: ...
+    def log(self, metric: str, value: float, *, round: int | None = None) -> None: ...

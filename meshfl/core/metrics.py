@@ -15,6 +15,23 @@ from typing import Any
 
 WALL_CLOCK_FIELDS = ("wall_time",)
 
+# Metric names (the `metric` of a metric event), defined once.
+GLOBAL_ACCURACY = "global_accuracy"
+GLOBAL_LOSS = "global_loss"
+LOCAL_ACCURACY = "local_accuracy"
+LOCAL_LOSS = "local_loss"
+TRAIN_LOSS = "train_loss"
+
+# Event names (the `event` of every line of metrics.jsonl), defined once.
+METRIC = "metric"
+RUN_STARTED = "run_started"
+RUN_FINISHED = "run_finished"
+PEER_STARTED = "peer_started"
+PEER_CRASHED = "peer_crashed"
+PEER_FINISHED = "peer_finished"
+FAULT = "fault"
+LIVENESS = "liveness"
+
 Listener = Callable[[dict[str, Any]], None]
 
 
@@ -40,8 +57,11 @@ class MetricsLog:
             listener(entry)
         return entry
 
-    def metric(self, peer: int, round: int, metric: str, value: float) -> None:
-        self.record("metric", round=round, peer=peer, metric=metric, value=value)
+    def metric(self, peer: int, metric: str, value: float, round: int | None = None) -> None:
+        fields: dict[str, Any] = {"peer": peer, "metric": metric, "value": value}
+        if round is not None:
+            fields["round"] = round
+        self.record(METRIC, **fields)
 
     def write_jsonl(self, path: Path) -> None:
         with path.open("w") as handle:

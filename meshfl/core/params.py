@@ -111,6 +111,93 @@ class Params:
         return self.layout == other.layout and torch.equal(self.flat, other.flat)
 
 
+@dataclass(frozen=True, eq=False)
+class ParamsSlice:
+    """Some entries of a model: sorted, disjoint `[start, stop)` ranges of the layout's flat
+    vector and their values, concatenated. A set of layers (MPLS pulls), a contiguous chunk
+    (reduce-scatter) or a sparse delta travels as one, never as a whole model."""
+
+    values: torch.Tensor
+    layout: Layout
+    ranges: tuple[tuple[int, int], ...]
+
+    def __post_init__(self) -> None:
+        check_ranges(self.ranges, self.layout.numel)
+        if self.values.dim() != 1 or self.values.dtype != torch.float32:
+            raise ValueError(f"ParamsSlice: values must be 1-D float32, got {tuple(self.values.shape)} {self.values.dtype}")
+        if self.values.numel() != self.numel:
+            raise ValueError(f"ParamsSlice: {self.values.numel()} values for ranges covering {self.numel}")
+
+    @property
+    def numel(self) -> int:
+        return sum(stop - start for start, stop in self.ranges)
+
+    @property
+    def nbytes(self) -> int:
+        return self.values.numel() * self.values.element_size()
+
+    @classmethod
+    def of(cls, params: Params, ranges: tuple[tuple[int, int], ...]) -> ParamsSlice:
+        check_ranges(ranges, params.layout.numel)
+        values = torch.cat([params.flat[a:b] for a, b in ranges]) if ranges else params.flat[:0]
+        return cls(values.clone(), params.layout, tuple(ranges))
+
+    @classmethod
+    def layers(cls, params: Params, names: tuple[str, ...]) -> ParamsSlice:
+        """The named tensors of `params` (in layout order, whatever the order of `names`)."""
+        unknown = sorted(set(names) - set(params.layout.names))
+        if unknown:
+            raise ValueError(f"ParamsSlice.layers: {unknown} are not tensors of this layout")
+        picked = sorted(params.layout.names.index(n) for n in set(names))
+        ranges = [(params.layout.offsets[i], params.layout.offsets[i] + params.layout.sizes[i]) for i in picked]
+        return cls.of(params, merge_ranges(ranges))
+
+    @classmethod
+    def chunk(cls, params: Params, index: int, count: int) -> ParamsSlice:
+        """The `index`-th of `count` near-equal contiguous chunks of the flat vector."""
+        start, stop = chunk_bounds(params.layout.numel, index, count)
+        return cls.of(params, ((start, stop),) if stop > start else ())
+
+    def apply_to(self, params: Params) -> Params:
+        """A copy of `params` with these entries replaced."""
+        if params.layout.fingerprint != self.layout.fingerprint:
+            raise ValueError("ParamsSlice.apply_to: layouts differ")
+        flat = params.flat.clone()
+        at = 0
+        for start, stop in self.ranges:
+            flat[start:stop] = self.values[at:at + stop - start]
+            at += stop - start
+        return Params(flat, self.layout)
+
+
+def check_ranges(ranges: tuple[tuple[int, int], ...], numel: int) -> None:
+    """Raise ValueError unless `ranges` are sorted, disjoint, non-empty and inside [0, numel)."""
+    previous = 0
+    for i, pair in enumerate(ranges):
+        if len(pair) != 2:
+            raise ValueError(f"range {i} is not a (start, stop) pair")
+        start, stop = pair
+        if not previous <= start < stop <= numel:
+            raise ValueError(f"range {i} [{start}, {stop}) is empty, overlaps the previous one or leaves [0, {numel})")
+        previous = stop
+
+
+def merge_ranges(ranges: list[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
+    merged: list[tuple[int, int]] = []
+    for start, stop in sorted(ranges):
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(stop, merged[-1][1]))
+        else:
+            merged.append((start, stop))
+    return tuple(merged)
+
+
+def chunk_bounds(numel: int, index: int, count: int) -> tuple[int, int]:
+    if not 0 <= index < count:
+        raise ValueError(f"chunk index {index} outside 0..{count - 1}")
+    return numel * index // count, numel * (index + 1) // count
+
+
 def bind_flat(module: torch.nn.Module) -> torch.Tensor:
     """Re-point every parameter of `module` at a slice of one new flat buffer; return it.
 

@@ -16,14 +16,15 @@ def peer_seed(seed: int, peer: int, stream: int) -> int:
     return int(np.random.SeedSequence([seed, peer, stream]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
-def algorithm_rng(seed: int, peer: int) -> np.random.Generator:
-    """`ctx.rng`: the randomness an algorithm may use (votes, gossip targets)."""
-    return np.random.default_rng([seed, peer])
+def algorithm_rng(seed: int, peer: int, incarnation: int = 0) -> np.random.Generator:
+    """`ctx.rng`: the randomness an algorithm may use (votes, gossip targets); a restart draws anew."""
+    return np.random.default_rng([seed, peer] if incarnation == 0 else [seed, peer, incarnation])
 
 
-def batch_generator(seed: int, peer: int) -> torch.Generator:
+def batch_generator(seed: int, peer: int, incarnation: int = 0) -> torch.Generator:
     """The order in which a peer's training batches are drawn."""
-    return torch.Generator().manual_seed(peer_seed(seed, peer, 1))
+    stream = 1 if incarnation == 0 else 1 + (incarnation << 8)
+    return torch.Generator().manual_seed(peer_seed(seed, peer, stream))
 
 
 def initial_model_seed(seed: int) -> int:

@@ -12,12 +12,11 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from meshfl.algorithms import build_algorithm
+from meshfl.algorithms import get_algorithm
 from meshfl.config import ExperimentConfig, dump_config
-from meshfl.core.metrics import MetricsLog
+from meshfl.core.metrics import RUN_FINISHED, RUN_STARTED, MetricsLog
 from meshfl.core.topology import make_topology
-from meshfl.data import load_dataset, partition_stats, split_for_peers
-from meshfl.learn.learner import TorchLearner
+from meshfl.runtime.peer import build_worlds
 from meshfl.runtime.sim.runtime import SimResult, Simulation
 
 
@@ -43,17 +42,17 @@ def default_run_dir(config: ExperimentConfig, root: Path = Path("runs")) -> Path
 def simulate(config: ExperimentConfig, metrics: MetricsLog | None = None) -> tuple[SimResult, MetricsLog, list[dict]]:
     """Run one simulated experiment in memory; a pure function of (config, seed) but for wall times."""
     metrics = metrics or MetricsLog()
-    train, global_test = load_dataset(config.data, config.seed)
-    peer_data = split_for_peers(train, config.peers, config.data, config.seed)
-    stats = partition_stats(peer_data, train.num_classes)
-    learner = TorchLearner(config.train, train.feature_shape, train.num_classes)
+    worlds = build_worlds(config)
     topology = make_topology(config.topology, config.peers, config.seed)
-    sim = Simulation(config, topology, learner, peer_data, global_test, metrics)
-    metrics.record("run_started", peers=config.peers, rounds=config.rounds, algorithm=config.algorithm,
-                   parameters=learner.layout.numel, layout=learner.layout.fingerprint)
-    result = sim.run(build_algorithm(config))
-    metrics.record("run_finished")
-    return result, metrics, stats
+    algorithm = get_algorithm(config.algorithm)
+    section = config.section()
+    sim = Simulation(config, topology, worlds, metrics, lambda peer, incarnation: algorithm.peer(section, config))
+    layout = worlds.learner.layout
+    metrics.record(RUN_STARTED, peers=config.peers, rounds=config.rounds, algorithm=config.algorithm,
+                   parameters=layout.numel, layout=layout.fingerprint)
+    result = sim.run()
+    metrics.record(RUN_FINISHED)
+    return result, metrics, worlds.partition
 
 
 def summarise(config: ExperimentConfig, result: SimResult, metrics: MetricsLog, wall_time_s: float) -> dict[str, Any]:

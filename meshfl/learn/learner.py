@@ -35,16 +35,28 @@ class Learner(Protocol):
 
     def init_params(self, seed: int) -> Params: ...
 
-    def train(self, params: Params, data: Dataset, generator: torch.Generator) -> TrainResult: ...
+    def steps_for(self, samples: int, *, epochs: int | None = None, steps: int | None = None) -> int: ...
+
+    def train(self, params: Params, data: Dataset, generator: torch.Generator, steps: int) -> TrainResult: ...
 
     def evaluate(self, params: Params, data: Dataset) -> Evaluation: ...
 
 
-def steps_per_round(config: TrainConfig, samples: int) -> int:
-    """Mini-batch steps a peer takes per round: local_steps, or local_epochs full passes."""
-    if config.local_steps is not None:
+def steps_per_round(config: TrainConfig, samples: int, *, epochs: int | None = None, steps: int | None = None) -> int:
+    """Mini-batch steps of one training request: `steps`, or `epochs` full passes; by default
+    the train config's local_steps, or its local_epochs."""
+    if epochs is not None and steps is not None:
+        raise ValueError("ctx.train: give epochs or steps, not both")
+    if steps is not None:
+        if steps < 0:
+            raise ValueError(f"ctx.train: steps must be >= 0, got {steps}")
+        return steps
+    if epochs is None and config.local_steps is not None:
         return config.local_steps
-    return config.local_epochs * math.ceil(samples / config.batch_size)
+    epochs = config.local_epochs if epochs is None else epochs
+    if epochs < 0:
+        raise ValueError(f"ctx.train: epochs must be >= 0, got {epochs}")
+    return epochs * math.ceil(samples / config.batch_size)
 
 
 def batch_indices(samples: int, steps: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
@@ -88,12 +100,15 @@ class TorchLearner:
             return torch.optim.Adam(self.module.parameters(), lr=self.config.learning_rate)
         return torch.optim.SGD(self.module.parameters(), lr=self.config.learning_rate, momentum=self.config.momentum)
 
-    def train(self, params: Params, data: Dataset, generator: torch.Generator) -> TrainResult:
-        if len(data) == 0:
+    def steps_for(self, samples: int, *, epochs: int | None = None, steps: int | None = None) -> int:
+        return steps_per_round(self.config, samples, epochs=epochs, steps=steps)
+
+    def train(self, params: Params, data: Dataset, generator: torch.Generator, steps: int) -> TrainResult:
+        """`steps` mini-batch steps from `params` (a training request is a piece of work, not a round)."""
+        if len(data) == 0 or steps == 0:
             return TrainResult(params, 0, 0, float("nan"))
         self.flat.copy_(params.flat)
         x, y = self._tensors(data)
-        steps = steps_per_round(self.config, len(data))
         optimizer = self._optimizer()
         self.module.train()
         total_loss = torch.zeros((), device=self.device)

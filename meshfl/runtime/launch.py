@@ -98,7 +98,8 @@ def build_peer_configs(config: ExperimentConfig, addresses: list[str], *, listen
         listen = f"{listen_hosts[peer]}:{port}" if listen_hosts else addresses[peer]
         configs.append(PeerConfig(
             peer_id=peer, listen=listen,
-            neighbours={n: addresses[n] for n in topology.neighbours[peer]},
+            addresses={p: addresses[p] for p in range(config.peers) if p != peer},
+            neighbours=list(topology.neighbours[peer]),
             experiment=config, out_dir=out_dirs[peer] if out_dirs else f"peer-{peer}",
             tls=tls_for_peer(tls, peer, tls_base), **fields))
     return configs

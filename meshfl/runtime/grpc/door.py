@@ -6,7 +6,10 @@ are fresh, finite and shaped like this peer's model, or raises `Refused` with a 
 
     too_large (before parsing) -> malformed -> unknown_type -> unknown_sender ->
     layout_mismatch -> bad_shape -> bad_codec -> too_large/malformed (decompression) ->
-    bad_dtype/bad_shape (byte length) -> non_finite -> stale_round -> malformed (construction)
+    bad_dtype/bad_shape (byte length) -> non_finite -> malformed (fields, construction)
+
+Any peer of the experiment may send (reachability is not the overlay); strangers may not.
+Which rounds or versions are still useful is the algorithm's policy, not the door's.
 
 Refusals are counted by reason; the first refusal of each reason is logged with its
 detail, later ones only counted, so a hostile or broken peer cannot flood the log.
@@ -22,8 +25,8 @@ from collections.abc import Callable, Collection
 from meshfl.config import WireConfig
 from meshfl.core.messages import Message
 from meshfl.core.params import Layout
-from meshfl.runtime.grpc import wire as wire_format
-from meshfl.runtime.grpc.wire import REASONS, Goodbye, Heartbeat, Refused
+from meshfl.wire import envelope as wire_format
+from meshfl.wire.envelope import REASONS, Refused
 
 __all__ = ["REASONS", "Door", "Refused"]
 
@@ -35,11 +38,10 @@ class Door:
     """Checks every incoming message before the algorithm sees it; counts refusals by reason; logs each reason once."""
 
     def __init__(self, *, layout: Layout, known_peers: Collection[int], wire: WireConfig,
-                 current_round: Callable[[], int], log: Callable[[str], None] | None = None) -> None:
+                 log: Callable[[str], None] | None = None) -> None:
         self.layout = layout
         self.known_peers = frozenset(known_peers)
         self.wire = wire
-        self.current_round = current_round
         self.log = log if log is not None else _logger.warning
         self.max_bytes = int(wire.max_message_mb * _MIB)
         """Largest envelope admitted (max_message_mb in MiB); a transport can stop reading a stream past it."""
@@ -78,21 +80,13 @@ class Door:
         env = wire_format.parse(data)
         cls = wire_format.message_class(env)
         self._check_sender(env.sender, peer_hint)
-        params = wire_format.decode_payload(env, cls, self.layout, max_bytes=self.max_bytes)
-        if cls not in (Heartbeat, Goodbye):  # a lagging peer is still alive, or really leaving
-            self._check_round(env.round)
-        return wire_format.build(env, cls, params)
+        return wire_format.build(env, cls, self.layout, max_bytes=self.max_bytes)
 
     def _check_sender(self, sender: int, peer_hint: int | None) -> None:
         if sender not in self.known_peers:
             raise Refused("unknown_sender", f"sender {sender} is not a known peer")
         if peer_hint is not None and sender != peer_hint:
             raise Refused("unknown_sender", f"claims sender {sender} on a connection from peer {peer_hint}")
-
-    def _check_round(self, round_: int) -> None:
-        oldest = self.current_round() - self.wire.max_round_lag
-        if round_ < oldest:
-            raise Refused("stale_round", f"round {round_} is older than {oldest} (wire.max_round_lag={self.wire.max_round_lag})")
 
     def _count(self, refused: Refused, peer_hint: int | None) -> None:
         with self._lock:

@@ -20,6 +20,7 @@ import json
 import signal
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -29,20 +30,18 @@ import grpc
 import numpy as np
 import torch
 
-from meshfl.algorithms import build_algorithm
+from meshfl.algorithms import get_algorithm
 from meshfl.config import ExperimentConfig, dump_config
-from meshfl.core.context import TrainResult
-from meshfl.core.messages import Message
-from meshfl.core.metrics import MetricsLog
+from meshfl.core.messages import Goodbye, Heartbeat, Message, PeerLiveness
+from meshfl.core.metrics import LIVENESS, PEER_CRASHED, PEER_FINISHED, PEER_STARTED, MetricsLog
 from meshfl.core.params import Params
-from meshfl.core.seeds import algorithm_rng, batch_generator, initial_model_seed
-from meshfl.data import load_dataset, partition_stats, split_for_peers
-from meshfl.learn.learner import TorchLearner
-from meshfl.runtime.grpc import meshfl_pb2_grpc
+from meshfl.core.store import DirectoryStore
 from meshfl.runtime.grpc.door import Door, Refused
 from meshfl.runtime.grpc.peer_config import PeerConfig
 from meshfl.runtime.grpc.transport import Link, PeerServicer, Traffic, channel_options, peer_from_auth_context
-from meshfl.runtime.grpc.wire import Goodbye, Heartbeat, encode
+from meshfl.runtime.peer import PeerContext, build_worlds, warm_up
+from meshfl.wire import meshfl_pb2_grpc
+from meshfl.wire.envelope import encode
 
 STARTUP_PING_TIMEOUT_S = 2.0
 GOODBYE_TIMEOUT_S = 1.0
@@ -50,34 +49,14 @@ ENCODED_KEPT = 4
 
 # ---- the context the algorithm sees ---------------------------------------------------------
 
-class GrpcContext:
-    """NodeContext of a real peer process."""
+class GrpcContext(PeerContext):
+    """NodeContext of a real peer process: real clock, links opened on demand, training in a thread."""
 
     def __init__(self, node: PeerNode) -> None:
+        super().__init__(node.config, node.peer_id, node.incarnation, node.neighbour_ids, node.worlds, node.store,
+                         node.config.wire.inbox_messages)
         self._node = node
-        self._rng = algorithm_rng(node.config.seed, node.peer_id)
-        self._torch_generator = batch_generator(node.config.seed, node.peer_id)
         self._learner_lock = threading.Lock()
-
-    @property
-    def peer_id(self) -> int:
-        return self._node.peer_id
-
-    @property
-    def peers(self) -> tuple[int, ...]:
-        return tuple(range(self._node.config.peers))
-
-    @property
-    def neighbours(self) -> tuple[int, ...]:
-        return self._node.neighbour_ids
-
-    @property
-    def rng(self) -> np.random.Generator:
-        return self._rng
-
-    @property
-    def num_samples(self) -> int:
-        return len(self._node.data.train)
 
     def now(self) -> float:
         return self._node.now()
@@ -85,58 +64,26 @@ class GrpcContext:
     async def sleep(self, seconds: float) -> None:
         await asyncio.sleep(max(seconds, 0.0))
 
-    def send(self, to: int, message: Message) -> None:
-        link = self._node.links.get(to)
-        if link is None:
-            raise ValueError(f"peer {self.peer_id} sent {type(message).__name__} to peer {to}, which is not its neighbour")
-        node = self._node
-        node.note_round(message.round)
-        node.traffic.messages_sent += 1
-        size = message.wire_size
-        node.traffic.bytes_sent += size
-        kind = type(message).__name__
-        node.traffic.messages_by_type[kind] = node.traffic.messages_by_type.get(kind, 0) + 1
-        node.traffic.bytes_by_type[kind] = node.traffic.bytes_by_type.get(kind, 0) + size
-        link.enqueue(message)
-
-    async def recv(self, timeout: float | None = None) -> Message | None:
-        inbox = self._node.inbox
-        if not inbox.empty():
-            return inbox.get_nowait()
-        if timeout is not None and timeout <= 0:
-            return None
-        try:
-            async with asyncio.timeout(timeout):
-                return await inbox.get()
-        except TimeoutError:
-            return None
-
-    def initial_params(self) -> Params:
-        return self._node.learner.init_params(initial_model_seed(self._node.config.seed))
+    def _transmit(self, to: int, message: Message) -> None:
+        self._node.send(to, message)
 
     def _locked(self, fn: Callable[..., Any], *args: Any) -> Any:
         with self._learner_lock:
             return fn(*args)
 
-    async def train(self, params: Params) -> TrainResult:
-        node = self._node
-        return await asyncio.to_thread(self._locked, node.learner.train, params, node.data.train, self._torch_generator)
-
-    def _evaluate(self, params: Params) -> dict[str, float]:
-        learner = self._node.learner
-        local = learner.evaluate(params, self._node.data.test)
-        global_ = learner.evaluate(params, self._node.global_test)
-        return {"local_accuracy": local.accuracy, "local_loss": local.loss,
-                "global_accuracy": global_.accuracy, "global_loss": global_.loss}
+    async def _compute(self, fn: Callable[..., Any], *args: Any, cost: Callable[[Any], float] | None = None) -> Any:
+        return await asyncio.to_thread(self._locked, fn, *args)
 
     async def evaluate(self, params: Params) -> dict[str, float]:
-        result = await asyncio.to_thread(self._locked, self._evaluate, params)
+        result = await super().evaluate(params)
         self._node.snapshot()
         return result
 
-    def log(self, metric: str, value: float, *, round: int) -> None:
-        self._node.note_round(round)
-        self._node.metrics.metric(self._node.peer_id, round, metric, value)
+    def is_alive(self, peer: int) -> bool:
+        return self._node.is_alive(peer)
+
+    def _record(self, event: str, **fields: Any) -> None:
+        self._node.metrics.record(event, **fields)
 
 
 # ---- the peer process -----------------------------------------------------------------------
@@ -146,7 +93,7 @@ class MetricsFile:
 
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._handle: IO[str] = path.open("w")
+        self._handle: IO[str] = path.open("a")  # a restarted peer appends to its history
 
     def __call__(self, event: dict[str, Any]) -> None:
         if self._handle.closed:
@@ -159,7 +106,11 @@ class MetricsFile:
 
 
 class PeerNode:
-    """Everything one peer process owns: data, learner, door, server, links and counters."""
+    """Everything one peer process owns: data, learner, store, door, server, links and counters.
+
+    Complete after its constructor: the data split and learner are built there, so a peer
+    that cannot load its data fails before it listens.
+    """
 
     def __init__(self, peer_config: PeerConfig, config: ExperimentConfig, out_dir: Path) -> None:
         self.peer_config = peer_config
@@ -168,25 +119,30 @@ class PeerNode:
         self.tls = peer_config.tls_for(config)
         self.out_dir = out_dir
         self.neighbour_ids = tuple(sorted(peer_config.neighbours))
+        self.addresses = dict(peer_config.addresses)
         self._start = time.monotonic()
-        self.round = 0
         self.traffic = Traffic()
+        metrics_path = out_dir / "metrics.jsonl"
+        self.incarnation = previous_incarnations(metrics_path)
         self.metrics = MetricsLog(virtual_clock=self.now)
-        self.metrics_file = MetricsFile(out_dir / "metrics.jsonl")
+        self.metrics_file = MetricsFile(metrics_path)
         (out_dir / "config.yaml").write_text(dump_config(config))  # `meshfl merge` rebuilds the run from these folders
         self.metrics.subscribe(self.metrics_file)
-        self._backoff_rng = np.random.default_rng([config.seed, self.peer_id, 0x6261636B])
-        self.inbox: asyncio.Queue[Message] = asyncio.Queue()
+        self._backoff_rng = np.random.default_rng([config.seed, self.peer_id, 0x6261636B, self.incarnation])
+        self.store = DirectoryStore(out_dir / "store")
+        self.worlds = build_worlds(config)
+        self.partition = self.worlds.partition[self.peer_id]
+        warm_up(self.worlds, self.peer_id, config.train.batch_size)
+        self.door = Door(layout=self.worlds.learner.layout, known_peers=frozenset(range(config.peers)), wire=config.wire,
+                         log=self._door_log)
         self.links: dict[int, Link] = {}
+        self.context: GrpcContext | None = None
         self._encoded: collections.OrderedDict[int, tuple[Message, bytes]] = collections.OrderedDict()
 
     # -- clock, counters, events
 
     def now(self) -> float:
         return time.monotonic() - self._start
-
-    def note_round(self, round: int) -> None:
-        self.round = max(self.round, round)
 
     def backoff(self, attempt: int) -> float:
         grpc_config = self.config.grpc
@@ -196,61 +152,72 @@ class PeerNode:
     def encoded(self, message: Message) -> bytes:
         """`message` as envelope bytes, encoded once however many links send it (the last few are kept).
 
-        Algorithms send one message object to several neighbours (a round's model, relayed
+        Algorithms send one message object to several peers (a round's model, relayed
         ballots); with compression on, encoding a model costs more than sending it.
         """
         cached = self._encoded.get(id(message))
         if cached is not None and cached[0] is message:  # holding the message keeps its id from being reused
             self._encoded.move_to_end(id(message))
             return cached[1]
-        data = encode(message, self.config.wire)
+        data = encode(message)
         self._encoded[id(message)] = (message, data)
         if len(self._encoded) > ENCODED_KEPT:
             self._encoded.popitem(last=False)
         return data
 
     def record(self, event: str, **fields: Any) -> None:
-        self.metrics.record(event, peer=self.peer_id, round=self.round, **fields)
+        self.metrics.record(event, peer=self.peer_id, incarnation=self.incarnation, **fields)
 
     def refusals(self) -> dict[str, int]:
-        door = getattr(self, "door", None)
-        return dict(sorted(door.refused.items())) if door is not None else {}
+        return dict(sorted(self.door.refused.items()))
 
     def snapshot(self) -> None:
         """A `traffic` event: the counters so far (the launcher keeps each peer's last one)."""
         dead = sorted(p for p, link in self.links.items() if not link.alive and not link.left)
         left = sorted(p for p, link in self.links.items() if link.left)
-        self.record("traffic", **asdict(self.traffic), refused=self.refusals(),
-                    admitted=getattr(getattr(self, "door", None), "admitted", 0), dead_neighbours=dead,
-                    left_neighbours=left)
+        self.record("traffic", **asdict(self.traffic), refused=self.refusals(), admitted=self.door.admitted,
+                    dead_neighbours=dead, left_neighbours=left)
 
-    # -- setup
+    # -- links and liveness
 
-    def load(self) -> None:
-        """Data split, learner and door: derived from the experiment config exactly as the sim does."""
-        config = self.config
-        train, global_test = load_dataset(config.data, config.seed)
-        peer_data = split_for_peers(train, config.peers, config.data, config.seed)
-        self.data = peer_data[self.peer_id]
-        self.global_test = global_test
-        self.partition = partition_stats(peer_data, train.num_classes)[self.peer_id]
-        self.learner = TorchLearner(config.train, train.feature_shape, train.num_classes)
-        self._warm_up()
-        self.door = Door(layout=self.learner.layout, known_peers=frozenset(self.neighbour_ids), wire=config.wire,
-                         current_round=lambda: self.round, log=self._door_log)
+    def link(self, peer: int) -> Link:
+        """The link to `peer`, opened on first use (every peer of the experiment is in the address book)."""
+        link = self.links.get(peer)
+        if link is None:
+            address = self.addresses.get(peer)
+            if address is None:
+                raise ValueError(f"peer {self.peer_id} has no address for peer {peer}")
+            link = Link(self, peer, address, self.config.grpc, self.config.liveness, self.tls,
+                        queue_limit=self.config.wire.inbox_messages)
+            self.links[peer] = link
+            link.start()
+        return link
 
-    def _warm_up(self) -> None:
-        """One tiny training step now: torch's first step costs seconds, which must not eat round 1's timeouts.
+    def send(self, to: int, message: Message) -> None:
+        self.traffic.count_sent(message)
+        self.link(to).enqueue(message)
 
-        Uses its own generator, so the peer's training stream stays the simulator's.
-        """
-        data = self.data.train
-        if len(data) == 0:
-            return
-        sample = data.subset(np.arange(min(len(data), self.config.train.batch_size)))
-        params = self.learner.init_params(0)
-        self.learner.train(params, sample, torch.Generator().manual_seed(0))
-        self.learner.evaluate(params, sample)
+    def is_alive(self, peer: int) -> bool:
+        link = self.links.get(peer)
+        return link is None or link.alive
+
+    def liveness_changed(self, peer: int, alive: bool, reason: str) -> None:
+        self.record(LIVENESS, subject=peer, alive=alive, reason=reason)
+        if self.context is not None:
+            self.context.deliver(PeerLiveness(sender=self.peer_id, peer=peer, alive=alive))
+        self.snapshot()
+
+    async def close_idle_links(self) -> None:
+        """Links to peers outside the overlay close after grpc.idle_link_s without use."""
+        idle = self.config.grpc.idle_link_s
+        while True:
+            await asyncio.sleep(min(idle, 5.0))
+            for peer, link in list(self.links.items()):
+                if peer not in self.neighbour_ids and self.now() - link.last_used > idle and link.queue.empty():
+                    del self.links[peer]
+                    await link.close()
+
+    # -- receiving
 
     def _door_log(self, line: str) -> None:
         self.record("refused", detail=str(line)[:300])
@@ -262,7 +229,7 @@ class PeerNode:
         return peer_from_auth_context(context.auth_context())
 
     def receive(self, data: bytes, peer_hint: int | None = None) -> bool:
-        """Door, then inbox. True when admitted."""
+        """Door, then the algorithm. True when admitted."""
         try:
             message = self.door.admit(data, peer_hint)
         except Refused:
@@ -276,7 +243,8 @@ class PeerNode:
             link.heard()
         if not isinstance(message, Heartbeat):
             self.traffic.messages_received += 1
-            self.inbox.put_nowait(message)
+            if self.context is not None:
+                self.context.deliver(message)
         return True
 
     async def start_server(self) -> grpc.aio.Server:
@@ -316,22 +284,36 @@ class PeerNode:
 
     async def run(self, stop: asyncio.Event) -> str:
         """Serve, wait for neighbours, run the algorithm; returns finished | stopped."""
-        self.load()
         server = await self.start_server()
-        self.links = {p: Link(self, p, a) for p, a in sorted(self.peer_config.neighbours.items())}
-        background: list[asyncio.Task] = []
+        for peer in self.neighbour_ids:
+            link = Link(self, peer, self.addresses[peer], self.config.grpc, self.config.liveness, self.tls,
+                        queue_limit=self.config.wire.inbox_messages)
+            self.links[peer] = link
+            link.start(heartbeat=False)
+        reaper: asyncio.Task | None = None
         status = "stopped"
         try:
-            self.record("peer_started", listen=self.peer_config.listen, neighbours=list(self.neighbour_ids),
+            layout = self.worlds.learner.layout
+            self.record(PEER_STARTED, listen=self.peer_config.listen, neighbours=list(self.neighbour_ids),
                         unix_time=time.time() - self.now(), partition=self.partition,
-                        parameters=self.learner.layout.numel, layout=self.learner.layout.fingerprint)
-            background = [asyncio.create_task(link.run_sender(), name=f"send-{p}") for p, link in self.links.items()]
+                        parameters=layout.numel, layout=layout.fingerprint)
             if not await _until_stopped(self.wait_for_neighbours(), stop):
                 return status
             self.record("algorithm_started")
-            background += [asyncio.create_task(link.run_heartbeat(), name=f"heartbeat-{p}") for p, link in self.links.items()]
-            peer_main = build_algorithm(self.config)(self.peer_id)
-            if await _until_stopped(peer_main(GrpcContext(self)), stop):
+            for link in self.links.values():
+                link.start_heartbeat()
+            reaper = asyncio.create_task(self.close_idle_links(), name="idle-links")
+            algorithm = get_algorithm(self.config.algorithm)
+            self.context = GrpcContext(self)
+            peer_main = algorithm.peer(self.config.section(), self.config)
+            try:
+                completed = await _until_stopped(peer_main(self.context), stop)
+            except Exception as exc:  # the algorithm's bug is this peer's crash, with its traceback
+                self.record(PEER_CRASHED, reason="exception", error=f"{type(exc).__name__}: {exc}",
+                            traceback=traceback.format_exc(limit=20))
+                status = "failed"
+                raise
+            if completed:
                 status = "finished"
                 await self._drain(self.peer_config.linger_s + 5.0, stop)
                 await _until_stopped(asyncio.sleep(self.peer_config.linger_s), stop)
@@ -342,9 +324,8 @@ class PeerNode:
             status = "failed"
             raise
         finally:
-            for task in background:
-                task.cancel()
-            await asyncio.gather(*background, return_exceptions=True)
+            if reaper is not None:
+                reaper.cancel()
             await asyncio.gather(*(link.say_goodbye(GOODBYE_TIMEOUT_S) for link in self.links.values() if link.alive),
                                  return_exceptions=True)
             try:
@@ -352,7 +333,7 @@ class PeerNode:
                 await asyncio.gather(*(link.close() for link in self.links.values()), return_exceptions=True)
             finally:  # last, after the server stopped: only `serve`'s peer_failed line may follow
                 self.snapshot()
-                self.record("peer_finished", status=status)
+                self.record(PEER_FINISHED, status=status)
 
     async def _drain(self, timeout: float, stop: asyncio.Event) -> None:
         """Let queued messages go out (bounded), so neighbours get the last round's messages."""
@@ -369,6 +350,18 @@ class PeerNode:
         deadline = self.now() + timeout
         while any(link.in_hand for link in self.links.values()) and self.now() < deadline:
             await asyncio.sleep(0.05)
+
+
+def previous_incarnations(metrics_path: Path) -> int:
+    """How many times this peer started before (its metrics file survives a crash): its incarnation now."""
+    if not metrics_path.is_file():
+        return 0
+    count = 0
+    with metrics_path.open("rb") as handle:
+        for line in handle:
+            if b'"peer_started"' in line:
+                count += 1
+    return count
 
 
 async def _until_stopped(awaitable: Any, stop: asyncio.Event) -> bool:
@@ -404,9 +397,6 @@ async def serve(peer_config: PeerConfig, config: ExperimentConfig, out_dir: Path
     node = PeerNode(peer_config, config, out_dir)
     try:
         return await node.run(stop)
-    except Exception as exc:
-        node.record("peer_failed", error=f"{type(exc).__name__}: {exc}")
-        raise
     finally:
         node.metrics_file.close()
 

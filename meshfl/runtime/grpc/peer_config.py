@@ -21,7 +21,8 @@ class PeerConfig(BaseModel):
 
     peer_id: int = Field(..., ge=0, description="this peer's id, 0..peers-1")
     listen: str = Field(..., description="host:port this peer's gRPC server binds")
-    neighbours: dict[int, str] = Field(default_factory=dict, description="neighbour id -> host:port of its server")
+    addresses: dict[int, str] = Field(default_factory=dict, description="address book: peer id -> host:port of its server, for every peer this one may reach")
+    neighbours: list[int] = Field(default_factory=list, description="overlay neighbours (the topology): peers this one gossips with")
     experiment: ExperimentConfig | str = Field(
         ..., description="the experiment config, embedded as a mapping or as a path to its YAML (relative to this file)")
     overrides: list[str] = Field(default_factory=list, description="key=value overrides applied to a path-given experiment")
@@ -34,12 +35,15 @@ class PeerConfig(BaseModel):
     @model_validator(mode="after")
     def _check(self) -> PeerConfig:
         _split_address("listen", self.listen)
-        for peer, address in self.neighbours.items():
+        for peer, address in self.addresses.items():
             if peer < 0:
-                raise ValueError(f"neighbours: peer id must be >= 0, got {peer}")
+                raise ValueError(f"addresses: peer id must be >= 0, got {peer}")
+            _split_address(f"addresses.{peer}", address)
+        for peer in self.neighbours:
             if peer == self.peer_id:
                 raise ValueError(f"neighbours: peer {peer} lists itself")
-            _split_address(f"neighbours.{peer}", address)
+            if peer not in self.addresses:
+                raise ValueError(f"neighbours: peer {peer} has no entry in addresses")
         if isinstance(self.experiment, ExperimentConfig):
             self._check_against(self.experiment)
         return self
@@ -47,9 +51,9 @@ class PeerConfig(BaseModel):
     def _check_against(self, experiment: ExperimentConfig) -> None:
         if self.peer_id >= experiment.peers:
             raise ValueError(f"peer_id: {self.peer_id} is outside 0..{experiment.peers - 1} (experiment.peers={experiment.peers})")
-        outside = sorted(p for p in self.neighbours if p >= experiment.peers)
+        outside = sorted(p for p in self.addresses if p >= experiment.peers)
         if outside:
-            raise ValueError(f"neighbours: peers {outside} are outside 0..{experiment.peers - 1}")
+            raise ValueError(f"addresses: peers {outside} are outside 0..{experiment.peers - 1}")
 
     def resolve_experiment(self, base: Path) -> ExperimentConfig:
         """The experiment config, loading it from its path (relative to `base`) when needed."""

@@ -16,14 +16,14 @@ import math
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import grpc
 
-from meshfl.config import GrpcConfig, TlsConfig
-from meshfl.core.messages import Message
-from meshfl.runtime.grpc import meshfl_pb2, meshfl_pb2_grpc
-from meshfl.runtime.grpc.wire import Goodbye, Heartbeat, chunks, encode
+from meshfl.config import GrpcConfig, LivenessConfig, TlsConfig
+from meshfl.core.messages import Goodbye, Heartbeat, Message
+from meshfl.wire import meshfl_pb2, meshfl_pb2_grpc
+from meshfl.wire.envelope import chunks, encode, encoded_size
 
 if TYPE_CHECKING:
     from meshfl.runtime.grpc.node import PeerNode
@@ -82,6 +82,15 @@ class Traffic:
     messages_by_type: dict[str, int] = field(default_factory=dict)
     bytes_by_type: dict[str, int] = field(default_factory=dict)
 
+    def count_sent(self, message: Message) -> None:
+        """What the algorithm asked to send, counted as the simulator counts it."""
+        size = encoded_size(message)
+        kind = type(message).__name__
+        self.messages_sent += 1
+        self.bytes_sent += size
+        self.messages_by_type[kind] = self.messages_by_type.get(kind, 0) + 1
+        self.bytes_by_type[kind] = self.bytes_by_type.get(kind, 0) + size
+
 
 def channel_options(config: GrpcConfig) -> list[tuple[str, Any]]:
     limit = max(4 * config.chunk_kb * 1024, 4 << 20)
@@ -114,33 +123,63 @@ def peer_from_auth_context(auth: dict[str, list[bytes]]) -> int | None:
 
 # ---- one neighbour --------------------------------------------------------------------------
 
-class Link:
-    """Outgoing queue, sender task, heartbeat task and liveness of one neighbour."""
+class LinkHost(Protocol):
+    """What a Link may use of the peer that owns it."""
 
-    def __init__(self, node: PeerNode, peer: int, address: str) -> None:
-        self.node = node
+    peer_id: int
+    traffic: Traffic
+
+    def now(self) -> float: ...
+
+    def encoded(self, message: Message) -> bytes: ...
+
+    def backoff(self, attempt: int) -> float: ...
+
+    def liveness_changed(self, peer: int, alive: bool, reason: str) -> None: ...
+
+    def record(self, event: str, **fields: Any) -> None: ...
+
+
+class Link:
+    """Outgoing queue, sender task, heartbeat task and liveness of one peer (opened on demand)."""
+
+    def __init__(self, host: LinkHost, peer: int, address: str, grpc_config: GrpcConfig, liveness: LivenessConfig,
+                 tls: TlsConfig, queue_limit: int) -> None:
+        self.host = host
         self.peer = peer
         self.address = address
-        self.queue: asyncio.Queue[Message] = asyncio.Queue()
+        self.grpc_config = grpc_config
+        self.liveness = liveness
+        self.queue: asyncio.Queue[Message] = asyncio.Queue(maxsize=queue_limit)
         self.alive = True
         self.left = False  # said Goodbye: gone on purpose, not dead
-        self.last_heard = node.now()
+        self.last_heard = host.now()
+        self.last_used = host.now()
         self.in_hand = False
-        self.channel = make_channel(address, node.config.grpc, node.tls)
+        self.channel = make_channel(address, grpc_config, tls)
         self.stub = meshfl_pb2_grpc.PeerStub(self.channel)
+        self.tasks: list[asyncio.Task] = []
+
+    def start(self, heartbeat: bool = True) -> None:
+        self.tasks.append(asyncio.create_task(self.run_sender(), name=f"send-{self.peer}"))
+        if heartbeat:
+            self.start_heartbeat()
+
+    def start_heartbeat(self) -> None:
+        self.tasks.append(asyncio.create_task(self.run_heartbeat(), name=f"heartbeat-{self.peer}"))
 
     def heard(self) -> None:
-        self.last_heard = self.node.now()
+        self.last_heard = self.host.now()
         if not self.alive:
             self.alive = True
             self.left = False
-            self.node.record("neighbour_alive", neighbour=self.peer)
+            self.host.liveness_changed(self.peer, True, "heard")
 
     def mark_dead(self, reason: str) -> None:
         if not self.alive:
             return
         self.alive = False
-        self.node.record("neighbour_dead", neighbour=self.peer, reason=reason)
+        self.host.liveness_changed(self.peer, False, reason)
         self._drop_queued()
 
     def mark_left(self) -> None:
@@ -148,19 +187,19 @@ class Link:
             return
         self.alive = False
         self.left = True
-        self.node.record("neighbour_left", neighbour=self.peer)
+        self.host.liveness_changed(self.peer, False, "goodbye")
         self._drop_queued()
 
     def _drop_queued(self) -> None:
         while not self.queue.empty():
             self.queue.get_nowait()
             self.queue.task_done()
-            self.node.traffic.messages_dropped += 1
-        self.node.snapshot()
+            self.host.traffic.messages_dropped += 1
 
     def enqueue(self, message: Message) -> None:
-        if not self.alive:
-            self.node.traffic.messages_dropped += 1
+        self.last_used = self.host.now()
+        if not self.alive or self.queue.full():
+            self.host.traffic.messages_dropped += 1
             return
         self.queue.put_nowait(message)
 
@@ -171,19 +210,19 @@ class Link:
             try:
                 await self._deliver(message)
             except Exception as exc:  # e.g. a codec that cannot encode this tensor: drop it, keep the link
-                self.node.traffic.messages_dropped += 1
-                self.node.record("send_failed", neighbour=self.peer, message=type(message).__name__,
+                self.host.traffic.messages_dropped += 1
+                self.host.record("send_failed", neighbour=self.peer, message=type(message).__name__,
                                  error=f"{type(exc).__name__}: {exc}"[:300])
             finally:
                 self.in_hand = False
                 self.queue.task_done()
 
     async def _deliver(self, message: Message) -> None:
-        node = self.node
+        node = self.host
         data = node.encoded(message)
-        pieces = list(chunks(data, node.config.grpc.chunk_kb * 1024))
+        pieces = list(chunks(data, self.grpc_config.chunk_kb * 1024))
         timeout = 10.0 + len(data) / 1e6  # generous: 1 MB/s on a loaded host
-        retries = node.config.grpc.connect_retries
+        retries = self.grpc_config.connect_retries
         for attempt in range(retries + 1):
             if not self.alive:
                 break
@@ -201,7 +240,7 @@ class Link:
             if ack.refused:  # it crossed the wire, but the neighbour's door said no (stale round, config mismatch)
                 node.traffic.refused_by_neighbours += 1
             node.traffic.messages_delivered += 1
-            node.traffic.algorithm_bytes_delivered += message.wire_size
+            node.traffic.algorithm_bytes_delivered += encoded_size(message)
             node.traffic.wire_bytes_sent += len(data)
             node.traffic.framing_bytes_estimate += call_framing([len(p) for p in pieces])
             return
@@ -209,36 +248,39 @@ class Link:
 
     async def ping(self, timeout: float, wait_for_ready: bool = False) -> bool:
         """A heartbeat; True (and the neighbour counts as heard) when it answered."""
-        answered = await self._control(Heartbeat(sender=self.node.peer_id, round=self.node.round), timeout, wait_for_ready)
+        answered = await self._control(Heartbeat(sender=self.host.peer_id), timeout, wait_for_ready)
         if answered:
             self.heard()
         return answered
 
     async def say_goodbye(self, timeout: float) -> None:
         """Tell the neighbour this peer is leaving on purpose; best effort, bounded by `timeout`."""
-        await self._control(Goodbye(sender=self.node.peer_id, round=self.node.round), timeout)
+        await self._control(Goodbye(sender=self.host.peer_id), timeout)
 
     async def _control(self, message: Heartbeat | Goodbye, timeout: float, wait_for_ready: bool = False) -> bool:
         """Send a payload-free message over the unary `Ping`; its bytes count as heartbeat bytes."""
-        data = encode(message, self.node.config.wire)
+        data = encode(message)
         try:
             await self.stub.Ping(meshfl_pb2.Chunk(data=data, last=True), timeout=timeout, wait_for_ready=wait_for_ready)
         except grpc.aio.AioRpcError:
             return False
-        self.node.traffic.heartbeat_bytes += len(data) + call_framing([len(data)])
+        self.host.traffic.heartbeat_bytes += len(data) + call_framing([len(data)])
         return True
 
     async def run_heartbeat(self) -> None:
-        config = self.node.config.grpc
+        config = self.liveness
         while True:
             await asyncio.sleep(config.heartbeat_interval_s)
             if self.left:  # it comes back by talking to us, not by being pinged
                 continue
             await self.ping(timeout=max(config.heartbeat_interval_s, 0.5))
-            if self.alive and self.node.now() - self.last_heard > config.heartbeat_timeout_s:
+            if self.alive and self.host.now() - self.last_heard > config.timeout_s:
                 self.mark_dead("silent")
 
     async def close(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
         await self.channel.close(grace=None)
 
 

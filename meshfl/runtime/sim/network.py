@@ -14,7 +14,6 @@ import numpy as np
 
 from meshfl.config import NetworkConfig
 from meshfl.core.messages import Message
-from meshfl.core.topology import Topology
 
 
 @dataclass
@@ -32,21 +31,16 @@ class TrafficCounters:
 
 
 class SimNetwork:
-    def __init__(self, config: NetworkConfig, topology: Topology, seed: int,
+    def __init__(self, config: NetworkConfig, peers: int, seed: int,
                  schedule: Callable[[float, int, Message], None]) -> None:
         self.config = config
-        self.topology = topology
-        self._neighbour_sets = [frozenset(n) for n in topology.neighbours]
         self._rng = np.random.default_rng([seed, 0x6E6574])
         self._link_free_at: dict[tuple[int, int], float] = {}
         self._schedule = schedule
         self._bytes_per_second = config.bandwidth_mbps * 1e6 / 8
-        self.traffic = TrafficCounters.for_peers(topology.num_peers)
+        self.traffic = TrafficCounters.for_peers(peers)
 
-    def send(self, now: float, source: int, target: int, message: Message) -> None:
-        if target not in self._neighbour_sets[source]:
-            raise ValueError(f"peer {source} sent {type(message).__name__} to peer {target}, which is not its neighbour")
-        size = message.wire_size
+    def send(self, now: float, source: int, target: int, message: Message, size: int) -> None:
         self.traffic.messages_sent[source] += 1
         self.traffic.bytes_sent[source] += size
         kind = type(message).__name__

@@ -1,33 +1,44 @@
-"""The simulator: every peer's coroutine in one virtual-time event loop.
+"""The simulator: every peer's coroutine in one virtual-time event loop, under a supervisor.
 
 Training runs for real (the numbers are real) at the instant it is requested, then the
 peer sleeps for the virtual time the compute model charges: samples x seconds_per_sample
-/ speed. Messages are delivered when the network model says. A run is a pure function of
-(config, seed): all randomness comes from generators seeded by (seed, peer id).
+/ speed. Messages are delivered when the network model says, as the exact bytes the gRPC
+runtime would send (a lossy codec is applied here too). A run is a pure function of
+(config, seed): all randomness comes from generators seeded by (seed, peer id, incarnation).
+
+Each peer runs under a `PeerSlot`: a crash cancels its coroutine (messages that reach it
+while it is down are lost), a restart runs the algorithm's coroutine again with the next
+incarnation number and the same `ctx.store`, a wipe empties the store. An exception in an
+algorithm is that peer's crash, logged with its traceback, not the end of the run.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Iterator
+import collections
+import traceback
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
+from meshfl.algorithms import PeerMain
 from meshfl.config import ExperimentConfig
-from meshfl.core.context import NodeContext, TrainResult
-from meshfl.core.messages import Message
-from meshfl.core.metrics import MetricsLog
+from meshfl.core.messages import Message, PeerLiveness
+from meshfl.core.metrics import PEER_CRASHED, PEER_FINISHED, PEER_STARTED, MetricsLog
 from meshfl.core.params import Params
-from meshfl.core.seeds import algorithm_rng, batch_generator, initial_model_seed
+from meshfl.core.store import MemoryStore
 from meshfl.core.topology import Topology
-from meshfl.data import Dataset, PeerData
-from meshfl.learn.learner import Learner
+from meshfl.runtime.peer import PeerContext, Worlds
 from meshfl.runtime.sim.loop import VirtualClock, run_virtual
 from meshfl.runtime.sim.network import SimNetwork, TrafficCounters
+from meshfl.wire.envelope import codec_of, decode, encode, encoded_size
 
-PeerMain = Callable[[NodeContext], Awaitable[None]]
+LINGER_S = 1.0
+"""A finished peer is believed gone this long (plus one latency) after it ends: what a real peer's
+linger (PeerConfig.linger_s) and Goodbye do, so messages in flight still count."""
 
 
 @dataclass
@@ -35,141 +46,263 @@ class SimResult:
     traffic: TrafficCounters
     virtual_time_s: float
     final_params: dict[int, Params]
+    incarnations: dict[int, int] = field(default_factory=dict)
 
 
-class SimContext:
-    """NodeContext of one simulated peer."""
+class SimContext(PeerContext):
+    """NodeContext of one incarnation of one simulated peer."""
 
-    def __init__(self, sim: Simulation, peer_id: int) -> None:
+    def __init__(self, sim: Simulation, slot: PeerSlot) -> None:
+        super().__init__(sim.config, slot.peer, slot.incarnation, sim.topology.neighbours[slot.peer], sim.worlds,
+                         slot.store, sim.config.wire.inbox_messages)
         self._sim = sim
-        self._peer_id = peer_id
-        self._inbox: asyncio.Queue[Message] = asyncio.Queue()
-        self._rng = algorithm_rng(sim.config.seed, peer_id)
-        self._torch_generator = batch_generator(sim.config.seed, peer_id)
-        self.final_params: Params | None = None
-
-    @property
-    def peer_id(self) -> int:
-        return self._peer_id
-
-    @property
-    def peers(self) -> tuple[int, ...]:
-        return self._sim.peer_ids
-
-    @property
-    def neighbours(self) -> tuple[int, ...]:
-        return self._sim.topology.neighbours[self._peer_id]
-
-    @property
-    def rng(self) -> np.random.Generator:
-        return self._rng
-
-    @property
-    def num_samples(self) -> int:
-        return len(self._sim.peer_data[self._peer_id].train)
 
     def now(self) -> float:
         return self._sim.clock.now
 
     async def sleep(self, seconds: float) -> None:
-        with self._sim.waiting(self._peer_id, "sleep"):
+        with self._sim.waiting(self.peer_id, "sleep"):
             await asyncio.sleep(seconds)
 
-    def send(self, to: int, message: Message) -> None:
-        self._sim.network.send(self.now(), self._peer_id, to, message)
+    async def recv(self, timeout: float | None = None, types: tuple[type, ...] | None = None) -> Message | None:
+        if len(self.inbox) and (message := self.inbox.take(types)) is not None:
+            return message
+        with self._sim.waiting(self.peer_id, "recv"):
+            return await self.inbox.get(timeout, types)
 
-    def deliver(self, message: Message) -> None:
-        self._sim.network.traffic.messages_received[self._peer_id] += 1
-        self._inbox.put_nowait(message)
+    async def request(self, to: int, message: Any, timeout: float) -> Any:
+        with self._sim.waiting(self.peer_id, f"reply from peer {to}"):
+            return await super().request(to, message, timeout)
 
-    async def recv(self, timeout: float | None = None) -> Message | None:
-        if not self._inbox.empty():
-            return self._inbox.get_nowait()
-        if timeout is not None and timeout <= 0:
-            return None
-        with self._sim.waiting(self._peer_id, "recv"):
-            try:
-                async with asyncio.timeout(timeout):
-                    return await self._inbox.get()
-            except TimeoutError:
-                return None
+    def _transmit(self, to: int, message: Message) -> None:
+        self._sim.network.send(self.now(), self.peer_id, to, message, encoded_size(message))
 
-    def initial_params(self) -> Params:
-        return self._sim.learner.init_params(initial_model_seed(self._sim.config.seed))
-
-    async def train(self, params: Params) -> TrainResult:
-        data = self._sim.peer_data[self._peer_id].train
-        result = self._sim.learner.train(params, data, self._torch_generator)
-        compute = self._sim.config.compute
-        await self.sleep(result.samples * compute.seconds_per_sample / self._sim.speeds[self._peer_id])
+    async def _compute(self, fn: Callable[..., Any], *args: Any, cost: Callable[[Any], float] | None = None) -> Any:
+        result = fn(*args)
+        if cost is not None:
+            await self.sleep(cost(result) / self._sim.speeds[self.peer_id])
         return result
 
-    async def evaluate(self, params: Params) -> dict[str, float]:
-        learner = self._sim.learner
-        local = learner.evaluate(params, self._sim.peer_data[self._peer_id].test)
-        global_ = learner.evaluate(params, self._sim.global_test)
-        self.final_params = params
-        return {"local_accuracy": local.accuracy, "local_loss": local.loss,
-                "global_accuracy": global_.accuracy, "global_loss": global_.loss}
+    def is_alive(self, peer: int) -> bool:
+        return self._sim.detector.is_alive(self.peer_id, peer)
 
-    def log(self, metric: str, value: float, *, round: int) -> None:
-        self._sim.metrics.metric(self._peer_id, round, metric, value)
+    def _record(self, event: str, **fields: Any) -> None:
+        self._sim.metrics.record(event, **fields)
+
+
+@dataclass
+class PeerSlot:
+    """One peer's supervisor state: which incarnation runs, its task and its store."""
+
+    peer: int
+    store: MemoryStore = field(default_factory=MemoryStore)
+    incarnation: int = -1
+    up: bool = False
+    task: asyncio.Task | None = None
+    context: SimContext | None = None
+    status: str = "not_started"
+
+
+class SimDetector:
+    """The failure detector every peer runs, modelled: a peer that goes down is believed dead
+    by each other peer `timeout_s` after its last sign of life (what heartbeats would show);
+    it is believed alive again once it is heard from, or `latency` after it comes back.
+    A peer that ends on purpose says goodbye: it is believed gone after LINGER_S and one latency."""
+
+    def __init__(self, sim: Simulation) -> None:
+        self._sim = sim
+        self.timeout_s = sim.config.liveness.timeout_s
+        self._dead: set[tuple[int, int]] = set()  # (observer, subject)
+        self._epoch = [0] * sim.config.peers  # bumped whenever a peer goes down or comes up
+
+    def is_alive(self, observer: int, subject: int) -> bool:
+        return (observer, subject) not in self._dead
+
+    def went_down(self, subject: int, delay: float) -> None:
+        """`subject` stopped (crash: delay = detector timeout; goodbye: one latency)."""
+        self._epoch[subject] += 1
+        epoch = self._epoch[subject]
+        loop = asyncio.get_running_loop()
+        loop.call_at(self._sim.clock.now + delay, self._believe_down, subject, epoch)
+
+    def came_up(self, subject: int) -> None:
+        self._epoch[subject] += 1
+        loop = asyncio.get_running_loop()
+        loop.call_at(self._sim.clock.now + self._sim.config.network.latency_s, self._believe_up, subject, self._epoch[subject])
+
+    def fresh_observer(self, observer: int) -> None:
+        """A restarted peer knows nothing: it believes everyone alive until its timeout says otherwise."""
+        for subject in range(self._sim.config.peers):
+            self._dead.discard((observer, subject))
+            if subject != observer and not self._sim.slots[subject].up:
+                asyncio.get_running_loop().call_at(self._sim.clock.now + self.timeout_s, self._believe_down_for,
+                                                   observer, subject, self._epoch[subject])
+
+    def heard(self, observer: int, subject: int) -> None:
+        if (observer, subject) in self._dead:
+            self._set(observer, subject, True)
+
+    def _believe_down(self, subject: int, epoch: int) -> None:
+        for observer in range(self._sim.config.peers):
+            self._believe_down_for(observer, subject, epoch)
+
+    def _believe_down_for(self, observer: int, subject: int, epoch: int) -> None:
+        if self._epoch[subject] != epoch or observer == subject or (observer, subject) in self._dead:
+            return
+        self._set(observer, subject, False)
+
+    def _believe_up(self, subject: int, epoch: int) -> None:
+        if self._epoch[subject] != epoch:
+            return
+        for observer in range(self._sim.config.peers):
+            if (observer, subject) in self._dead:
+                self._set(observer, subject, True)
+
+    def _set(self, observer: int, subject: int, alive: bool) -> None:
+        if alive:
+            self._dead.discard((observer, subject))
+        else:
+            self._dead.add((observer, subject))
+        slot = self._sim.slots[observer]
+        if slot.up and slot.context is not None:
+            slot.context.deliver(PeerLiveness(sender=observer, peer=subject, alive=alive))
 
 
 class Simulation:
-    def __init__(self, config: ExperimentConfig, topology: Topology, learner: Learner,
-                 peer_data: list[PeerData], global_test: Dataset, metrics: MetricsLog) -> None:
-        if topology.num_peers != config.peers or len(peer_data) != config.peers:
-            raise ValueError(f"simulation: config has {config.peers} peers, topology {topology.num_peers}, data {len(peer_data)}")
+    def __init__(self, config: ExperimentConfig, topology: Topology, worlds: Worlds, metrics: MetricsLog,
+                 peer_main: Callable[[int, int], PeerMain]) -> None:
+        if topology.num_peers != config.peers or len(worlds.peer_data) != config.peers:
+            raise ValueError(f"simulation: config has {config.peers} peers, topology {topology.num_peers}, "
+                             f"data {len(worlds.peer_data)}")
         self.config = config
         self.topology = topology
-        self.learner = learner
-        self.peer_data = peer_data
-        self.global_test = global_test
+        self.worlds = worlds
         self.metrics = metrics
-        self.peer_ids = tuple(range(config.peers))
-        self._waiting: dict[int, str] = {}
+        self.peer_main = peer_main
+        self._waiting: dict[int, collections.Counter[str]] = {}
         self.clock = VirtualClock(config.max_virtual_time_s, self._describe_waiters)
         speed_rng = np.random.default_rng([config.seed, 0x7370656564])
         self.speeds = speed_rng.uniform(config.compute.speed_min, config.compute.speed_max, config.peers)
-        self.network = SimNetwork(config.network, topology, config.seed, self._schedule_delivery)
-        self.contexts = [SimContext(self, p) for p in self.peer_ids]
+        self.network = SimNetwork(config.network, config.peers, config.seed, self._schedule_delivery)
+        self.slots = [PeerSlot(p) for p in range(config.peers)]
+        self.detector = SimDetector(self)
+        self.final_params: dict[int, Params] = {}
+        self._settled: asyncio.Event | None = None
         metrics.set_virtual_clock(lambda: self.clock.now)
 
+    # -- waiting, for deadlock reports
     @contextmanager
     def waiting(self, peer: int, what: str) -> Iterator[None]:
-        """Mark `peer` as blocked on `what`, so a deadlock report can name it."""
-        self._waiting[peer] = what
+        """Mark one of `peer`'s tasks as blocked on `what`, so a deadlock report can name it."""
+        counter = self._waiting.setdefault(peer, collections.Counter())
+        counter[what] += 1
         try:
             yield
         finally:
-            self._waiting.pop(peer, None)
+            counter[what] -= 1
+            if counter[what] <= 0:
+                del counter[what]
+            if not counter:
+                self._waiting.pop(peer, None)
 
     def _describe_waiters(self) -> str:
         if not self._waiting:
             return "no peer is waiting"
-        shown = [f"peer {p} ({what})" for p, what in sorted(self._waiting.items())[:20]]
+        shown = [f"peer {p} ({', '.join(sorted(what))})" for p, what in sorted(self._waiting.items())[:20]]
         more = len(self._waiting) - len(shown)
         return ", ".join(shown) + (f" and {more} more" if more > 0 else "")
 
+    # -- messages
     def _schedule_delivery(self, at: float, target: int, message: Message) -> None:
-        asyncio.get_running_loop().call_at(at, self.contexts[target].deliver, message)
+        asyncio.get_running_loop().call_at(at, self._deliver, target, message)
 
-    def run(self, peer_main: Callable[[int], PeerMain]) -> SimResult:
-        """Run `peer_main(peer_id)(ctx)` for every peer until all finish."""
+    def _deliver(self, target: int, message: Message) -> None:
+        slot = self.slots[target]
+        if not slot.up or slot.context is None:
+            self.network.traffic.messages_dropped[message.sender] += 1
+            return
+        self.network.traffic.messages_received[target] += 1
+        self.detector.heard(target, message.sender)
+        slot.context.deliver(_as_received(message))
 
-        async def one(ctx: SimContext) -> None:
-            try:
-                await peer_main(ctx.peer_id)(ctx)
-            except Exception as exc:
-                exc.add_note(f"in peer {ctx.peer_id} at virtual time {self.clock.now:.3f}s")
-                raise
+    # -- lifecycle
+    def start(self, peer: int) -> None:
+        slot = self.slots[peer]
+        if slot.up:
+            return
+        slot.incarnation += 1
+        slot.up = True
+        slot.status = "running"
+        slot.context = SimContext(self, slot)
+        if slot.incarnation > 0:
+            self.detector.fresh_observer(peer)
+            self.detector.came_up(peer)
+        self.metrics.record(PEER_STARTED, peer=peer, incarnation=slot.incarnation)
+        main = self.peer_main(peer, slot.incarnation)
+        slot.task = asyncio.get_running_loop().create_task(self._run_peer(slot, main, slot.context),
+                                                           name=f"peer-{peer}.{slot.incarnation}")
+
+    async def _run_peer(self, slot: PeerSlot, main: PeerMain, ctx: SimContext) -> None:
+        try:
+            await main(ctx)
+        except asyncio.CancelledError:
+            return  # crashed from outside: `crash` logged it
+        except Exception as exc:  # noqa: BLE001 - one peer's bug is that peer's crash
+            self.metrics.record(PEER_CRASHED, peer=slot.peer, incarnation=slot.incarnation, reason="exception",
+                                error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc(limit=20))
+            self._down(slot, "crashed", self.detector.timeout_s)
+        else:
+            self.metrics.record(PEER_FINISHED, peer=slot.peer, incarnation=slot.incarnation, status="finished")
+            if ctx.final_params is not None:
+                self.final_params[slot.peer] = ctx.final_params
+            self._down(slot, "finished", LINGER_S + self.config.network.latency_s)
+        finally:
+            if self._settled is not None:
+                self._settled.set()
+
+    def crash(self, peer: int, reason: str = "fault") -> None:
+        slot = self.slots[peer]
+        if not slot.up:
+            return
+        self.metrics.record(PEER_CRASHED, peer=peer, incarnation=slot.incarnation, reason=reason)
+        self._down(slot, "crashed", self.detector.timeout_s)
+        if slot.task is not None:
+            slot.task.cancel()
+
+    def _down(self, slot: PeerSlot, status: str, detection_delay: float) -> None:
+        slot.up = False
+        slot.status = status
+        slot.context = None
+        self.detector.went_down(slot.peer, detection_delay)
+
+    # -- the run
+    def run(self) -> SimResult:
+        """Run every peer until each has finished or crashed for good."""
 
         async def main() -> None:
-            async with asyncio.TaskGroup() as group:
-                for ctx in self.contexts:
-                    group.create_task(one(ctx), name=f"peer-{ctx.peer_id}")
+            self._settled = asyncio.Event()
+            for peer in range(self.config.peers):
+                self.start(peer)
+            while any(slot.task is not None and not slot.task.done() for slot in self.slots):
+                self._settled.clear()
+                await self._settled.wait()
 
         run_virtual(main, self.clock)
-        final = {c.peer_id: c.final_params for c in self.contexts if c.final_params is not None}
-        return SimResult(self.network.traffic, self.clock.now, final)
+        incarnations = {slot.peer: slot.incarnation + 1 for slot in self.slots}
+        return SimResult(self.network.traffic, self.clock.now, dict(sorted(self.final_params.items())), incarnations)
+
+
+def _as_received(message: Message) -> Message:
+    """What the receiver gets: the message itself, or, for a lossy codec, what decoding its bytes gives.
+
+    The decoded copy is kept on the message, so one message sent to many peers is coded once.
+    """
+    if not codec_of(message).lossy:
+        return message
+    received = message.__dict__.get("_meshfl_received")
+    if received is None:
+        layout = next(getattr(message, f).layout for f in message.__dataclass_fields__
+                      if hasattr(getattr(message, f), "layout"))
+        received = decode(encode(message), layout)
+        object.__setattr__(message, "_meshfl_received", received)
+    return received

@@ -54,6 +54,13 @@ def max_encoded_nbytes(codec: str, numel: int) -> int:
     raise ValueError(f"unknown codec {codec!r} (known: {', '.join(CODECS)})")
 
 
+def encoded_nbytes(codec: str, numel: int, topk_fraction: float) -> int:
+    """Exact byte length `encode_tensor` produces for `numel` entries (before compression)."""
+    if codec == "topk":
+        return _HEADER + 8 * topk_count(numel, topk_fraction)
+    return max_encoded_nbytes(codec, numel)
+
+
 def topk_count(numel: int, fraction: float) -> int:
     """Entries topk keeps: ceil(fraction * numel), at least one for a non-empty tensor."""
     if not 0 < fraction <= 1:

@@ -4,7 +4,7 @@
 import grpc
 import warnings
 
-from meshfl.runtime.grpc import meshfl_pb2 as meshfl__pb2
+from meshfl.wire import meshfl_pb2 as meshfl__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__

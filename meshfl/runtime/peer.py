@@ -1,0 +1,263 @@
+"""What both runtimes share: a peer's world, its inbox, and the NodeContext built on them.
+
+`build_worlds` derives every peer's data split, the learner and the seeds from the config
+exactly once, the same way in both runtimes, so a real peer process trains on what its
+simulated twin trains on. `PeerContext` implements everything of `NodeContext` that does
+not depend on how time passes or bytes move; a runtime subclasses it and supplies
+`now`, `sleep`, `_transmit`, `_compute` (run training or evaluation), `is_alive` and
+`_record` (where events go).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+import torch
+
+from meshfl.config import ExperimentConfig
+from meshfl.core.context import TrainResult
+from meshfl.core.messages import Message, Reply, Request
+from meshfl.core.metrics import GLOBAL_ACCURACY, GLOBAL_LOSS, LOCAL_ACCURACY, LOCAL_LOSS
+from meshfl.core.params import Params
+from meshfl.core.seeds import algorithm_rng, batch_generator, initial_model_seed
+from meshfl.core.store import Store
+from meshfl.data import Dataset, PeerData, load_dataset, partition_stats, split_for_peers
+from meshfl.learn.learner import TorchLearner
+
+
+@dataclass
+class Worlds:
+    """The data every peer of a run derives from (config, seed): splits, global test set, learner."""
+
+    peer_data: list[PeerData]
+    global_test: Dataset
+    learner: TorchLearner
+    partition: list[dict]
+
+
+def build_worlds(config: ExperimentConfig) -> Worlds:
+    """Dataset, per-peer split and learner of a run; one function for both runtimes."""
+    train, global_test = load_dataset(config.data, config.seed)
+    peer_data = split_for_peers(train, config.peers, config.data, config.seed)
+    learner = TorchLearner(config.train, train.feature_shape, train.num_classes)
+    return Worlds(peer_data, global_test, learner, partition_stats(peer_data, train.num_classes))
+
+
+class Inbox:
+    """A peer's received messages: bounded, with receive filtered by type.
+
+    A message that arrives when `limit` messages are already waiting is dropped and
+    counted (a flood cannot grow a peer's memory). Messages a filtered receive skips stay
+    queued in arrival order.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._queue: collections.deque[Message] = collections.deque()
+        self._waiters: list[tuple[tuple[type, ...] | None, asyncio.Future]] = []
+        self.dropped = 0
+
+    def __len__(self) -> int:
+        return len(self._queue)
+
+    def put(self, message: Message) -> bool:
+        for i, (types, waiter) in enumerate(self._waiters):
+            if not waiter.done() and (types is None or isinstance(message, types)):
+                del self._waiters[i]
+                waiter.set_result(message)
+                return True
+        if len(self._queue) >= self.limit:
+            self.dropped += 1
+            return False
+        self._queue.append(message)
+        return True
+
+    def take(self, types: tuple[type, ...] | None) -> Message | None:
+        if types is None:
+            return self._queue.popleft() if self._queue else None
+        for i, message in enumerate(self._queue):
+            if isinstance(message, types):
+                del self._queue[i]
+                return message
+        return None
+
+    async def get(self, timeout: float | None, types: tuple[type, ...] | None) -> Message | None:
+        message = self.take(types)
+        if message is not None or (timeout is not None and timeout <= 0):
+            return message
+        waiter: asyncio.Future = asyncio.get_running_loop().create_future()
+        entry = (types, waiter)
+        self._waiters.append(entry)
+        try:
+            async with asyncio.timeout(timeout):
+                return await waiter
+        except TimeoutError:
+            return None
+        finally:
+            if entry in self._waiters:
+                self._waiters.remove(entry)
+
+
+class PeerContext:
+    """The runtime-independent part of a peer's NodeContext (one object per incarnation)."""
+
+    def __init__(self, config: ExperimentConfig, peer_id: int, incarnation: int, neighbours: tuple[int, ...],
+                 worlds: Worlds, store: Store, inbox_limit: int) -> None:
+        self.config = config
+        self._peer_id = peer_id
+        self._incarnation = incarnation
+        self._peers = tuple(range(config.peers))
+        self._neighbours = neighbours
+        self._worlds = worlds
+        self._data = worlds.peer_data[peer_id]
+        self._store = store
+        self._rng = algorithm_rng(config.seed, peer_id, incarnation)
+        self._torch_generator = batch_generator(config.seed, peer_id, incarnation)
+        self.inbox = Inbox(inbox_limit)
+        self._request_ids = itertools.count(1)
+        self._pending: dict[tuple[int, int], asyncio.Future] = {}
+        self.final_params: Params | None = None
+
+    # -- identity
+    @property
+    def peer_id(self) -> int:
+        return self._peer_id
+
+    @property
+    def incarnation(self) -> int:
+        return self._incarnation
+
+    @property
+    def peers(self) -> tuple[int, ...]:
+        return self._peers
+
+    @property
+    def neighbours(self) -> tuple[int, ...]:
+        return self._neighbours
+
+    @property
+    def rng(self) -> np.random.Generator:
+        return self._rng
+
+    @property
+    def num_samples(self) -> int:
+        return len(self._data.train)
+
+    @property
+    def store(self) -> Store:
+        return self._store
+
+    # -- what a runtime supplies
+    def now(self) -> float:
+        raise NotImplementedError
+
+    async def sleep(self, seconds: float) -> None:
+        raise NotImplementedError
+
+    def _transmit(self, to: int, message: Message) -> None:
+        raise NotImplementedError
+
+    async def _compute(self, fn: Callable[..., Any], *args: Any, cost: Callable[[Any], float] | None = None) -> Any:
+        """Run `fn(*args)` (training, evaluation); the simulator then charges `cost(result)` / speed virtual seconds."""
+        raise NotImplementedError
+
+    def is_alive(self, peer: int) -> bool:
+        raise NotImplementedError
+
+    def _record(self, event: str, **fields: Any) -> None:
+        raise NotImplementedError
+
+    # -- messages
+    def send(self, to: int, message: Message) -> None:
+        if to not in self._peer_set:
+            raise ValueError(f"peer {self._peer_id} sent {type(message).__name__} to peer {to}, which is not in the experiment")
+        if to == self._peer_id:
+            raise ValueError(f"peer {self._peer_id} sent {type(message).__name__} to itself")
+        self._transmit(to, message)
+
+    @property
+    def _peer_set(self) -> range:
+        return range(len(self._peers))
+
+    def deliver(self, message: Message) -> None:
+        """A message admitted for this peer: a pending request's reply, or the inbox."""
+        if isinstance(message, Reply):
+            waiter = self._pending.pop((message.sender, message.in_reply_to), None)
+            if waiter is not None:
+                if not waiter.done():
+                    waiter.set_result(message)
+                return
+        self.inbox.put(message)
+
+    async def recv(self, timeout: float | None = None, types: tuple[type, ...] | None = None) -> Message | None:
+        return await self.inbox.get(timeout, types)
+
+    async def request(self, to: int, message: Request, timeout: float) -> Reply | None:
+        if not isinstance(message, Request):
+            raise TypeError(f"ctx.request needs a Request, got {type(message).__name__}")
+        request_id = next(self._request_ids)
+        waiter: asyncio.Future = asyncio.get_running_loop().create_future()
+        key = (to, request_id)
+        self._pending[key] = waiter
+        try:
+            self.send(to, replace(message, request_id=request_id))
+            async with asyncio.timeout(timeout):
+                return await waiter
+        except TimeoutError:
+            return None
+        finally:
+            self._pending.pop(key, None)
+
+    def reply(self, request: Request, message: Reply) -> None:
+        self.send(request.sender, replace(message, in_reply_to=request.request_id))
+
+    # -- compute
+    def initial_params(self) -> Params:
+        return self._worlds.learner.init_params(initial_model_seed(self.config.seed))
+
+    async def train(self, params: Params, *, epochs: int | None = None, steps: int | None = None) -> TrainResult:
+        learner = self._worlds.learner
+        work = learner.steps_for(len(self._data.train), epochs=epochs, steps=steps)
+        per_sample = self.config.compute.seconds_per_sample
+        return await self._compute(learner.train, params, self._data.train, self._torch_generator, work,
+                                   cost=lambda result: result.samples * per_sample)
+
+    def _evaluate(self, params: Params) -> dict[str, float]:
+        learner = self._worlds.learner
+        local = learner.evaluate(params, self._data.test)
+        global_ = learner.evaluate(params, self._worlds.global_test)
+        return {LOCAL_ACCURACY: local.accuracy, LOCAL_LOSS: local.loss,
+                GLOBAL_ACCURACY: global_.accuracy, GLOBAL_LOSS: global_.loss}
+
+    async def evaluate(self, params: Params) -> dict[str, float]:
+        result = await self._compute(self._evaluate, params)
+        self.final_params = params
+        return result
+
+    def log(self, metric: str, value: float, *, round: int | None = None) -> None:
+        fields: dict[str, Any] = {"peer": self._peer_id, "metric": metric, "value": value}
+        if round is not None:
+            fields["round"] = round
+        if self._incarnation:
+            fields["incarnation"] = self._incarnation
+        self._record("metric", **fields)
+
+
+def warm_up(worlds: Worlds, peer_id: int, batch_size: int) -> None:
+    """One tiny training step: torch's first step costs seconds, which must not eat round 1's timeouts.
+
+    Uses its own generator, so the peer's training stream is untouched.
+    """
+    data = worlds.peer_data[peer_id].train
+    if len(data) == 0:
+        return
+    sample = data.subset(np.arange(min(len(data), batch_size)))
+    params = worlds.learner.init_params(0)
+    worlds.learner.train(params, sample, torch.Generator().manual_seed(0), 1)
+    worlds.learner.evaluate(params, sample)

@@ -24,6 +24,7 @@ from meshfl.core.seeds import algorithm_rng, batch_generator, initial_model_seed
 from meshfl.core.topology import Topology
 from meshfl.data import Dataset, PeerData
 from meshfl.learn.learner import Learner
+from meshfl.runtime.sim.compute import peer_speeds
 from meshfl.runtime.sim.loop import VirtualClock, run_virtual
 from meshfl.runtime.sim.network import SimNetwork, TrafficCounters
 
@@ -76,7 +77,7 @@ class SimContext:
             await asyncio.sleep(seconds)
 
     def send(self, to: int, message: Message) -> None:
-        self._sim.network.send(self.now(), self._peer_id, to, message)
+        self._sim.network.send(self.now(), self._peer_id, to, message, message.wire_size)
 
     def deliver(self, message: Message) -> None:
         self._sim.network.traffic.messages_received[self._peer_id] += 1
@@ -130,9 +131,8 @@ class Simulation:
         self.peer_ids = tuple(range(config.peers))
         self._waiting: dict[int, str] = {}
         self.clock = VirtualClock(config.max_virtual_time_s, self._describe_waiters)
-        speed_rng = np.random.default_rng([config.seed, 0x7370656564])
-        self.speeds = speed_rng.uniform(config.compute.speed_min, config.compute.speed_max, config.peers)
-        self.network = SimNetwork(config.network, topology, config.seed, self._schedule_delivery)
+        self.speeds = peer_speeds(config.compute, config.peers, config.seed)
+        self.network = SimNetwork(config.network, config.peers, config.seed, self._schedule_delivery)
         self.contexts = [SimContext(self, p) for p in self.peer_ids]
         metrics.set_virtual_clock(lambda: self.clock.now)
 

@@ -15,6 +15,7 @@ from pydantic import BaseModel, Field, ValidationError, create_model, model_vali
 
 from meshfl.algorithms import ALGORITHMS
 from meshfl.core.section import Section as _Section
+from meshfl.faults import FaultList, check_faults
 
 
 class DataConfig(_Section):
@@ -59,22 +60,97 @@ class TopologyConfig(_Section):
     rewire_probability: float = Field(0.1, ge=0, le=1, description="small_world: probability of rewiring each edge")
 
 
+class PeerLinkConfig(_Section):
+    uplink_mbps: float | None = Field(None, gt=0, description="this peer's uplink, megabits per second (default network.bandwidth_mbps)")
+    downlink_mbps: float | None = Field(None, gt=0, description="this peer's downlink, megabits per second (default network.bandwidth_mbps)")
+    latency_s: float | None = Field(None, ge=0, description="this peer's one-way latency, seconds (default network.latency_s); a link takes the larger of its ends'")
+
+
+class LinkConfig(_Section):
+    peers: tuple[int, int] = Field(description="the two peers [a, b] of the link; the override holds in both directions")
+    bandwidth_mbps: float | None = Field(None, gt=0, description="bandwidth cap of this link, megabits per second (the ends' uplink/downlink still apply)")
+    latency_s: float | None = Field(None, ge=0, description="one-way latency of this link, seconds, instead of the larger of its ends'")
+    loss: float = Field(0.0, ge=0, lt=1, description="probability that a message on this link is dropped, on top of network.loss")
+
+    @model_validator(mode="after")
+    def _two_peers(self) -> LinkConfig:
+        a, b = self.peers
+        if a == b or min(a, b) < 0:
+            raise ValueError(f"[{a}, {b}] is not a link between two peers")
+        return self
+
+
 class NetworkConfig(_Section):
-    latency_s: float = Field(0.01, ge=0, description="one-way latency of every link, seconds")
-    bandwidth_mbps: float = Field(100.0, gt=0, description="bandwidth of every link, megabits per second")
+    latency_s: float = Field(0.01, ge=0, description="one-way latency of every peer, seconds (a message takes the larger of its two ends')")
+    bandwidth_mbps: float = Field(100.0, gt=0, description="uplink and downlink of every peer, megabits per second")
     loss: float = Field(0.0, ge=0, lt=1, description="probability that a message is dropped on a link")
+    peers: dict[int, PeerLinkConfig] = Field(default_factory=dict, description="per-peer overrides of uplink_mbps, downlink_mbps, latency_s, by peer id")
+    links: list[LinkConfig] = Field(default_factory=list, description="per-pair overrides: peers [a, b], bandwidth_mbps, latency_s, loss (both directions)")
+
+    @model_validator(mode="after")
+    def _links_once(self) -> NetworkConfig:
+        seen: set[tuple[int, int]] = set()
+        for link in self.links:
+            pair = (min(link.peers), max(link.peers))
+            if pair in seen:
+                raise ValueError(f"network.links: the pair {list(link.peers)} is listed twice")
+            seen.add(pair)
+        if any(p < 0 for p in self.peers):
+            raise ValueError("network.peers: peer ids are >= 0")
+        return self
+
+    def check_peers(self, peers: int) -> None:
+        """ValueError naming the field if an override names a peer id >= peers (for the experiment's cross-checks)."""
+        for p in self.peers:
+            if p >= peers:
+                raise ValueError(f"network.peers: peer {p} does not exist (peers are 0..{peers - 1})")
+        for i, link in enumerate(self.links):
+            for p in link.peers:
+                if p >= peers:
+                    raise ValueError(f"network.links.{i}.peers: peer {p} does not exist (peers are 0..{peers - 1})")
+
+
+class ComputeTier(_Section):
+    peers: list[int] | None = Field(None, description="the peers of this tier, by id")
+    count: int | None = Field(None, ge=1, description="this many peers, drawn from the run seed among those no earlier tier took")
+    fraction: float | None = Field(None, gt=0, le=1, description="this fraction of the peers (rounded, at least one), drawn like count")
+    speed: float = Field(1.0, gt=0, description="speed factor of the tier's peers (replaces their uniform draw)")
+
+    @model_validator(mode="after")
+    def _one_target(self) -> ComputeTier:
+        given = [name for name in ("peers", "count", "fraction") if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError("a compute tier needs exactly one of peers, count or fraction")
+        if self.peers is not None and (not self.peers or min(self.peers) < 0 or len(set(self.peers)) != len(self.peers)):
+            raise ValueError("a compute tier lists distinct peer ids >= 0")
+        return self
 
 
 class ComputeConfig(_Section):
     seconds_per_sample: float = Field(0.0001, ge=0, description="virtual seconds one training sample costs on a speed-1 peer")
     speed_min: float = Field(1.0, gt=0, description="slowest peer speed factor (peers draw uniformly in [speed_min, speed_max])")
     speed_max: float = Field(1.0, gt=0, description="fastest peer speed factor")
+    tiers: list[ComputeTier] = Field(default_factory=list, description="heterogeneous compute: tiers of {peers | count | fraction, speed} applied after the uniform draw")
 
     @model_validator(mode="after")
     def _speeds_ordered(self) -> ComputeConfig:
         if self.speed_min > self.speed_max:
             raise ValueError("compute.speed_min must be <= compute.speed_max")
         return self
+
+    def check_peers(self, peers: int) -> None:
+        """ValueError naming the field if the tiers name a peer id >= peers or need more peers than there are."""
+        explicit = [p for tier in self.tiers for p in tier.peers or ()]
+        if len(set(explicit)) != len(explicit):
+            raise ValueError("compute.tiers: a peer is in two tiers")
+        for i, tier in enumerate(self.tiers):
+            for p in tier.peers or ():
+                if p >= peers:
+                    raise ValueError(f"compute.tiers.{i}.peers: peer {p} does not exist (peers are 0..{peers - 1})")
+        drawn = sum(tier.count if tier.count is not None else max(1, int((tier.fraction or 0) * peers + 0.5))
+                    for tier in self.tiers if tier.peers is None)
+        if drawn + len(explicit) > peers:
+            raise ValueError(f"compute.tiers: the tiers take {drawn + len(explicit)} peers, more than the {peers} there are")
 
 
 class WireConfig(_Section):
@@ -128,6 +204,7 @@ class CoreConfig(_Section):
     network: NetworkConfig = Field(default_factory=NetworkConfig, description="simulated links")
     compute: ComputeConfig = Field(default_factory=ComputeConfig, description="simulated compute speed")
     liveness: LivenessConfig = Field(default_factory=LivenessConfig, description="failure detector")
+    faults: FaultList = Field(default_factory=list, description="fault schedule: crash, restart, wipe, loss, partition, heal, slow_link, straggler, join, leave events (see meshfl/faults.py)")
     wire: WireConfig = Field(default_factory=WireConfig, description="message limits")
     grpc: GrpcConfig = Field(default_factory=GrpcConfig, description="gRPC runtime: addresses, heartbeats, reconnects, TLS")
 
@@ -138,6 +215,7 @@ class CoreConfig(_Section):
             raise ValueError(f"algorithm: must be one of {', '.join(sorted(ALGORITHMS))} (got {self.algorithm!r})")
         if algorithm.check is not None:
             algorithm.check(self.section(), self)
+        check_faults(self.faults, self.peers)
         k = self.topology.small_world_neighbours
         if self.topology.kind == "small_world" and (k % 2 or k >= self.peers):
             raise ValueError(f"topology.small_world_neighbours must be even and < peers ({self.peers}), got {k}")

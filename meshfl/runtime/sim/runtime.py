@@ -22,8 +22,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
 from meshfl.algorithms import PeerMain
 from meshfl.config import ExperimentConfig
 from meshfl.core.messages import Message, PeerLiveness
@@ -32,6 +30,8 @@ from meshfl.core.params import Params
 from meshfl.core.store import MemoryStore
 from meshfl.core.topology import Topology
 from meshfl.runtime.peer import PeerContext, Worlds
+from meshfl.runtime.sim.compute import peer_speeds
+from meshfl.runtime.sim.faults import FaultInjector
 from meshfl.runtime.sim.loop import VirtualClock, run_virtual
 from meshfl.runtime.sim.network import SimNetwork, TrafficCounters
 from meshfl.wire.envelope import codec_of, decode, encode, encoded_size
@@ -114,6 +114,7 @@ class SimDetector:
         self.timeout_s = sim.config.liveness.timeout_s
         self._dead: set[tuple[int, int]] = set()  # (observer, subject)
         self._epoch = [0] * sim.config.peers  # bumped whenever a peer goes down or comes up
+        self._network_epoch = 0  # bumped at every partition or heal
 
     def is_alive(self, observer: int, subject: int) -> bool:
         return (observer, subject) not in self._dead
@@ -137,6 +138,29 @@ class SimDetector:
             if subject != observer and not self._sim.slots[subject].up:
                 asyncio.get_running_loop().call_at(self._sim.clock.now + self.timeout_s, self._believe_down_for,
                                                    observer, subject, self._epoch[subject])
+
+    def network_changed(self) -> None:
+        """A partition or heal: peers cut off are believed dead after the timeout, reachable ones alive again."""
+        self._network_epoch += 1
+        epoch = self._network_epoch
+        network, slots, loop = self._sim.network, self._sim.slots, asyncio.get_running_loop()
+        for observer in range(self._sim.config.peers):
+            for subject in range(self._sim.config.peers):
+                if observer == subject or not slots[subject].up:
+                    continue
+                if not network.reachable(subject, observer):
+                    loop.call_at(self._sim.clock.now + self.timeout_s, self._cut_off, observer, subject, epoch)
+                elif (observer, subject) in self._dead:
+                    loop.call_at(self._sim.clock.now + network.latency(subject, observer), self._reconnected,
+                                 observer, subject, epoch)
+
+    def _cut_off(self, observer: int, subject: int, epoch: int) -> None:
+        if epoch == self._network_epoch and (observer, subject) not in self._dead:
+            self._set(observer, subject, False)
+
+    def _reconnected(self, observer: int, subject: int, epoch: int) -> None:
+        if epoch == self._network_epoch and (observer, subject) in self._dead and self._sim.slots[subject].up:
+            self._set(observer, subject, True)
 
     def heard(self, observer: int, subject: int) -> None:
         if (observer, subject) in self._dead:
@@ -181,11 +205,11 @@ class Simulation:
         self.peer_main = peer_main
         self._waiting: dict[int, collections.Counter[str]] = {}
         self.clock = VirtualClock(config.max_virtual_time_s, self._describe_waiters)
-        speed_rng = np.random.default_rng([config.seed, 0x7370656564])
-        self.speeds = speed_rng.uniform(config.compute.speed_min, config.compute.speed_max, config.peers)
+        self.speeds = peer_speeds(config.compute, config.peers, config.seed)
         self.network = SimNetwork(config.network, config.peers, config.seed, self._schedule_delivery)
         self.slots = [PeerSlot(p) for p in range(config.peers)]
         self.detector = SimDetector(self)
+        self.faults = FaultInjector(self)
         self.final_params: dict[int, Params] = {}
         self._settled: asyncio.Event | None = None
         metrics.set_virtual_clock(lambda: self.clock.now)
@@ -257,8 +281,7 @@ class Simulation:
                 self.final_params[slot.peer] = ctx.final_params
             self._down(slot, "finished", LINGER_S + self.config.network.latency_s)
         finally:
-            if self._settled is not None:
-                self._settled.set()
+            self.wake()
 
     def crash(self, peer: int, reason: str = "fault") -> None:
         slot = self.slots[peer]
@@ -268,6 +291,21 @@ class Simulation:
         self._down(slot, "crashed", self.detector.timeout_s)
         if slot.task is not None:
             slot.task.cancel()
+
+    def leave(self, peer: int) -> None:
+        """A peer leaves on purpose: its coroutine stops and the others learn it at once (a goodbye)."""
+        slot = self.slots[peer]
+        if not slot.up:
+            return
+        self.metrics.record(PEER_FINISHED, peer=peer, incarnation=slot.incarnation, status="left")
+        self._down(slot, "left", self.config.network.latency_s)
+        if slot.task is not None:
+            slot.task.cancel()
+
+    def wake(self) -> None:
+        """Let the run's main loop re-check whether anything is still to come."""
+        if self._settled is not None:
+            self._settled.set()
 
     def _down(self, slot: PeerSlot, status: str, detection_delay: float) -> None:
         slot.up = False
@@ -281,9 +319,12 @@ class Simulation:
 
         async def main() -> None:
             self._settled = asyncio.Event()
+            self.faults.arm()
+            joining = self.faults.joining
             for peer in range(self.config.peers):
-                self.start(peer)
-            while any(slot.task is not None and not slot.task.done() for slot in self.slots):
+                if peer not in joining:
+                    self.start(peer)
+            while self.faults.pending_starts or any(s.task is not None and not s.task.done() for s in self.slots):
                 self._settled.clear()
                 await self._settled.wait()
 

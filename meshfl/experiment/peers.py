@@ -29,7 +29,8 @@ LEGACY_PEER_FAILED = "peer_failed"  # older gRPC peers: written after peer_finis
 
 @dataclass
 class Moment:
-    """Where on a plot something happened: the peer's round then (if known) and both clocks."""
+    """Where on a plot something happened: the round then (if known; the peer's own for a crash,
+    the run's highest for a restart) and both clocks."""
 
     round: int | None
     virtual_time: float | None
@@ -94,6 +95,7 @@ def peer_histories(events: Iterable[Any], peers: int = 0) -> dict[int, PeerHisto
     """One PeerHistory per peer 0..peers-1 and per peer id any event names, sorted by id."""
     histories: dict[int, PeerHistory] = {p: PeerHistory(p) for p in range(peers)}
     current_round: dict[int, int] = {}
+    run_round: int | None = None  # the highest round any peer has reached
     for event in events:
         if not isinstance(event, dict):
             continue
@@ -105,6 +107,7 @@ def peer_histories(events: Iterable[Any], peers: int = 0) -> dict[int, PeerHisto
         rnd = _int(event.get("round"))
         if rnd is not None:
             current_round[peer] = rnd
+            run_round = rnd if run_round is None else max(run_round, rnd)
         kind = event.get("event")
         if kind == METRIC and event.get("metric") == GLOBAL_ACCURACY and "value" in event:
             history.final_accuracy = _finite(event["value"])  # NaN (a diverged model) reads as null
@@ -115,6 +118,7 @@ def peer_histories(events: Iterable[Any], peers: int = 0) -> dict[int, PeerHisto
         moment = Moment(current_round.get(peer), _finite(event.get("virtual_time")), _finite(event.get("wall_time")))
         if kind == PEER_STARTED:
             if history.incarnations > 0 or history.crashes:
+                moment.round = run_round  # its own last round is from before it died: where the run is now
                 history.restarts.append(moment)
             history.incarnations += 1
             history.last_lifecycle = PEER_STARTED

@@ -38,6 +38,9 @@ DEAD_COLOR = "#c44e52"
 MEAN_COLOR = "#111111"
 CRASH_COLOR = "#d62728"
 RESTART_COLOR = "#2ca02c"
+# per-peer line colours when peers are labelled: tab10 without its red and green (crash, restart marks)
+PEER_PALETTE = ("#1f77b4", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf",
+                "#393b79", "#5254a3", "#8c6d31", "#6b6ecf")
 
 
 @dataclass(frozen=True)
@@ -213,8 +216,15 @@ def plot_accuracy(grid: MetricGrid, dead: set[int], path: Path,
     show_legend = grid.peers.size <= MAX_LEGEND_PEERS
     alpha = 0.9 if show_legend else max(0.25, min(0.7, 8 / grid.peers.size))
     series: Series = {}
-    for peer, row in zip(grid.peers.tolist(), grid.values, strict=True):
-        _plot_peer_line(ax, grid.rounds, row, peer, peer in dead, show_legend, alpha)
+    histories = histories or {}
+    first = float(grid.rounds.min())
+
+    def at_round(moment: Moment) -> float:
+        return first - 0.5 if moment.round is None else float(moment.round)
+
+    for i, (peer, row) in enumerate(zip(grid.peers.tolist(), grid.values, strict=True)):
+        _plot_peer_line(ax, grid.rounds, row, peer, peer in dead, show_legend, alpha, i,
+                        _breaks(histories.get(peer), at_round))
         series[peer] = (grid.rounds.astype(float), row)
     ax.plot(grid.rounds, grid.mean_per_round(), color=MEAN_COLOR, lw=2.6, marker="o", ms=4, label="mean", zorder=5)
     ax.set_ylim(*_accuracy_ylim(grid.values))
@@ -222,8 +232,7 @@ def plot_accuracy(grid: MetricGrid, dead: set[int], path: Path,
     ax.set_ylabel("global test accuracy")
     ax.set_title(f"Global test accuracy per peer ({grid.peers.size} peers, mean in bold)")
     _round_axis(ax, grid.rounds)
-    first = float(grid.rounds.min())
-    marked = _mark_lifecycle(ax, histories or {}, series, lambda m: first - 0.5 if m.round is None else float(m.round))
+    marked = _mark_lifecycle(ax, histories, series, at_round)
     _accuracy_legend(ax, show_legend, bool(dead & set(grid.peers.tolist())), marked)
     return _save(fig, path)
 
@@ -238,8 +247,15 @@ def plot_accuracy_over_time(series: Series, dead: set[int], path: Path, historie
         return _save(fig, path)
     show_legend = len(series) <= MAX_LEGEND_PEERS
     alpha = 0.9 if show_legend else max(0.25, min(0.7, 8 / len(series)))
-    for peer, (x, y) in series.items():
-        _plot_peer_line(ax, x, y, peer, peer in dead, show_legend, alpha)
+    histories = histories or {}
+    start = min(float(x.min()) for x, _ in series.values() if x.size)
+
+    def at(moment: Moment) -> float:
+        value = getattr(moment, time_key)
+        return start if value is None else float(value)
+
+    for i, (peer, (x, y)) in enumerate(series.items()):
+        _plot_peer_line(ax, x, y, peer, peer in dead, show_legend, alpha, i, _breaks(histories.get(peer), at))
     values = np.concatenate([y for _, y in series.values()])
     ax.set_ylim(*_accuracy_ylim(values))
     clock = "wall-clock time (s)" if time_key == "wall_time" else "virtual time (s)"
@@ -247,13 +263,7 @@ def plot_accuracy_over_time(series: Series, dead: set[int], path: Path, historie
     ax.set_ylabel("global test accuracy")
     ax.set_title(f"Global test accuracy per peer over {clock.split(' (')[0]} ({len(series)} peers)")
     ax.grid(True, alpha=0.3)
-    start = min(float(x.min()) for x, _ in series.values() if x.size)
-
-    def at(moment: Moment) -> float:
-        value = getattr(moment, time_key)
-        return start if value is None else float(value)
-
-    marked = _mark_lifecycle(ax, histories or {}, series, at)
+    marked = _mark_lifecycle(ax, histories, series, at)
     _accuracy_legend(ax, show_legend, bool(dead & set(series)), marked, with_mean=False)
     return _save(fig, path)
 
@@ -304,20 +314,29 @@ def _accuracy_legend(ax: Any, per_peer: bool, any_dead: bool, marked: set[str], 
     ax.legend(handles=handles + extra, loc="lower right", fontsize=8)
 
 
+def _breaks(history: PeerHistory | None, x_of: Any) -> list[float]:
+    """Where a peer's line must not be joined: at each crash (its crash mark ends the segment)."""
+    if history is None:
+        return []
+    return [x_of(c) for c in history.crashes]
+
+
 def _plot_peer_line(ax: Any, rounds: np.ndarray, row: np.ndarray, peer: int, dead: bool, labelled: bool,
-                    alpha: float) -> None:
-    """Joins the points a peer did report, so a missed round does not hide its neighbours."""
+                    alpha: float, index: int = 0, breaks: list[float] | None = None) -> None:
+    """Joins the points a peer did report, so a missed round does not hide its neighbours, but
+    not across a crash (`breaks`): a restarted peer's lives are separate segments."""
     have = np.isfinite(row)
     x, y = rounds[have], row[have]
     label = (f"peer {peer} (dead)" if dead else f"peer {peer}") if labelled else None
-    style: dict[str, Any] = {"lw": 1.0, "alpha": alpha, "label": label}
-    if not labelled:  # one colour for the crowd, red for the dead
-        style.update(color=DEAD_COLOR if dead else PEER_COLOR)
+    color = PEER_PALETTE[index % len(PEER_PALETTE)] if labelled else DEAD_COLOR if dead else PEER_COLOR
+    style: dict[str, Any] = {"lw": 1.0, "alpha": alpha, "color": color}
     if dead:  # drawn above the crowd so where it stopped stays visible
         style.update(ls="--", lw=1.4, alpha=1.0, zorder=4)
-    lines = ax.plot(x, y, marker="." if x.size < 30 else None, ms=4, **style)
-    if dead and x.size:
-        ax.plot(x[-1:], y[-1:], marker="x", ms=9, mew=2.2, color=lines[0].get_color(), ls="none", zorder=6)
+    cuts = np.searchsorted(x, sorted(breaks or []), side="right") if x.size else []
+    for i, (xs, ys) in enumerate(zip(np.split(x, cuts), np.split(y, cuts), strict=True)):
+        ax.plot(xs, ys, marker="." if x.size < 30 else None, ms=4, label=label if i == 0 else None, **style)
+    if dead and x.size and not breaks:
+        ax.plot(x[-1:], y[-1:], marker="x", ms=9, mew=2.2, color=color, ls="none", zorder=6)
 
 
 def _round_axis(ax: Any, rounds: np.ndarray) -> None:

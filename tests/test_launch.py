@@ -326,3 +326,34 @@ def test_ctrl_c_stops_every_peer(tmp_path):
         if launcher.poll() is None:
             os.killpg(launcher.pid, signal.SIGKILL)
             launcher.wait()
+
+
+def test_merge_of_an_interrupted_run_is_strict_json_and_nobody_dead(tmp_path):
+    """Peers stopped by Ctrl-C before the last round: their last accuracy counts, none is dead, no NaN."""
+    config = load_config(None, ["peers=2", "rounds=5"])
+    folders = []
+    for peer in range(2):
+        folder = tmp_path / f"peer-{peer}"
+        folder.mkdir()
+        (folder / "config.yaml").write_text(dump_config(config))
+        events = [{"event": "peer_started", "peer": peer, "incarnation": 0, "unix_time": 1000.0, "wall_time": 0.0},
+                  {"event": "metric", "peer": peer, "round": 2, "metric": "global_accuracy", "value": [0.7, 0.8][peer],
+                   "virtual_time": 2.0, "wall_time": 2.0},
+                  {"event": "peer_finished", "peer": peer, "incarnation": 0, "status": "stopped",
+                   "virtual_time": 3.0, "wall_time": 3.0}]
+        (folder / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+        folders.append(folder)
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    done = runner.invoke(app, ["merge", *map(str, folders), "--out", str(tmp_path / "full")])
+    assert done.exit_code == 2 and "not empty" in done.output
+    done = runner.invoke(app, ["merge", *map(str, folders), "--out", str(tmp_path / "run")])
+    assert done.exit_code == 0, done.output
+    text = (tmp_path / "run" / "summary.json").read_text()
+    summary = json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in summary.json"))
+    assert summary["interrupted"] is True and summary["dead_peers"] == []
+    assert summary["final_global_accuracy"] == {"0": 0.7, "1": 0.8} and summary["final_round"] == {"0": 2, "1": 2}
+    assert summary["peer_status"] == {"0": "stopped", "1": "stopped"}
+    assert summary["wire_overhead_ratio"] is None  # no traffic events: no ratio, not NaN
+    html = (tmp_path / "run" / "report.html").read_text()
+    assert "(interrupted)</title>" in html and "<td>stopped</td>" in html

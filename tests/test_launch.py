@@ -322,6 +322,10 @@ def test_ctrl_c_stops_every_peer(tmp_path):
         assert "interrupted" in stderr
         assert not [pid for pid in peers if alive(pid)]
         assert all('"peer_finished"' in m.read_text() for m in metrics)  # stopped by SIGTERM, not killed
+        summary = json.loads((run / "summary.json").read_text(), parse_constant=lambda c: pytest.fail(c))
+        assert summary["interrupted"] is True and summary["dead_peers"] == []  # merged, marked, nobody dead
+        assert set(summary["peer_status"].values()) == {"stopped"}
+        assert str(run) in stderr.replace("\n", "") and "(interrupted)" in (run / "report.html").read_text()
     finally:
         if launcher.poll() is None:
             os.killpg(launcher.pid, signal.SIGKILL)

@@ -36,6 +36,8 @@ PEER_FINISHED = "peer_finished"
 FAULT = "fault"
 RUN_STARTED = "run_started"
 RUN_FINISHED = "run_finished"
+RUN_INTERRUPTED = "run_interrupted"  # Ctrl-C stopped the run; what precedes it is all there is
+PEER_EXITED = "peer_exited"  # the launcher's record of a peer process's exit code
 LIFECYCLE_EVENTS = (PEER_STARTED, PEER_CRASHED, PEER_FINISHED)
 
 # metric names

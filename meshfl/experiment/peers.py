@@ -16,6 +16,7 @@ from meshfl.core.metrics import (
     GLOBAL_ACCURACY,
     METRIC,
     PEER_CRASHED,
+    PEER_EXITED,
     PEER_FINISHED,
     PEER_STARTED,
     STATUS_CRASHED,
@@ -103,12 +104,14 @@ def peer_histories(events: Iterable[Any], peers: int = 0) -> dict[int, PeerHisto
         if peer is None:
             continue
         history = histories.setdefault(peer, PeerHistory(peer))
+        kind = event.get("event")
+        if kind == PEER_EXITED:  # the launcher's record, not the peer's: says nothing of what the peer did
+            continue
         history.reported = True
         rnd = _int(event.get("round"))
         if rnd is not None:
             current_round[peer] = rnd
             run_round = rnd if run_round is None else max(run_round, rnd)
-        kind = event.get("event")
         if kind == METRIC and event.get("metric") == GLOBAL_ACCURACY and "value" in event:
             history.final_accuracy = _finite(event["value"])  # NaN (a diverged model) reads as null
             history.final_round = rnd

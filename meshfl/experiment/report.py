@@ -27,7 +27,16 @@ from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 from matplotlib.transforms import blended_transform_factory
 
-from meshfl.core.metrics import FAULT, GLOBAL_ACCURACY, GLOBAL_LOSS, METRIC, TRAIN_LOSS
+from meshfl.core.metrics import (
+    FAULT,
+    GLOBAL_ACCURACY,
+    GLOBAL_LOSS,
+    METRIC,
+    STATUS_CRASHED,
+    STATUS_RUNNING,
+    STATUS_STOPPED,
+    TRAIN_LOSS,
+)
 from meshfl.experiment.peers import Moment, PeerHistory, peer_histories
 
 DPI = 110
@@ -574,7 +583,7 @@ def _peer_status(summary: dict[str, Any], peer: int, dead: set[int]) -> str:
     """The summary's peer_status (finished, stopped, crashed, ...); older summaries: dead or alive."""
     status = (summary.get("peer_status") or {}).get(str(peer))
     if isinstance(status, str) and status:
-        return f"{status} (dead)" if peer in dead and status != "crashed" else status
+        return f"{status} (dead)" if peer in dead and status != STATUS_CRASHED else status
     return "dead" if peer in dead else "alive"
 
 
@@ -591,7 +600,7 @@ def _peer_table(peers: list[int], final: dict[int, float], messages: dict[int, f
     rows = []
     for p in peers:
         status = _peer_status(summary, p, dead)
-        cls = ' class="dead"' if p in dead else ' class="stopped"' if status in ("stopped", "running") else ""
+        cls = ' class="dead"' if p in dead else ' class="stopped"' if status in (STATUS_STOPPED, STATUS_RUNNING) else ""
         lives = incarnations.get(p, histories[p].lives if p in histories else None)
         crashes = len(histories[p].crashes) if p in histories else None
         cells = [str(p), _fmt_acc(final.get(p)), _fmt_count(final_round.get(p)), _fmt_count(messages.get(p)),

@@ -15,7 +15,7 @@ from typing import Any
 
 from meshfl.algorithms import build_algorithm
 from meshfl.config import ExperimentConfig, dump_config
-from meshfl.core.metrics import RUN_FINISHED, RUN_STARTED, MetricsLog, strict_json
+from meshfl.core.metrics import RUN_FINISHED, RUN_INTERRUPTED, RUN_STARTED, MetricsLog, strict_json
 from meshfl.core.topology import make_topology
 from meshfl.data import load_dataset, partition_stats, split_for_peers
 from meshfl.experiment.peers import peer_histories
@@ -221,7 +221,7 @@ def run_experiment(config: ExperimentConfig, run_dir: Path | None, metrics: Metr
             network = getattr(sim, "network", None)
             clock = getattr(sim, "clock", None)
             virtual = float(getattr(clock, "now", 0.0) or 0.0)
-            metrics.record("run_interrupted")
+            metrics.record(RUN_INTERRUPTED)
             summary = _summarise_traffic(config, getattr(network, "traffic", None), metrics, virtual,
                                          time.perf_counter() - started, interrupted=True)
             if run_dir is not None:

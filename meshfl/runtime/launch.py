@@ -28,6 +28,7 @@ from meshfl.config import ConfigError, ExperimentConfig, TlsConfig, load_config
 from meshfl.core.metrics import (
     GLOBAL_ACCURACY,
     METRIC,
+    PEER_EXITED,
     PEER_FINISHED,
     PEER_STARTED,
     RUN_FINISHED,
@@ -586,6 +587,6 @@ def _run_events(config: ExperimentConfig, per_peer: dict[int, list[dict[str, Any
             "parameters": first.get("parameters"), "layout": first.get("layout"), "runtime": "grpc",
             "virtual_time": 0.0, "wall_time": 0.0}
     end = round(finished_unix - started_unix, 6)
-    exits = [{"event": "peer_exited", "peer": p, "exit_code": code, "virtual_time": 0.0, "wall_time": end}
+    exits = [{"event": PEER_EXITED, "peer": p, "exit_code": code, "virtual_time": 0.0, "wall_time": end}
              for p, code in sorted(exit_codes.items())]
     return [head, *merged, *exits, {"event": RUN_FINISHED, "virtual_time": 0.0, "wall_time": end}]

@@ -14,6 +14,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from meshfl.config import ConfigError, ExperimentConfig, describe_fields, load_config
+from meshfl.core.metrics import GLOBAL_ACCURACY, METRIC
 
 app = typer.Typer(add_completion=False, no_args_is_help=False, pretty_exceptions_enable=False,
                   help="meshfl: federated learning with no single point of failure.")
@@ -32,46 +33,81 @@ def _fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+def _acc(value: object) -> str:
+    """An accuracy for a one-line report: 4 decimals, or - when there is none (null/NaN)."""
+    return f"{value:.4f}" if isinstance(value, (int, float)) and math.isfinite(value) else "-"
+
+
 class RoundProgress:
-    """A progress bar per round showing the mean and minimum global accuracy of the peers."""
+    """A progress bar per round showing the mean and minimum global accuracy of the peers.
+
+    Accuracy events without a round (asynchronous algorithms) update the figures from each
+    peer's latest accuracy and show the virtual time instead of the round.
+    """
 
     def __init__(self, progress: Progress, config: ExperimentConfig) -> None:
         self._progress = progress
         self._peers = config.peers
         self._task = progress.add_task("round 0", total=config.rounds, mean="-", min="-")
         self._accuracy: dict[int, dict[int, float]] = {}
+        self._latest: dict[int, float] = {}
         self._done_rounds = 0
 
     def __call__(self, event: dict) -> None:
-        if event["event"] != "metric" or event["metric"] != "global_accuracy":
+        if event.get("event") != METRIC or event.get("metric") != GLOBAL_ACCURACY:
+            return
+        if not isinstance(event.get("round"), int):
+            self._latest[event["peer"]] = event["value"]
+            values = [v for v in self._latest.values() if isinstance(v, (int, float)) and not math.isnan(v)]
+            if values:
+                self._progress.update(self._task, description=f"t={event.get('virtual_time', 0.0):.1f}s",
+                                      mean=f"{sum(values) / len(values):.4f}", min=f"{min(values):.4f}")
             return
         per_round = self._accuracy.setdefault(event["round"], {})
         per_round[event["peer"]] = event["value"]
         if len(per_round) == self._peers and event["round"] > self._done_rounds:
             self._done_rounds = event["round"]
-            values = [v for v in per_round.values() if not math.isnan(v)]
+            values = [v for v in per_round.values() if isinstance(v, (int, float)) and not math.isnan(v)]
             self._progress.update(self._task, completed=self._done_rounds, description=f"round {self._done_rounds}",
-                                  mean=f"{sum(values) / len(values):.4f}", min=f"{min(values):.4f}")
+                                  mean=_acc(sum(values) / len(values)) if values else "-",
+                                  min=_acc(min(values)) if values else "-")
+
+
+def _claim_run_dir(out: Optional[Path], config: ExperimentConfig) -> Path:
+    """Refuse a device this machine lacks and an unusable --out before any work; claim the run folder."""
+    from meshfl.experiment.run import RunDirError, claim_run_dir, device_error
+
+    problem = device_error(config)
+    if problem:
+        _fail(problem)
+    try:
+        return claim_run_dir(out, config)
+    except RunDirError as exc:
+        _fail(str(exc))
+    raise AssertionError("unreachable")
 
 
 @app.command(epilog=_fields_help())
 def run(
     config_path: Annotated[Optional[Path], typer.Argument(metavar="[CONFIG.yaml]", help="experiment config; defaults are used for missing fields")] = None,
     set_: Annotated[list[str], typer.Option("--set", "-s", metavar="KEY=VALUE", help="override a config field, e.g. --set peers=4 --set train.model=cnn")] = [],  # noqa: B006
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="run folder (default runs/<time>-<name>)")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="run folder, new or empty (default runs/<time>-<name>)")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
 ) -> None:
-    """Run a simulated experiment and write its run folder (config, metrics, summary, plots, report)."""
+    """Run a simulated experiment and write its run folder (config, metrics, summary, plots, report).
+
+    Ctrl-C stops the simulation and still writes the run folder, marked interrupted (exit 130).
+    """
     from meshfl.core.metrics import MetricsLog
     from meshfl.core.topology import TopologyError
     from meshfl.data import DataError
-    from meshfl.experiment.run import default_run_dir, run_experiment
+    from meshfl.experiment.run import RunInterrupted, discard_if_empty, run_experiment
 
     try:
         config = load_config(config_path, set_)
     except ConfigError as exc:
         _fail(str(exc))
-    run_dir = out or default_run_dir(config)
+    run_dir = _claim_run_dir(out, config)
     metrics = MetricsLog()
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("mean acc {task.fields[mean]}  min acc {task.fields[min]}"), TimeElapsedColumn())
@@ -80,12 +116,15 @@ def run(
             metrics.subscribe(RoundProgress(progress, config))
             result = run_experiment(config, run_dir, metrics)
     except (DataError, TopologyError) as exc:
+        discard_if_empty(run_dir)
         _fail(str(exc))
-    except KeyboardInterrupt:
-        _fail("interrupted; no run folder was written", code=130)
+    except RunInterrupted as exc:
+        summary = exc.result.summary
+        _fail(f"interrupted; wrote what was recorded (mean accuracy {_acc(summary['mean_final_accuracy'])}) to "
+              f"{run_dir}  (report: {run_dir / 'report.html'})", code=130)
     summary = result.summary
     console.print(f"[bold]{config.peers} peers, {config.rounds} rounds[/]: mean final accuracy "
-                  f"{summary['mean_final_accuracy']:.4f}, min {summary['min_final_accuracy']:.4f}, "
+                  f"{_acc(summary['mean_final_accuracy'])}, min {_acc(summary['min_final_accuracy'])}, "
                   f"{summary['total_messages']} messages, {summary['total_bytes'] / 1e6:.1f} MB, "
                   f"virtual {summary['virtual_time_s']:.1f}s, wall {summary['wall_time_s']:.1f}s")
     console.print(f"run folder: {run_dir}  (report: {run_dir / 'report.html'})")
@@ -171,13 +210,16 @@ def launch(
     config_path: Annotated[Optional[Path], typer.Argument(metavar="[CONFIG.yaml]", help="experiment config; defaults are used for missing fields")] = None,
     local: Annotated[bool, typer.Option("--local", help="run every peer as a process on this host (grpc.host, ports grpc.base_port+i)")] = False,
     set_: Annotated[list[str], typer.Option("--set", "-s", metavar="KEY=VALUE", help="override a config field; with TLS, {peer} in grpc.tls.cert/key is each peer's id")] = [],  # noqa: B006
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="run folder (default runs/<time>-<name>)")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="run folder, new or empty (default runs/<time>-<name>)")] = None,
     timeout: Annotated[Optional[float], typer.Option("--timeout", help="stop every peer and fail after this many seconds")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
 ) -> None:
-    """Run an experiment with real peer processes talking gRPC, then write the same run folder as `meshfl run`."""
+    """Run an experiment with real peer processes talking gRPC, then write the same run folder as `meshfl run`.
+
+    Ctrl-C stops every peer and still writes the merged run folder, marked interrupted (exit 130).
+    """
     from meshfl.core.topology import TopologyError
-    from meshfl.experiment.run import default_run_dir
+    from meshfl.experiment.run import discard_if_empty
     from meshfl.runtime.launch import Interrupted, LaunchError, launch_local
 
     if not local:
@@ -186,7 +228,7 @@ def launch(
         config = load_config(config_path, set_)
     except ConfigError as exc:
         _fail(str(exc))
-    run_dir = out or default_run_dir(config)
+    run_dir = _claim_run_dir(out, config)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("peers running {task.fields[running]}  mean acc {task.fields[mean]}"), TimeElapsedColumn())
     try:
@@ -199,13 +241,21 @@ def launch(
 
             result = launch_local(config, run_dir, timeout_s=timeout, progress=show)
     except (ConfigError, TopologyError, LaunchError) as exc:
+        if not isinstance(exc, LaunchError):
+            discard_if_empty(run_dir)
         _fail(str(exc), code=1 if isinstance(exc, LaunchError) else 2)
-    except (Interrupted, KeyboardInterrupt):
+    except Interrupted as exc:
+        if exc.result is None:
+            _fail(f"interrupted; every peer was stopped (peer logs in {run_dir / 'peers'})", code=130)
+        mean = _acc(exc.result.summary["mean_final_accuracy"])
+        _fail(f"interrupted; every peer was stopped and their metrics merged (mean accuracy {mean}) into "
+              f"{run_dir}  (report: {run_dir / 'report.html'})", code=130)
+    except KeyboardInterrupt:
         _fail(f"interrupted; every peer was stopped (peer logs in {run_dir / 'peers'})", code=130)
     summary = result.summary
     dead = summary["dead_peers"]
     console.print(f"[bold]{config.peers} peers, {config.rounds} rounds over gRPC[/]: mean final accuracy "
-                  f"{summary['mean_final_accuracy']:.4f}, min {summary['min_final_accuracy']:.4f}, "
+                  f"{_acc(summary['mean_final_accuracy'])}, min {_acc(summary['min_final_accuracy'])}, "
                   f"{summary['total_messages']} messages, {summary['total_wire_bytes'] / 1e6:.1f} MB on the wire, "
                   f"{summary['total_refused']} refused, dead peers {dead or 'none'}, wall {summary['wall_time_s']:.1f}s")
     console.print(f"run folder: {run_dir}  (report: {run_dir / 'report.html'})")
@@ -214,18 +264,20 @@ def launch(
 @app.command()
 def merge(
     folders: Annotated[list[Path], typer.Argument(metavar="PEER_DIR...", help="out_dir of each `meshfl node` peer (metrics.jsonl + config.yaml)")],
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="run folder (default runs/<time>-<name>)")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="run folder, new or empty (default runs/<time>-<name>)")] = None,
 ) -> None:
     """Merge the output folders of `meshfl node` peers (e.g. copied from several hosts) into one run folder and report."""
+    from meshfl.experiment.run import RunDirError
     from meshfl.runtime.launch import merge_peer_folders
 
     try:
         result = merge_peer_folders(folders, out)
-    except ConfigError as exc:
+    except (ConfigError, RunDirError) as exc:
         _fail(str(exc))
     summary = result.summary
-    console.print(f"[bold]{len(folders)} of {summary['peers']} peers merged[/]: mean final accuracy "
-                  f"{summary['mean_final_accuracy']:.4f}, min {summary['min_final_accuracy']:.4f}, "
+    console.print(f"[bold]{len(folders)} of {summary['peers']} peers merged[/]"
+                  f"{' (interrupted run)' if summary.get('interrupted') else ''}: mean final accuracy "
+                  f"{_acc(summary['mean_final_accuracy'])}, min {_acc(summary['min_final_accuracy'])}, "
                   f"dead peers {summary['dead_peers'] or 'none'}")
     console.print(f"run folder: {result.run_dir}  (report: {result.run_dir / 'report.html'})")
 

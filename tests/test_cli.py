@@ -69,3 +69,61 @@ def test_run_writes_the_run_folder(tmp_path):
     assert load_config(out / "config.yaml").peers == 3  # the resolved config loads back
     partition = json.loads((out / "partition.json").read_text())
     assert sum(p["train_samples"] + p["test_samples"] for p in partition) > 1000
+
+
+def _one_line_error(done: subprocess.CompletedProcess, expected: str) -> None:
+    assert done.returncode == 2, done.stderr
+    assert expected in done.stderr and "Traceback" not in done.stderr + done.stdout
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+def test_out_into_a_non_empty_folder_or_a_file_is_refused_up_front(tmp_path):
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "keep.txt").write_text("mine")
+    for command in ("run", "launch"):
+        extra = ["--local"] if command == "launch" else []
+        done = subprocess.run([sys.executable, "-m", "meshfl.cli", command, *extra, "--out", str(full), "--quiet"],
+                              capture_output=True, text=True, timeout=60)
+        _one_line_error(done, "not empty")
+        assert sorted(p.name for p in full.iterdir()) == ["keep.txt"]
+    done = subprocess.run([sys.executable, "-m", "meshfl.cli", "run", "--out", str(full / "keep.txt")],
+                          capture_output=True, text=True, timeout=60)
+    _one_line_error(done, "is a file")
+    assert (full / "keep.txt").read_text() == "mine"
+
+
+def test_cuda_without_a_gpu_is_one_line(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    done = subprocess.run([sys.executable, "-m", "meshfl.cli", "run", "--set", "train.device=cuda", "--out",
+                           str(tmp_path / "run")], capture_output=True, text=True, timeout=60)
+    _one_line_error(done, "train.device=cuda")
+    assert not (tmp_path / "run").exists()
+
+
+def test_ctrl_c_of_run_writes_an_interrupted_run_folder(tmp_path):
+    import signal
+    import time
+
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "meshfl.cli", "run", "--quiet", "--out", str(run),
+                             "--set", "rounds=2000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not run.exists():
+            assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
+            time.sleep(0.05)
+        time.sleep(3.0)  # data loaded, some rounds simulated
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, stderr
+    assert "interrupted" in stderr and str(run) in stderr.replace("\n", "")
+    summary = json.loads((run / "summary.json").read_text(), parse_constant=lambda c: pytest.fail(c))
+    assert summary["interrupted"] is True
+    assert "(interrupted)" in (run / "report.html").read_text()

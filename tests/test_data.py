@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import os
 from pathlib import Path
 from urllib.error import URLError
 
@@ -16,10 +17,12 @@ import torch
 from meshfl.config import DataConfig
 from meshfl.data import DataError, Dataset, load_dataset, mnist
 
-SHARED_MNIST = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist"
+# $MESHFL_DATA (the README's test command sets ../shared/data), else ../shared/data beside the repository
+SHARED_MNIST = (Path(os.environ.get("MESHFL_DATA") or Path(__file__).resolve().parents[1].parent / "shared" / "data")
+                .expanduser().resolve() / "mnist")
 MNIST_TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
 needs_mnist = pytest.mark.skipif(
-    not all((SHARED_MNIST / name).is_file() for name in mnist.FILES), reason="shared MNIST files absent")
+    not all((SHARED_MNIST / name).is_file() for name in mnist.FILES), reason=f"MNIST files absent from {SHARED_MNIST} (set MESHFL_DATA)")
 
 
 # ---------------------------------------------------------------- Dataset

@@ -151,7 +151,8 @@ def test_merge_puts_peers_on_the_launcher_clock_and_summarises_the_dead():
     merged = merge_events(per_peer, started_unix=100.0)
     assert [(e["event"], e["wall_time"]) for e in merged][:2] == [("peer_started", 0.1), ("peer_started", 1.5)]
     summary = grpc_summary(config, per_peer, merged, {0: 0, 1: -9}, 5.0)
-    assert summary["dead_peers"] == [1] and summary["final_global_accuracy"] == {"0": 0.9}
+    assert summary["dead_peers"] == [1] and summary["final_global_accuracy"] == {"0": 0.9, "1": None}
+    assert summary["peer_status"] == {"0": "running", "1": "crashed"} and summary["interrupted"] is False
     assert summary["messages_sent"] == {"0": 3, "1": 0} and summary["total_bytes"] == 300
     assert summary["refused"]["0"] == {"malformed": 2} and summary["total_refused"] == 2
     assert summary["wire_overhead_ratio"] == pytest.approx(300 / 280)
@@ -179,9 +180,12 @@ def test_merge_command_builds_one_run_from_peer_folders(tmp_path):
                peer_folder(tmp_path / "hosts", 1, config, accuracy=0.8, status=None)]  # killed: no peer_finished
     result = merge_peer_folders(folders, tmp_path / "run", report=False)
     summary = result.summary
-    assert summary["final_global_accuracy"] == {"0": 0.9, "1": 0.8}
+    assert summary["final_global_accuracy"] == {"0": 0.9, "1": 0.8, "2": None}  # 1's last, though it died
     assert summary["dead_peers"] == [1, 2]  # 1 was killed, 2 never sent its folder
+    assert summary["mean_final_accuracy"] == 0.9  # over the peers that are not dead
     assert summary["exit_codes"] == {"0": 0, "1": None, "2": None}
+    assert summary["peer_status"] == {"0": "finished", "1": "crashed", "2": "crashed"}
+    assert summary["incarnations"] == {"0": 1, "1": 1, "2": 0} and summary["interrupted"] is False
     assert summary["wall_time_s"] == pytest.approx(4.0)  # first start 1000.0 to last event: peer 0 at 1004, peer 1 at 1001 + 3
     assert load_config(tmp_path / "run" / "config.yaml") == config
     # bad input: one line naming the folder, exit code 2, nothing written
@@ -289,8 +293,10 @@ def test_a_killed_peer_is_survived_and_reported_dead(tmp_path):
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["dead_peers"] == [3] and launched.exit_codes[3] == -signal.SIGKILL
     assert {p: launched.exit_codes[p] for p in (0, 1, 2)} == {0: 0, 1: 0, 2: 0}
-    assert set(summary["final_global_accuracy"]) == {"0", "1", "2"}  # the survivors finished every round
-    assert all(acc > 0.3 for acc in summary["final_global_accuracy"].values())
+    survivors = {p: a for p, a in summary["final_global_accuracy"].items() if p != "3"}
+    assert set(survivors) == {"0", "1", "2"} and summary["final_round"]["0"] == 2  # they finished every round
+    assert all(acc > 0.3 for acc in survivors.values())
+    assert summary["peer_status"]["3"] == "crashed" and summary["peer_status"]["0"] == "finished"
     # only the killed peer is declared dead; survivors that finished first said goodbye instead
     assert all(summary["neighbours_declared_dead"][str(p)] == [3] for p in (0, 1, 2)), summary["neighbours_declared_dead"]
     report = (tmp_path / "run" / "report.html").read_text()
@@ -317,7 +323,42 @@ def test_ctrl_c_stops_every_peer(tmp_path):
         assert "interrupted" in stderr
         assert not [pid for pid in peers if alive(pid)]
         assert all('"peer_finished"' in m.read_text() for m in metrics)  # stopped by SIGTERM, not killed
+        summary = json.loads((run / "summary.json").read_text(), parse_constant=lambda c: pytest.fail(c))
+        assert summary["interrupted"] is True and summary["dead_peers"] == []  # merged, marked, nobody dead
+        assert set(summary["peer_status"].values()) == {"stopped"}
+        assert str(run) in stderr.replace("\n", "") and "(interrupted)" in (run / "report.html").read_text()
     finally:
         if launcher.poll() is None:
             os.killpg(launcher.pid, signal.SIGKILL)
             launcher.wait()
+
+
+def test_merge_of_an_interrupted_run_is_strict_json_and_nobody_dead(tmp_path):
+    """Peers stopped by Ctrl-C before the last round: their last accuracy counts, none is dead, no NaN."""
+    config = load_config(None, ["peers=2", "rounds=5"])
+    folders = []
+    for peer in range(2):
+        folder = tmp_path / f"peer-{peer}"
+        folder.mkdir()
+        (folder / "config.yaml").write_text(dump_config(config))
+        events = [{"event": "peer_started", "peer": peer, "incarnation": 0, "unix_time": 1000.0, "wall_time": 0.0},
+                  {"event": "metric", "peer": peer, "round": 2, "metric": "global_accuracy", "value": [0.7, 0.8][peer],
+                   "virtual_time": 2.0, "wall_time": 2.0},
+                  {"event": "peer_finished", "peer": peer, "incarnation": 0, "status": "stopped",
+                   "virtual_time": 3.0, "wall_time": 3.0}]
+        (folder / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+        folders.append(folder)
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    done = runner.invoke(app, ["merge", *map(str, folders), "--out", str(tmp_path / "full")])
+    assert done.exit_code == 2 and "not empty" in done.output
+    done = runner.invoke(app, ["merge", *map(str, folders), "--out", str(tmp_path / "run")])
+    assert done.exit_code == 0, done.output
+    text = (tmp_path / "run" / "summary.json").read_text()
+    summary = json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in summary.json"))
+    assert summary["interrupted"] is True and summary["dead_peers"] == []
+    assert summary["final_global_accuracy"] == {"0": 0.7, "1": 0.8} and summary["final_round"] == {"0": 2, "1": 2}
+    assert summary["peer_status"] == {"0": "stopped", "1": "stopped"}
+    assert summary["wire_overhead_ratio"] is None  # no traffic events: no ratio, not NaN
+    html = (tmp_path / "run" / "report.html").read_text()
+    assert "(interrupted)</title>" in html and "<td>stopped</td>" in html

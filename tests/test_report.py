@@ -162,3 +162,74 @@ def test_traffic_by_type_and_grpc_rows(tmp_path: Path) -> None:
     assert "Virtual time" not in html and "Longest peer clock" in html
     assert '<tr><th>Messages refused at the door</th><td class="dead">1,200</td></tr>' in html
     assert "<td>1.0011</td>" in html
+
+
+def lifecycle_run(with_rounds: bool) -> tuple[list[dict], dict]:
+    """Peer 1 crashes at t=3 and restarts at t=5; peer 2 crashes for good at t=4; peer 3 is stopped."""
+    def acc(peer: int, t: float, value: float, rnd: int) -> dict:
+        event = {"event": "metric", "peer": peer, "metric": "global_accuracy", "value": value,
+                 "virtual_time": t, "wall_time": t / 10}
+        return event | ({"round": rnd} if with_rounds else {})
+
+    def life(kind: str, peer: int, t: float, **fields) -> dict:
+        return {"event": kind, "peer": peer, **fields, "virtual_time": t, "wall_time": t / 10}
+
+    events = [life("peer_started", p, 0.0, incarnation=0) for p in range(4)]
+    for r in range(1, 9):
+        t = float(r)
+        for p in range(4):
+            if (p == 1 and 3 < t < 6) or (p == 2 and t > 4) or (p == 3 and t > 6):
+                continue
+            events.append(acc(p, t, 0.5 + 0.05 * r + 0.01 * p, r))
+        if r == 3:
+            events += [{"event": "fault", "kind": "crash", "peers": [1], "virtual_time": t, "wall_time": t / 10},
+                       life("peer_crashed", 1, t + 0.1, incarnation=0, reason="fault", round=3)]
+        if r == 4:
+            events.append(life("peer_crashed", 2, t + 0.1, incarnation=0, reason="exception", error="boom"))
+        if r == 5:
+            events.append(life("peer_started", 1, t + 0.5, incarnation=1))
+        if r == 6:
+            events.append(life("peer_finished", 3, t + 0.5, incarnation=0, status="stopped"))
+    summary = {"peers": 4, "rounds": 8, "interrupted": True, "dead_peers": [2],
+               "final_global_accuracy": {"0": 0.93, "1": 0.94, "2": 0.72, "3": 0.83},
+               "final_round": {"0": 8, "1": 8, "2": 4, "3": 6} if with_rounds else {},
+               "peer_status": {"0": "running", "1": "running", "2": "crashed", "3": "stopped"},
+               "incarnations": {"0": 1, "1": 2, "2": 1, "3": 1},
+               "mean_final_accuracy": None, "min_final_accuracy": None,
+               "messages_sent": {str(p): 10 for p in range(4)}, "bytes_sent": {str(p): 1000 for p in range(4)}}
+    return events, summary
+
+
+@pytest.mark.parametrize("with_rounds", [True, False])
+def test_lifecycle_markers_statuses_and_interrupted(tmp_path: Path, with_rounds: bool, monkeypatch) -> None:
+    from meshfl.experiment import report as report_module
+
+    marks: list[tuple[str, float]] = []
+    original = report_module._mark_lifecycle
+
+    def spy(ax, histories, series, x_of):
+        drawn = original(ax, histories, series, x_of)
+        for peer, h in histories.items():
+            marks.extend((f"crash {peer}", x_of(m)) for m in h.crashes)
+            marks.extend((f"restart {peer}", x_of(m)) for m in h.restarts)
+        marks.append(("drawn", tuple(sorted(drawn))))
+        return drawn
+
+    monkeypatch.setattr(report_module, "_mark_lifecycle", spy)
+    events, summary = lifecycle_run(with_rounds)
+    files = write_report(tmp_path, events, summary, CONFIG, title="lifecycle")
+    assert files[0].read_bytes()[:8] == PNG_MAGIC
+    expected = ([("crash 1", 3.0), ("restart 1", 5.0), ("crash 2", 4.0)] if with_rounds
+                else [("crash 1", 3.1), ("restart 1", 5.5), ("crash 2", 4.1)])
+    assert marks == [*expected, ("drawn", ("crash", "restart"))]
+    html = files[-1].read_text()
+    assert "<title>lifecycle (interrupted)</title>" in html and 'class="interrupted"' in html
+    assert "<tr><th>Crashes / restarts</th><td class=\"dead\">2 / 1</td></tr>" in html
+    assert "<tr><th>Faults fired</th><td>1 (crash)</td></tr>" in html
+    table = html.split("Per-peer results")[1].split("</table>")[0]
+    # peer, final accuracy, at round, messages, bytes, incarnations, crashes, status
+    assert '<td class="num">1</td><td class="num">0.9400</td>' in table
+    assert '<td class="num">2</td><td class="num">1</td><td>running</td></tr>' in table  # peer 1: 2 lives, 1 crash
+    assert '<tr class="dead"><td class="num">2</td>' in table and "<td>crashed</td>" in table
+    assert '<tr class="stopped"><td class="num">3</td>' in table and "<td>stopped</td>" in table
+    assert "dead" not in table.split('<td class="num">3</td>')[1]  # a stopped peer is not dead

@@ -3,11 +3,24 @@
 Every event carries `virtual_time` (the runtime's clock: deterministic in the simulator)
 and `wall_time` (seconds since the run started: never deterministic, so comparisons of
 runs drop it). Listeners (a progress bar, a dashboard) see each event as it is recorded.
+
+Event and metric names are defined here once; runtimes, the run folder, the report and the
+CLI use these constants, never the strings.
+
+- `metric`: {peer, metric, value} plus optional `round` (round-based algorithms) and
+  `incarnation` (which life of a restarted peer reported it).
+- `peer_started`: {peer, incarnation} (0 first, +1 at each restart).
+- `peer_crashed`: {peer, incarnation, reason ("fault" | "exception" | "killed"), error?}.
+- `peer_finished`: {peer, incarnation, status ("finished" | "stopped" | "failed" | "left")}.
+- `fault`: {kind, peers, ...} when a scheduled fault fires.
+
+Files of events are strict JSON (one object per line): a non-finite value is written null.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -15,22 +28,36 @@ from typing import Any
 
 WALL_CLOCK_FIELDS = ("wall_time",)
 
-# Metric names (the `metric` of a metric event), defined once.
-GLOBAL_ACCURACY = "global_accuracy"
-GLOBAL_LOSS = "global_loss"
-LOCAL_ACCURACY = "local_accuracy"
-LOCAL_LOSS = "local_loss"
-TRAIN_LOSS = "train_loss"
-
-# Event names (the `event` of every line of metrics.jsonl), defined once.
+# event names
 METRIC = "metric"
-RUN_STARTED = "run_started"
-RUN_FINISHED = "run_finished"
 PEER_STARTED = "peer_started"
 PEER_CRASHED = "peer_crashed"
 PEER_FINISHED = "peer_finished"
 FAULT = "fault"
-LIVENESS = "liveness"
+LIVENESS = "liveness"  # a peer's failure detector changed its mind about another peer
+RUN_STARTED = "run_started"
+RUN_FINISHED = "run_finished"
+RUN_INTERRUPTED = "run_interrupted"  # Ctrl-C stopped the run; what precedes it is all there is
+PEER_EXITED = "peer_exited"  # the launcher's record of a peer process's exit code
+LIFECYCLE_EVENTS = (PEER_STARTED, PEER_CRASHED, PEER_FINISHED)
+
+# metric names
+GLOBAL_ACCURACY = "global_accuracy"
+LOCAL_ACCURACY = "local_accuracy"
+GLOBAL_LOSS = "global_loss"
+LOCAL_LOSS = "local_loss"
+TRAIN_LOSS = "train_loss"
+
+# peer_crashed reasons and peer_finished statuses
+CRASH_FAULT = "fault"
+CRASH_EXCEPTION = "exception"
+CRASH_KILLED = "killed"
+STATUS_FINISHED = "finished"
+STATUS_STOPPED = "stopped"
+STATUS_FAILED = "failed"
+STATUS_LEFT = "left"
+STATUS_CRASHED = "crashed"  # summary's peer_status only: last lifecycle event is a crash
+STATUS_RUNNING = "running"  # summary's peer_status only: started and neither finished nor crashed
 
 Listener = Callable[[dict[str, Any]], None]
 
@@ -57,16 +84,40 @@ class MetricsLog:
             listener(entry)
         return entry
 
-    def metric(self, peer: int, metric: str, value: float, round: int | None = None) -> None:
-        fields: dict[str, Any] = {"peer": peer, "metric": metric, "value": value}
-        if round is not None:
-            fields["round"] = round
+    def metric(self, peer: int, round: int | None, metric: str, value: float, *,
+               incarnation: int | None = None) -> None:
+        """A metric event; `round` and `incarnation` are left out when None."""
+        fields: dict[str, Any] = {} if round is None else {"round": round}
+        fields.update(peer=peer, metric=metric, value=value)
+        if incarnation is not None:
+            fields["incarnation"] = incarnation
         self.record(METRIC, **fields)
 
     def write_jsonl(self, path: Path) -> None:
         with path.open("w") as handle:
             for entry in self.events:
-                handle.write(json.dumps(entry, allow_nan=True) + "\n")
+                handle.write(event_line(entry))
+
+
+def json_safe(value: Any) -> Any:
+    """`value` with every non-finite float (NaN, +-Infinity) replaced by None, at any depth."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def strict_json(value: Any, **kwargs: Any) -> str:
+    """json.dumps that never writes NaN/Infinity (non-finite floats become null)."""
+    return json.dumps(json_safe(value), allow_nan=False, **kwargs)
+
+
+def event_line(entry: dict[str, Any]) -> str:
+    """One metrics.jsonl line: strict JSON and a newline."""
+    return strict_json(entry) + "\n"
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:

@@ -2,7 +2,10 @@
 
 Reads the events written to metrics.jsonl and the run summary; writes three PNGs and a
 report.html that embeds them as data URIs, so the report can be mailed or archived as
-one file. Uses matplotlib's object API on Agg (no pyplot): no global backend switch, no
+one file. Plots use rounds on the x axis when every accuracy event carries one, else the
+runtime's clock (virtual time; the launcher's wall clock for gRPC runs), and mark each
+peer's crashes (red x and dashed line) and restarts (green triangle and dotted line) from
+its lifecycle events. Uses matplotlib's object API on Agg (no pyplot): no global backend switch, no
 figure registry to leak, safe to call from any thread or a headless machine.
 """
 
@@ -22,6 +25,19 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
+from matplotlib.transforms import blended_transform_factory
+
+from meshfl.core.metrics import (
+    FAULT,
+    GLOBAL_ACCURACY,
+    GLOBAL_LOSS,
+    METRIC,
+    STATUS_CRASHED,
+    STATUS_RUNNING,
+    STATUS_STOPPED,
+    TRAIN_LOSS,
+)
+from meshfl.experiment.peers import Moment, PeerHistory, peer_histories
 
 DPI = 110
 MAX_LEGEND_PEERS = 12
@@ -29,6 +45,11 @@ MAX_LABELLED_BARS = 40
 PEER_COLOR = "#4c72b0"
 DEAD_COLOR = "#c44e52"
 MEAN_COLOR = "#111111"
+CRASH_COLOR = "#d62728"
+RESTART_COLOR = "#2ca02c"
+# per-peer line colours when peers are labelled: tab10 without its red and green (crash, restart marks)
+PEER_PALETTE = ("#1f77b4", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf",
+                "#393b79", "#5254a3", "#8c6d31", "#6b6ecf")
 
 
 @dataclass(frozen=True)
@@ -70,7 +91,7 @@ def collect_metrics(events: Iterable[Any]) -> dict[str, MetricGrid]:
 
 
 def _metric_row(event: Any) -> tuple[str, int, int, float] | None:
-    if not isinstance(event, dict) or event.get("event") != "metric":
+    if not isinstance(event, dict) or event.get("event") != METRIC:
         return None
     try:
         return str(event["metric"]), int(event["peer"]), int(event["round"]), float(event["value"])
@@ -89,6 +110,39 @@ def _grid(peers: list[int], rounds: list[int], values: list[float]) -> MetricGri
 
 def _empty_grid() -> MetricGrid:
     return MetricGrid(np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64), np.zeros((0, 0)))
+
+
+Series = dict[int, tuple[np.ndarray, np.ndarray]]
+"""peer -> (x, y) in event order; y is NaN where a value was null."""
+
+
+def has_rounds(events: Iterable[Any], metric: str = GLOBAL_ACCURACY) -> bool:
+    """True when there are `metric` events and every one carries an integer round."""
+    seen = False
+    for event in events:
+        if isinstance(event, dict) and event.get("event") == METRIC and event.get("metric") == metric:
+            if not isinstance(event.get("round"), int):
+                return False
+            seen = True
+    return seen
+
+
+def collect_series(events: Iterable[Any], metric: str, x_key: str) -> Series:
+    """Every peer's `metric` values against `x_key` (virtual_time, wall_time or round)."""
+    points: dict[int, tuple[list[float], list[float]]] = {}
+    for event in events:
+        if not isinstance(event, dict) or event.get("event") != METRIC or event.get("metric") != metric:
+            continue
+        try:
+            peer, x = int(event["peer"]), float(event[x_key])
+            value = event.get("value")
+            y = float("nan") if value is None else float(value)
+        except (KeyError, TypeError, ValueError):
+            continue
+        xs, ys = points.setdefault(peer, ([], []))
+        xs.append(x)
+        ys.append(y)
+    return {p: (np.asarray(xs), np.asarray(ys)) for p, (xs, ys) in sorted(points.items())}
 
 
 # --- summary helpers -------------------------------------------------------------------------
@@ -159,8 +213,10 @@ def _accuracy_ylim(values: np.ndarray) -> tuple[float, float]:
     return bottom, top + 0.015 * (top - bottom)
 
 
-def plot_accuracy(grid: MetricGrid, dead: set[int], path: Path) -> Path:
-    """One thin line per peer, bold mean; a dead peer is drawn in red and ends with an x."""
+def plot_accuracy(grid: MetricGrid, dead: set[int], path: Path,
+                  histories: dict[int, PeerHistory] | None = None) -> Path:
+    """Per round: one thin line per peer, bold mean; a dead peer is drawn in red and ends with
+    an x; crashes and restarts from `histories` are marked at the round the peer was in."""
     fig = _new_figure()
     ax = fig.add_subplot()
     if grid.empty:
@@ -168,39 +224,128 @@ def plot_accuracy(grid: MetricGrid, dead: set[int], path: Path) -> Path:
         return _save(fig, path)
     show_legend = grid.peers.size <= MAX_LEGEND_PEERS
     alpha = 0.9 if show_legend else max(0.25, min(0.7, 8 / grid.peers.size))
-    for peer, row in zip(grid.peers.tolist(), grid.values, strict=True):
-        _plot_peer_line(ax, grid.rounds, row, peer, peer in dead, show_legend, alpha)
+    series: Series = {}
+    histories = histories or {}
+    first = float(grid.rounds.min())
+
+    def at_round(moment: Moment) -> float:
+        return first - 0.5 if moment.round is None else float(moment.round)
+
+    for i, (peer, row) in enumerate(zip(grid.peers.tolist(), grid.values, strict=True)):
+        _plot_peer_line(ax, grid.rounds, row, peer, peer in dead, show_legend, alpha, i,
+                        _breaks(histories.get(peer), at_round))
+        series[peer] = (grid.rounds.astype(float), row)
     ax.plot(grid.rounds, grid.mean_per_round(), color=MEAN_COLOR, lw=2.6, marker="o", ms=4, label="mean", zorder=5)
     ax.set_ylim(*_accuracy_ylim(grid.values))
     ax.set_xlabel("round")
     ax.set_ylabel("global test accuracy")
     ax.set_title(f"Global test accuracy per peer ({grid.peers.size} peers, mean in bold)")
     _round_axis(ax, grid.rounds)
-    if show_legend:
-        ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, frameon=False)
-    else:
-        handles = [Line2D([], [], color=PEER_COLOR, lw=1, label="one peer"),
-                   Line2D([], [], color=MEAN_COLOR, lw=2.6, label="mean")]
-        if dead & set(grid.peers.tolist()):
-            handles.append(Line2D([], [], color=DEAD_COLOR, lw=1, ls="--", marker="x", label="dead peer"))
-        ax.legend(handles=handles, loc="lower right", fontsize=8)
+    marked = _mark_lifecycle(ax, histories, series, at_round)
+    _accuracy_legend(ax, show_legend, bool(dead & set(grid.peers.tolist())), marked)
     return _save(fig, path)
 
 
+def plot_accuracy_over_time(series: Series, dead: set[int], path: Path, histories: dict[int, PeerHistory] | None,
+                            time_key: str = "virtual_time") -> Path:
+    """Accuracy against the runtime's clock (for events without rounds), with crash/restart marks."""
+    fig = _new_figure()
+    ax = fig.add_subplot()
+    if not series:
+        _no_data(ax, "global accuracy")
+        return _save(fig, path)
+    show_legend = len(series) <= MAX_LEGEND_PEERS
+    alpha = 0.9 if show_legend else max(0.25, min(0.7, 8 / len(series)))
+    histories = histories or {}
+    start = min(float(x.min()) for x, _ in series.values() if x.size)
+
+    def at(moment: Moment) -> float:
+        value = getattr(moment, time_key)
+        return start if value is None else float(value)
+
+    for i, (peer, (x, y)) in enumerate(series.items()):
+        _plot_peer_line(ax, x, y, peer, peer in dead, show_legend, alpha, i, _breaks(histories.get(peer), at))
+    values = np.concatenate([y for _, y in series.values()])
+    ax.set_ylim(*_accuracy_ylim(values))
+    clock = "wall-clock time (s)" if time_key == "wall_time" else "virtual time (s)"
+    ax.set_xlabel(clock)
+    ax.set_ylabel("global test accuracy")
+    ax.set_title(f"Global test accuracy per peer over {clock.split(' (')[0]} ({len(series)} peers)")
+    ax.grid(True, alpha=0.3)
+    marked = _mark_lifecycle(ax, histories, series, at)
+    _accuracy_legend(ax, show_legend, bool(dead & set(series)), marked, with_mean=False)
+    return _save(fig, path)
+
+
+def _mark_lifecycle(ax: Any, histories: dict[int, PeerHistory], series: Series, x_of: Any) -> set[str]:
+    """A red x on the peer's line and a dashed red line at each crash; a green triangle at the
+    bottom and a dotted green line at each restart. Returns which kinds were drawn."""
+    bottom = blended_transform_factory(ax.transData, ax.transAxes)
+    drawn: set[str] = set()
+    for peer, history in histories.items():
+        x_line, y_line = series.get(peer, (np.zeros(0), np.zeros(0)))
+        for crash in history.crashes:
+            x = x_of(crash)
+            ax.axvline(x, color=CRASH_COLOR, ls="--", lw=0.9, alpha=0.55, zorder=3)
+            before = np.isfinite(y_line) & (x_line <= x)
+            if before.any():
+                ax.plot([x], [y_line[before][-1]], marker="x", ms=10, mew=2.4, color=CRASH_COLOR, ls="none", zorder=7)
+            else:
+                ax.plot([x], [0.04], marker="x", ms=10, mew=2.4, color=CRASH_COLOR, ls="none", zorder=7,
+                        transform=bottom)
+            ax.annotate(f"{peer}", (x, 0.97), xycoords=bottom, color=CRASH_COLOR, fontsize=7, ha="center", va="top")
+            drawn.add("crash")
+        for restart in history.restarts:
+            x = x_of(restart)
+            ax.axvline(x, color=RESTART_COLOR, ls=":", lw=1.1, alpha=0.7, zorder=3)
+            ax.plot([x], [0.04], marker="^", ms=9, color=RESTART_COLOR, ls="none", zorder=7, transform=bottom)
+            ax.annotate(f"{peer}", (x, 0.08), xycoords=bottom, color=RESTART_COLOR, fontsize=7, ha="center",
+                        va="bottom")
+            drawn.add("restart")
+    return drawn
+
+
+def _accuracy_legend(ax: Any, per_peer: bool, any_dead: bool, marked: set[str], with_mean: bool = True) -> None:
+    extra = []
+    if "crash" in marked:
+        extra.append(Line2D([], [], color=CRASH_COLOR, ls="--", lw=0.9, marker="x", mew=2, label="crash"))
+    if "restart" in marked:
+        extra.append(Line2D([], [], color=RESTART_COLOR, ls=":", lw=1.1, marker="^", label="restart"))
+    if per_peer:
+        handles, _ = ax.get_legend_handles_labels()
+        ax.legend(handles=handles + extra, loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, frameon=False)
+        return
+    handles = [Line2D([], [], color=PEER_COLOR, lw=1, label="one peer")]
+    if with_mean:
+        handles.append(Line2D([], [], color=MEAN_COLOR, lw=2.6, label="mean"))
+    if any_dead:
+        handles.append(Line2D([], [], color=DEAD_COLOR, lw=1, ls="--", marker="x", label="dead peer"))
+    ax.legend(handles=handles + extra, loc="lower right", fontsize=8)
+
+
+def _breaks(history: PeerHistory | None, x_of: Any) -> list[float]:
+    """Where a peer's line must not be joined: at each crash (its crash mark ends the segment)."""
+    if history is None:
+        return []
+    return [x_of(c) for c in history.crashes]
+
+
 def _plot_peer_line(ax: Any, rounds: np.ndarray, row: np.ndarray, peer: int, dead: bool, labelled: bool,
-                    alpha: float) -> None:
-    """Joins the rounds a peer did report, so a missed round does not hide its neighbours."""
+                    alpha: float, index: int = 0, breaks: list[float] | None = None) -> None:
+    """Joins the points a peer did report, so a missed round does not hide its neighbours, but
+    not across a crash (`breaks`): a restarted peer's lives are separate segments."""
     have = np.isfinite(row)
     x, y = rounds[have], row[have]
     label = (f"peer {peer} (dead)" if dead else f"peer {peer}") if labelled else None
-    style: dict[str, Any] = {"lw": 1.0, "alpha": alpha, "label": label}
-    if not labelled:  # one colour for the crowd, red for the dead
-        style.update(color=DEAD_COLOR if dead else PEER_COLOR)
+    color = PEER_PALETTE[index % len(PEER_PALETTE)] if labelled else DEAD_COLOR if dead else PEER_COLOR
+    style: dict[str, Any] = {"lw": 1.0, "alpha": alpha, "color": color}
     if dead:  # drawn above the crowd so where it stopped stays visible
         style.update(ls="--", lw=1.4, alpha=1.0, zorder=4)
-    lines = ax.plot(x, y, marker="." if x.size < 30 else None, ms=4, **style)
-    if dead and x.size:
-        ax.plot(x[-1:], y[-1:], marker="x", ms=9, mew=2.2, color=lines[0].get_color(), ls="none", zorder=6)
+    cuts = np.searchsorted(x, sorted(breaks or []), side="right") if x.size else []
+    for i, (xs, ys) in enumerate(zip(np.split(x, cuts), np.split(y, cuts), strict=True)):
+        ax.plot(xs, ys, marker="." if x.size < 30 else None, ms=4, label=label if i == 0 else None, **style)
+    if dead and x.size and not breaks:
+        ax.plot(x[-1:], y[-1:], marker="x", ms=9, mew=2.2, color=color, ls="none", zorder=6)
 
 
 def _round_axis(ax: Any, rounds: np.ndarray) -> None:
@@ -251,6 +396,25 @@ def _bars(ax: Any, x: np.ndarray, heights: np.ndarray, colors: list[str], ylabel
     ax.set_ylabel(ylabel)
     ax.grid(True, axis="y", alpha=0.3)
     ax.set_axisbelow(True)
+
+
+def plot_loss_over_time(global_loss: Series, path: Path, time_key: str = "virtual_time") -> Path:
+    """Global test loss of each peer against the runtime's clock (for events without rounds)."""
+    fig = _new_figure()
+    ax = fig.add_subplot()
+    if not global_loss:
+        _no_data(ax, "loss")
+        return _save(fig, path)
+    alpha = 0.9 if len(global_loss) <= MAX_LEGEND_PEERS else max(0.25, min(0.7, 8 / len(global_loss)))
+    for x, y in global_loss.values():
+        have = np.isfinite(y)
+        ax.plot(x[have], y[have], color=PEER_COLOR, lw=1.0, alpha=alpha)
+    ax.set_xlabel("wall-clock time (s)" if time_key == "wall_time" else "virtual time (s)")
+    ax.set_ylabel("global test loss")
+    ax.set_ylim(bottom=0)
+    ax.set_title(f"Global test loss per peer ({len(global_loss)} peers)")
+    ax.grid(True, alpha=0.3)
+    return _save(fig, path)
 
 
 def plot_loss(global_loss: MetricGrid, train_loss: MetricGrid, path: Path) -> Path:
@@ -322,7 +486,9 @@ def _fmt_count(value: float | None) -> str:
 
 
 def _summary_accuracy(summary: dict[str, Any], key: str, final: dict[int, float], reduce: Any) -> float | None:
-    """The summary's own figure when present, else recomputed from the per-peer finals."""
+    """The summary's own figure when present (null: none), else recomputed from the per-peer finals."""
+    if key in summary and summary[key] is None:
+        return None
     try:
         return float(summary[key])
     except (KeyError, TypeError, ValueError):
@@ -340,6 +506,8 @@ th, td { padding: 0.25rem 0.8rem; border-bottom: 1px solid #eee; text-align: lef
 td.num { text-align: right; }
 tr.dead td, td.dead { background: #fde2e2; color: #8a1f1f; font-weight: 600; }
 th.num { text-align: right; }
+tr.stopped td { background: #fff6db; }
+p.interrupted { background: #fff3cd; border: 1px solid #e0c36b; padding: 0.6rem 0.9rem; font-weight: 600; }
 img { max-width: 100%; height: auto; display: block; margin: 0.5rem 0 1.5rem; }
 pre { background: #f6f8fa; padding: 1rem; overflow-x: auto; font-size: 0.85rem; }
 """
@@ -356,9 +524,12 @@ def _row(label: str, value: str, css: str = "") -> str:
 
 
 def _summary_table(summary: dict[str, Any], peers: list[int], final: dict[int, float], messages: dict[int, float],
-                   sent_bytes: dict[int, float], dead: set[int]) -> str:
+                   sent_bytes: dict[int, float], dead: set[int], histories: dict[int, PeerHistory] | None = None,
+                   faults: list[dict] | None = None) -> str:
     total_bytes = sum(sent_bytes.values()) if sent_bytes else None
-    rows = [
+    rows = [] if not summary.get("interrupted") else [
+        _row("Interrupted", "yes: stopped before it finished; figures are what was recorded until then", "dead")]
+    rows += [
         _row("Peers", str(summary.get("peers", len(peers)))),
         _row("Rounds", str(summary.get("rounds", "—"))),
         _row("Mean final accuracy", _fmt_acc(_summary_accuracy(summary, "mean_final_accuracy", final, np.mean))),
@@ -377,6 +548,14 @@ def _summary_table(summary: dict[str, Any], peers: list[int], final: dict[int, f
         ]
     else:
         rows.append(_row("Virtual time", _fmt_seconds(summary.get("virtual_time_s"))))
+    histories = histories or {}
+    crashes = sum(len(h.crashes) for h in histories.values())
+    restarts = sum(len(h.restarts) for h in histories.values())
+    if crashes or restarts:
+        rows.append(_row("Crashes / restarts", f"{crashes} / {restarts}", "dead" if crashes else ""))
+    if faults:
+        kinds = sorted({str(f.get("kind", "?")) for f in faults})
+        rows.append(_row("Faults fired", f"{len(faults)} ({', '.join(kinds)})"))
     rows.append(_row("Dead peers", ", ".join(map(str, sorted(dead))) if dead else "none", "dead" if dead else ""))
     return "<table>\n" + "\n".join(rows) + "\n</table>"
 
@@ -400,28 +579,48 @@ def _type_table(summary: dict[str, Any]) -> str:
     return "<table>\n" + head + "\n" + "\n".join(rows) + "\n</table>"
 
 
+def _peer_status(summary: dict[str, Any], peer: int, dead: set[int]) -> str:
+    """The summary's peer_status (finished, stopped, crashed, ...); older summaries: dead or alive."""
+    status = (summary.get("peer_status") or {}).get(str(peer))
+    if isinstance(status, str) and status:
+        return f"{status} (dead)" if peer in dead and status != STATUS_CRASHED else status
+    return "dead" if peer in dead else "alive"
+
+
 def _peer_table(peers: list[int], final: dict[int, float], messages: dict[int, float], sent_bytes: dict[int, float],
-                dead: set[int]) -> str:
-    head = ('<tr><th class="num">peer</th><th class="num">final global accuracy</th>'
-            '<th class="num">messages sent</th><th class="num">bytes sent</th><th>status</th></tr>')
+                dead: set[int], summary: dict[str, Any] | None = None,
+                histories: dict[int, PeerHistory] | None = None) -> str:
+    summary = summary or {}
+    histories = histories or {}
+    incarnations = _per_peer(summary, "incarnations")
+    final_round = _per_peer(summary, "final_round")
+    head = ('<tr><th class="num">peer</th><th class="num">final global accuracy</th><th class="num">at round</th>'
+            '<th class="num">messages sent</th><th class="num">bytes sent</th><th class="num">incarnations</th>'
+            '<th class="num">crashes</th><th>status</th></tr>')
     rows = []
     for p in peers:
-        cls = ' class="dead"' if p in dead else ""
-        cells = [str(p), _fmt_acc(final.get(p)), _fmt_count(messages.get(p)), _fmt_count(sent_bytes.get(p)),
-                 "dead" if p in dead else "alive"]
-        tds = "".join(f'<td class="num">{html.escape(c)}</td>' for c in cells[:4]) + f"<td>{cells[4]}</td>"
+        status = _peer_status(summary, p, dead)
+        cls = ' class="dead"' if p in dead else ' class="stopped"' if status in (STATUS_STOPPED, STATUS_RUNNING) else ""
+        lives = incarnations.get(p, histories[p].lives if p in histories else None)
+        crashes = len(histories[p].crashes) if p in histories else None
+        cells = [str(p), _fmt_acc(final.get(p)), _fmt_count(final_round.get(p)), _fmt_count(messages.get(p)),
+                 _fmt_count(sent_bytes.get(p)), _fmt_count(lives), _fmt_count(crashes)]
+        tds = "".join(f'<td class="num">{html.escape(c)}</td>' for c in cells) + f"<td>{html.escape(status)}</td>"
         rows.append(f"<tr{cls}>{tds}</tr>")
     return "<table>\n" + head + "\n" + "\n".join(rows) + "\n</table>"
 
 
 def render_html(title: str, summary_html: str, images: list[str], peer_html: str, config_yaml: str,
-                type_html: str = "") -> str:
+                type_html: str = "", interrupted: bool = False) -> str:
     esc = html.escape(title)
+    banner = ('<p class="interrupted">This run was interrupted (Ctrl-C or a signal) before it finished: '
+              "what follows is what the peers had recorded until then.</p>")
     return "\n".join([
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
         f"<title>{esc}</title><style>{_CSS}</style></head><body>",
         f"<h1>{esc}</h1>",
+        *([banner] if interrupted else []),
         "<h2>Summary</h2>", summary_html,
         "<h2>Plots</h2>", *images,
         "<h2>Per-peer results</h2>", peer_html,
@@ -439,29 +638,48 @@ def write_report(run_dir: Path, events: list[dict], summary: dict, config_yaml: 
     """Write the three plots and report.html into run_dir; return the paths written."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    events = list(events)
     grids = collect_metrics(events)
-    accuracy = grids.get("global_accuracy", _empty_grid())
-    global_loss = grids.get("global_loss", _empty_grid())
-    train_loss = grids.get("train_loss", _empty_grid())
+    accuracy = grids.get(GLOBAL_ACCURACY, _empty_grid())
+    global_loss = grids.get(GLOBAL_LOSS, _empty_grid())
+    train_loss = grids.get(TRAIN_LOSS, _empty_grid())
     final = _per_peer(summary, "final_global_accuracy")
     messages = _per_peer(summary, "messages_sent")
     sent_bytes = _per_peer(summary, "bytes_sent")
     dead = _dead_peers(summary)
-    peers = _all_peers(summary, accuracy)
+    histories = peer_histories(events, summary["peers"] if isinstance(summary.get("peers"), int) else 0)
+    faults = [e for e in events if isinstance(e, dict) and e.get("event") == FAULT]
+    by_round = has_rounds(events)
+    time_key = "wall_time" if summary.get("runtime") == "grpc" else "virtual_time"
+    accuracy_series = {} if by_round else collect_series(events, GLOBAL_ACCURACY, time_key)
+    peers = sorted(set(_all_peers(summary, accuracy)) | set(accuracy_series))
+    if title and summary.get("interrupted") and "interrupted" not in title:
+        title = f"{title} (interrupted)"
 
+    if by_round or not accuracy_series:
+        accuracy_png = plot_accuracy(accuracy, dead, run_dir / "accuracy_per_peer.png", histories)
+    else:
+        accuracy_png = plot_accuracy_over_time(accuracy_series, dead, run_dir / "accuracy_per_peer.png", histories,
+                                               time_key)
+    if global_loss.empty and train_loss.empty:
+        loss_png = plot_loss_over_time(collect_series(events, GLOBAL_LOSS, time_key), run_dir / "loss_per_round.png",
+                                       time_key)
+    else:
+        loss_png = plot_loss(global_loss, train_loss, run_dir / "loss_per_round.png")
     pngs = [
-        plot_accuracy(accuracy, dead, run_dir / "accuracy_per_peer.png"),
+        accuracy_png,
         plot_messages(peers, messages, sent_bytes, dead, run_dir / "messages_per_peer.png"),
-        plot_loss(global_loss, train_loss, run_dir / "loss_per_round.png"),
+        loss_png,
     ]
-    alts = ["global test accuracy per peer per round", "messages and bytes sent per peer", "loss per round"]
+    alts = ["global test accuracy per peer", "messages and bytes sent per peer", "loss"]
     page = render_html(
         title,
-        _summary_table(summary, peers, final, messages, sent_bytes, dead),
+        _summary_table(summary, peers, final, messages, sent_bytes, dead, histories, faults),
         [_img(p, alt) for p, alt in zip(pngs, alts, strict=True)],
-        _peer_table(peers, final, messages, sent_bytes, dead),
+        _peer_table(peers, final, messages, sent_bytes, dead, summary, histories),
         config_yaml,
         _type_table(summary),
+        interrupted=bool(summary.get("interrupted")),
     )
     report = run_dir / "report.html"
     report.write_text(page, encoding="utf-8")

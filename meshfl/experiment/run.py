@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
-import json
-import math
+import itertools
 import re
+import signal
 import time
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from meshfl.algorithms import get_algorithm
 from meshfl.config import ExperimentConfig, dump_config
-from meshfl.core.metrics import RUN_FINISHED, RUN_STARTED, MetricsLog
+from meshfl.core.metrics import RUN_FINISHED, RUN_INTERRUPTED, RUN_STARTED, MetricsLog, strict_json
 from meshfl.core.topology import make_topology
+from meshfl.experiment.peers import peer_histories
 from meshfl.runtime.peer import build_worlds
 from meshfl.runtime.sim.runtime import SimResult, Simulation
 
@@ -25,28 +27,109 @@ class RunResult:
     run_dir: Path | None
     summary: dict[str, Any]
     metrics: MetricsLog
-    sim: SimResult
+    sim: SimResult | None  # None when the simulation was interrupted
+
+    @property
+    def interrupted(self) -> bool:
+        return bool(self.summary.get("interrupted"))
+
+
+class RunDirError(ValueError):
+    """A run folder that cannot be used; the message is one line and suggests another."""
+
+
+class RunInterrupted(Exception):
+    """Ctrl-C stopped a simulation; `result` holds what was recorded (its run folder is written)."""
+
+    def __init__(self, result: RunResult) -> None:
+        super().__init__("interrupted")
+        self.result = result
 
 
 def default_run_dir(config: ExperimentConfig, root: Path = Path("runs")) -> Path:
+    """Create and return a new, empty runs/<time>-<name>[-<n>] folder.
+
+    Creating is the claim (mkdir fails if the folder exists), so two runs started in the
+    same second, in threads or processes, never share a folder.
+    """
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     safe_name = re.sub(r"[^A-Za-z0-9_.-]+", "_", config.name)
-    path = root / f"{stamp}-{safe_name}"
-    suffix = 1
-    while path.exists():
-        suffix += 1
-        path = root / f"{stamp}-{safe_name}-{suffix}"
-    return path
+    root.mkdir(parents=True, exist_ok=True)
+    for suffix in itertools.count(1):
+        path = root / (f"{stamp}-{safe_name}" if suffix == 1 else f"{stamp}-{safe_name}-{suffix}")
+        try:
+            path.mkdir()
+        except FileExistsError:
+            continue
+        return path
+    raise AssertionError("unreachable")
 
 
-def simulate(config: ExperimentConfig, metrics: MetricsLog | None = None) -> tuple[SimResult, MetricsLog, list[dict]]:
+def claim_run_dir(out: Path | None, config: ExperimentConfig) -> Path:
+    """The run folder to write: `out` if it is new or an empty folder, else a new default one.
+
+    Raises RunDirError (one line) for an `out` that is a file or a non-empty folder, so a
+    run never mixes its files with another's; call it before any work.
+    """
+    if out is None:
+        return default_run_dir(config)
+    if out.exists() and not out.is_dir():
+        raise RunDirError(f"--out {out}: is a file, not a folder; give a new folder (or leave --out out)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise RunDirError(f"--out {out}: cannot create the folder ({exc.strerror or exc})") from None
+    if any(out.iterdir()):
+        raise RunDirError(f"--out {out}: folder is not empty; give a new or empty folder, e.g. --out {_free_sibling(out)}")
+    return out
+
+
+def _free_sibling(path: Path) -> Path:
+    for n in itertools.count(2):
+        candidate = path.with_name(f"{path.name}-{n}")
+        if not candidate.exists():
+            return candidate
+    raise AssertionError("unreachable")
+
+
+def discard_if_empty(run_dir: Path) -> None:
+    """Remove a claimed run folder that nothing was written to (the run failed before starting)."""
+    try:
+        run_dir.rmdir()
+    except OSError:
+        pass
+
+
+def device_error(config: ExperimentConfig) -> str | None:
+    """One line if the config asks for a device this machine lacks, else None."""
+    if config.train.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            return "train.device=cuda but no CUDA GPU is available here; use --set train.device=cpu"
+    return None
+
+
+@dataclass
+class _Progress:
+    """What `simulate` has built so far, so an interrupted run can still be written."""
+
+    stats: list[dict] = field(default_factory=list)
+    sim: Simulation | None = None
+
+
+def simulate(config: ExperimentConfig, metrics: MetricsLog | None = None, *,
+             progress: _Progress | None = None) -> tuple[SimResult, MetricsLog, list[dict]]:
     """Run one simulated experiment in memory; a pure function of (config, seed) but for wall times."""
     metrics = metrics or MetricsLog()
+    progress = progress if progress is not None else _Progress()
     worlds = build_worlds(config)
+    progress.stats = worlds.partition
     topology = make_topology(config.topology, config.peers, config.seed)
     algorithm = get_algorithm(config.algorithm)
     section = config.section()
-    sim = Simulation(config, topology, worlds, metrics, lambda peer, incarnation: algorithm.peer(section, config))
+    sim = progress.sim = Simulation(config, topology, worlds, metrics,
+                                    lambda peer, incarnation: algorithm.peer(section, config))
     layout = worlds.learner.layout
     metrics.record(RUN_STARTED, peers=config.peers, rounds=config.rounds, algorithm=config.algorithm,
                    parameters=layout.numel, layout=layout.fingerprint)
@@ -55,39 +138,59 @@ def simulate(config: ExperimentConfig, metrics: MetricsLog | None = None) -> tup
     return result, metrics, worlds.partition
 
 
-def summarise(config: ExperimentConfig, result: SimResult, metrics: MetricsLog, wall_time_s: float) -> dict[str, Any]:
-    traffic = result.traffic
-    return build_summary(config, metrics.events, messages_sent=dict(enumerate(traffic.messages_sent)),
-                         bytes_sent=dict(enumerate(traffic.bytes_sent)),
-                         messages_dropped=dict(enumerate(traffic.messages_dropped)),
-                         messages_by_type=traffic.messages_by_type, bytes_by_type=traffic.bytes_by_type,
-                         virtual_time_s=result.virtual_time_s, wall_time_s=wall_time_s)
+def summarise(config: ExperimentConfig, result: SimResult, metrics: MetricsLog, wall_time_s: float,
+              *, interrupted: bool = False) -> dict[str, Any]:
+    return _summarise_traffic(config, result.traffic, metrics, result.virtual_time_s, wall_time_s, interrupted)
+
+
+def _summarise_traffic(config: ExperimentConfig, traffic: Any, metrics: MetricsLog, virtual_time_s: float,
+                       wall_time_s: float, interrupted: bool) -> dict[str, Any]:
+    def per_peer(name: str) -> dict[int, int]:
+        return dict(enumerate(getattr(traffic, name, None) or []))
+
+    return build_summary(config, metrics.events, messages_sent=per_peer("messages_sent"),
+                         bytes_sent=per_peer("bytes_sent"), messages_dropped=per_peer("messages_dropped"),
+                         messages_by_type=dict(getattr(traffic, "messages_by_type", None) or {}),
+                         bytes_by_type=dict(getattr(traffic, "bytes_by_type", None) or {}),
+                         virtual_time_s=virtual_time_s, wall_time_s=wall_time_s, interrupted=interrupted)
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
 
 
 def build_summary(config: ExperimentConfig, events: list[dict[str, Any]], *, messages_sent: dict[int, int],
                   bytes_sent: dict[int, int], messages_dropped: dict[int, int], messages_by_type: dict[str, int],
                   bytes_by_type: dict[str, int], virtual_time_s: float, wall_time_s: float,
-                  dead_peers: Iterable[int] = ()) -> dict[str, Any]:
-    """summary.json of any runtime: final accuracies from the events, per-peer traffic counters.
+                  dead_peers: Iterable[int] = (), interrupted: bool = False) -> dict[str, Any]:
+    """summary.json of any runtime: per-peer outcomes from the events, per-peer traffic counters.
 
-    A peer is dead when it is named in `dead_peers` (the runtime saw it die) or never
-    reported its final-round accuracy.
+    Nothing assumes rounds. A peer's final accuracy is its last `global_accuracy` event
+    (null if it reported none, or NaN); `final_round` is that event's round (null without
+    one). A peer is dead when its last lifecycle event is a crash (it crashed and did not
+    come back) or the runtime names it in `dead_peers`. Mean and min final accuracy are
+    over the peers that are not dead and have a final accuracy (null when there are none).
+    Every value is JSON-safe except that non-finite floats still need `strict_json`.
     """
-    final: dict[str, float] = {}
-    for event in events:
-        if event["event"] == "metric" and event["metric"] == "global_accuracy" and event["round"] == config.rounds:
-            final[str(event["peer"])] = event["value"]
-    values = [v for v in final.values() if not math.isnan(v)]
-    dead = {int(p) for p in dead_peers} | {p for p in range(config.peers) if str(p) not in final}
+    histories = peer_histories(events, config.peers)
+    named_dead = {int(p) for p in dead_peers}
+    status = {p: h.status(named_dead=p in named_dead, interrupted=interrupted) for p, h in histories.items()}
+    dead = {p for p, h in histories.items() if h.crashed or p in named_dead}
+    alive = [h.final_accuracy for p, h in histories.items() if p not in dead and h.final_accuracy is not None]
     return {
         "name": config.name,
         "algorithm": config.algorithm,
         "peers": config.peers,
         "rounds": config.rounds,
         "seed": config.seed,
-        "final_global_accuracy": final,
-        "mean_final_accuracy": sum(values) / len(values) if values else float("nan"),
-        "min_final_accuracy": min(values) if values else float("nan"),
+        "interrupted": bool(interrupted),
+        "final_global_accuracy": {str(p): h.final_accuracy for p, h in histories.items()},
+        "final_round": {str(p): h.final_round for p, h in histories.items()},
+        "mean_final_accuracy": _mean(alive),
+        "min_final_accuracy": min(alive) if alive else None,
+        "peer_status": {str(p): s for p, s in status.items()},
+        "incarnations": {str(p): h.lives for p, h in histories.items()},
+        "crashes": {str(p): len(h.crashes) for p, h in histories.items()},
         "messages_sent": {str(p): n for p, n in sorted(messages_sent.items())},
         "bytes_sent": {str(p): n for p, n in sorted(bytes_sent.items())},
         "messages_dropped": {str(p): n for p, n in sorted(messages_dropped.items())},
@@ -103,23 +206,57 @@ def build_summary(config: ExperimentConfig, events: list[dict[str, Any]], *, mes
 
 def run_experiment(config: ExperimentConfig, run_dir: Path | None, metrics: MetricsLog | None = None,
                    report: bool = True) -> RunResult:
-    """Simulate `config` and, if `run_dir` is given, write the run folder there."""
+    """Simulate `config` and, if `run_dir` is given, write the run folder there.
+
+    On Ctrl-C the simulation stops, the run folder is written from what the MetricsLog
+    holds (summary marked `interrupted`), and RunInterrupted carries the result.
+    """
     started = time.perf_counter()
-    result, metrics, stats = simulate(config, metrics)
+    metrics = metrics or MetricsLog()
+    progress = _Progress()
+    try:
+        result, metrics, stats = simulate(config, metrics, progress=progress)
+    except KeyboardInterrupt:
+        with _sigint_ignored():  # a second Ctrl-C must not lose the run folder half-written
+            sim = progress.sim
+            network = getattr(sim, "network", None)
+            clock = getattr(sim, "clock", None)
+            virtual = float(getattr(clock, "now", 0.0) or 0.0)
+            metrics.record(RUN_INTERRUPTED)
+            summary = _summarise_traffic(config, getattr(network, "traffic", None), metrics, virtual,
+                                         time.perf_counter() - started, interrupted=True)
+            if run_dir is not None:
+                write_run_folder(run_dir, config, metrics, summary, progress.stats, report)
+        raise RunInterrupted(RunResult(run_dir, summary, metrics, None)) from None
     summary = summarise(config, result, metrics, time.perf_counter() - started)
     if run_dir is not None:
         write_run_folder(run_dir, config, metrics, summary, stats, report)
     return RunResult(run_dir, summary, metrics, result)
 
 
+@contextmanager
+def _sigint_ignored() -> Iterator[None]:
+    try:
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def write_run_folder(run_dir: Path, config: ExperimentConfig, metrics: MetricsLog, summary: dict[str, Any],
                      stats: list[dict], report: bool) -> None:
+    """config.yaml, metrics.jsonl, summary.json, partition.json (all strict JSON) and the report."""
     run_dir.mkdir(parents=True, exist_ok=True)
     config_text = dump_config(config)
     (run_dir / "config.yaml").write_text(config_text)
     metrics.write_jsonl(run_dir / "metrics.jsonl")
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    (run_dir / "partition.json").write_text(json.dumps(stats) + "\n")
+    (run_dir / "summary.json").write_text(strict_json(summary, indent=2) + "\n")
+    (run_dir / "partition.json").write_text(strict_json(stats) + "\n")
     if report:
         from meshfl.experiment.report import write_report
-        write_report(run_dir, metrics.events, summary, config_text, title=f"meshfl: {config.name}")
+        title = f"meshfl: {config.name}" + (" (interrupted)" if summary.get("interrupted") else "")
+        write_report(run_dir, metrics.events, summary, config_text, title=title)

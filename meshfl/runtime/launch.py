@@ -25,9 +25,23 @@ from pathlib import Path
 from typing import Any
 
 from meshfl.config import ConfigError, ExperimentConfig, TlsConfig, load_config
-from meshfl.core.metrics import MetricsLog
+from meshfl.core.metrics import (
+    GLOBAL_ACCURACY,
+    METRIC,
+    PEER_EXITED,
+    PEER_FINISHED,
+    PEER_STARTED,
+    RUN_FINISHED,
+    RUN_STARTED,
+    STATUS_FAILED,
+    STATUS_FINISHED,
+    STATUS_LEFT,
+    STATUS_STOPPED,
+    MetricsLog,
+)
 from meshfl.core.topology import make_topology
-from meshfl.experiment.run import build_summary, default_run_dir, write_run_folder
+from meshfl.experiment.peers import peer_histories
+from meshfl.experiment.run import build_summary, claim_run_dir, write_run_folder
 from meshfl.runtime.grpc.peer_config import PeerConfig, dump_peer_config, split_address
 
 PEER_PLACEHOLDER = "{peer}"
@@ -40,7 +54,12 @@ class LaunchError(RuntimeError):
 
 
 class Interrupted(Exception):
-    """Ctrl-C or SIGTERM reached the launcher."""
+    """Ctrl-C or SIGTERM reached the launcher; after `launch_local` stopped every peer and wrote
+    the run folder (marked interrupted), `result` holds it."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.result: LaunchResult | None = None
 
 
 # ---- per-peer configs -----------------------------------------------------------------------
@@ -266,7 +285,7 @@ class _InterruptGate:
 # ---- progress -------------------------------------------------------------------------------
 
 class PeerMetricsReader:
-    """Reads a peer's metrics.jsonl as it grows; keeps the last completed round and accuracy."""
+    """Reads a peer's metrics.jsonl as it grows; keeps its last accuracy and the highest round seen."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -288,9 +307,11 @@ class PeerMetricsReader:
                 event = json.loads(line)
             except ValueError:
                 continue
-            if event.get("event") == "metric" and event.get("metric") == "global_accuracy":
-                if event.get("round", 0) >= self.round:
-                    self.round, self.accuracy = event["round"], event["value"]
+            if event.get("event") == METRIC and event.get("metric") == GLOBAL_ACCURACY:
+                value = event.get("value")
+                self.accuracy = float(value) if isinstance(value, (int, float)) else float("nan")
+                if isinstance(event.get("round"), int):
+                    self.round = max(self.round, event["round"])
 
 
 ProgressCallback = Callable[[int, int, float], None]
@@ -322,7 +343,7 @@ def merge_events(per_peer: dict[int, list[dict[str, Any]]], started_unix: float)
     for _peer, events in sorted(per_peer.items()):
         offset = 0.0
         for event in events:
-            if event.get("event") == "peer_started" and "unix_time" in event:
+            if event.get("event") == PEER_STARTED and "unix_time" in event:
                 offset = float(event["unix_time"]) - started_unix
                 break
         for event in events:
@@ -348,7 +369,7 @@ def _sum_by_type(traffic: Iterable[dict[str, Any]], counter: str) -> dict[str, i
 
 
 def grpc_summary(config: ExperimentConfig, per_peer: dict[int, list[dict[str, Any]]], events: list[dict[str, Any]],
-                 exit_codes: dict[int, int | None], wall_time_s: float) -> dict[str, Any]:
+                 exit_codes: dict[int, int | None], wall_time_s: float, *, interrupted: bool = False) -> dict[str, Any]:
     """The simulator's summary keys (bytes_sent = the algorithm's count) plus what only real peers have."""
     peers = range(config.peers)
     traffic = {p: last_traffic(per_peer.get(p, [])) for p in peers}
@@ -357,10 +378,10 @@ def grpc_summary(config: ExperimentConfig, per_peer: dict[int, list[dict[str, An
         return {p: int(traffic[p].get(name, 0)) for p in peers}
 
     crashed = [p for p in peers if exit_codes.get(p) != 0]
-    clocks = [e.get("virtual_time", 0.0) for e in events if e.get("event") == "peer_finished"]
+    clocks = [e.get("virtual_time", 0.0) for e in events if e.get("event") == PEER_FINISHED]
     summary = build_summary(config, events, messages_sent=counter("messages_sent"), bytes_sent=counter("bytes_sent"),
                             messages_dropped=counter("messages_dropped"), virtual_time_s=max(clocks, default=0.0),
-                            wall_time_s=wall_time_s, dead_peers=crashed,
+                            wall_time_s=wall_time_s, dead_peers=crashed, interrupted=interrupted,
                             messages_by_type=_sum_by_type(traffic.values(), "messages_by_type"),
                             bytes_by_type=_sum_by_type(traffic.values(), "bytes_by_type"))
     wire = counter("wire_bytes_sent")
@@ -390,8 +411,8 @@ def _str_keys(values: dict[int, Any]) -> dict[str, Any]:
     return {str(k): v for k, v in values.items()}
 
 
-def _ratio(numerator: float, denominator: float) -> float:
-    return numerator / denominator if denominator else float("nan")
+def _ratio(numerator: float, denominator: float) -> float | None:
+    return numerator / denominator if denominator else None
 
 
 # ---- the launcher ---------------------------------------------------------------------------
@@ -408,7 +429,11 @@ def launch_local(config: ExperimentConfig, run_dir: Path, *, timeout_s: float | 
                  progress: ProgressCallback | None = None, linger_s: float = 1.0,
                  on_started: Callable[[list[PeerProcess]], None] | None = None,
                  env: dict[str, str] | None = None) -> LaunchResult:
-    """Run every peer as a `meshfl node` process on grpc.host; write the merged run folder to `run_dir`."""
+    """Run every peer as a `meshfl node` process on grpc.host; write the merged run folder to `run_dir`.
+
+    On Ctrl-C/SIGTERM every peer is stopped, their metrics are merged into the run folder
+    (summary and report marked interrupted) and Interrupted is raised with `result` set.
+    """
     run_dir = Path(run_dir).resolve()
     peers_dir = run_dir / "peers"
     peers_dir.mkdir(parents=True, exist_ok=True)
@@ -423,6 +448,7 @@ def launch_local(config: ExperimentConfig, run_dir: Path, *, timeout_s: float | 
     processes: list[PeerProcess] = []
     readers: dict[int, PeerMetricsReader] = {}
     failure: LaunchError | None = None
+    interrupted: Interrupted | None = None
     try:
         gate = _InterruptGate()
         with _handle_signals(gate):
@@ -439,13 +465,20 @@ def launch_local(config: ExperimentConfig, run_dir: Path, *, timeout_s: float | 
             _wait(processes, readers, started, timeout_s, progress)
     except LaunchError as exc:
         failure = exc
+    except (Interrupted, KeyboardInterrupt) as exc:
+        interrupted = exc if isinstance(exc, Interrupted) else Interrupted("SIGINT")
     finally:
         with _handle_signals(signal.SIG_IGN):  # a second Ctrl-C must not leave orphans behind
             stop_all(processes)
-    exit_codes = {p.peer: p.returncode for p in processes}
-    per_peer = {p: read_events(peers_dir / f"peer-{p}" / "metrics.jsonl") for p in range(config.peers)}
-    result = write_grpc_run(config, per_peer, exit_codes, run_dir, started_unix=started_unix, finished_unix=time.time(),
-                            wall_time_s=time.perf_counter() - started, report=report)
+    with _handle_signals(signal.SIG_IGN):  # nor a half-written run folder
+        exit_codes = {p.peer: p.returncode for p in processes}
+        per_peer = {p: read_events(peers_dir / f"peer-{p}" / "metrics.jsonl") for p in range(config.peers)}
+        result = write_grpc_run(config, per_peer, exit_codes, run_dir, started_unix=started_unix,
+                                finished_unix=time.time(), wall_time_s=time.perf_counter() - started, report=report,
+                                interrupted=interrupted is not None)
+    if interrupted is not None:
+        interrupted.result = result
+        raise interrupted
     if failure is not None:
         raise failure  # after the run folder is written: it holds every peer's log and metrics
     return result
@@ -453,18 +486,19 @@ def launch_local(config: ExperimentConfig, run_dir: Path, *, timeout_s: float | 
 
 def write_grpc_run(config: ExperimentConfig, per_peer: dict[int, list[dict[str, Any]]], exit_codes: dict[int, int | None],
                    run_dir: Path, *, started_unix: float, finished_unix: float, wall_time_s: float,
-                   report: bool = True) -> LaunchResult:
+                   report: bool = True, interrupted: bool = False) -> LaunchResult:
     """One run folder (the simulator's files and report) from every peer's events."""
     events = _run_events(config, per_peer, exit_codes, started_unix, finished_unix)
-    summary = grpc_summary(config, per_peer, events, exit_codes, wall_time_s)
+    summary = grpc_summary(config, per_peer, events, exit_codes, wall_time_s, interrupted=interrupted)
     metrics = MetricsLog()
     metrics.events = events
-    stats = [e["partition"] for e in events if e.get("event") == "peer_started" and isinstance(e.get("partition"), dict)]
-    write_run_folder(run_dir, config, metrics, summary, sorted(stats, key=lambda s: s.get("peer", 0)), report)
+    stats = {e["partition"].get("peer", 0): e["partition"] for e in events
+             if e.get("event") == PEER_STARTED and isinstance(e.get("partition"), dict)}  # one per peer, restarts too
+    write_run_folder(run_dir, config, metrics, summary, [stats[p] for p in sorted(stats)], report)
     return LaunchResult(run_dir, summary, exit_codes, events)
 
 
-EXIT_BY_STATUS = {"finished": 0, "stopped": 0, "failed": 1}
+EXIT_BY_STATUS = {STATUS_FINISHED: 0, STATUS_STOPPED: 0, STATUS_LEFT: 0, STATUS_FAILED: 1}
 """A peer's exit code as its last `peer_finished` event tells it; no such event means it was killed."""
 
 
@@ -473,8 +507,10 @@ def merge_peer_folders(folders: list[Path], run_dir: Path | None = None, *, repo
 
     Each folder holds one peer's metrics.jsonl and config.yaml (written by the peer). Every
     peer must belong to the same experiment; a peer of the experiment without a folder, or
-    whose metrics end without `peer_finished`, is reported dead. `run_dir` defaults to
-    runs/<time>-<name>, as for `meshfl run`.
+    whose metrics end without `peer_finished` (or with a crash), is reported dead. The run is
+    marked interrupted when a peer was stopped (Ctrl-C/SIGTERM). `run_dir`
+    defaults to a new runs/<time>-<name>, as for `meshfl run`; a given `run_dir` must be new
+    or empty (RunDirError otherwise).
     """
     if not folders:
         raise ConfigError("merge: give at least one peer output folder (the out_dir of `meshfl node`)")
@@ -491,7 +527,7 @@ def merge_peer_folders(folders: list[Path], run_dir: Path | None = None, *, repo
         elif folder_config != config:
             raise ConfigError(f"merge: {folder} ran another experiment than {folders[0]} (their config.yaml differ)")
         events = read_events(folder / "metrics.jsonl")
-        started = next((e for e in events if e.get("event") == "peer_started"), None)
+        started = next((e for e in events if e.get("event") == PEER_STARTED), None)
         if started is None or not isinstance(started.get("peer"), int) or not isinstance(started.get("unix_time"), float):
             raise ConfigError(f"merge: {folder / 'metrics.jsonl'} has no peer_started event with peer and unix_time")
         peer = started["peer"]
@@ -504,14 +540,20 @@ def merge_peer_folders(folders: list[Path], run_dir: Path | None = None, *, repo
     assert config is not None
     exit_codes: dict[int, int | None] = {}
     for peer in range(config.peers):
-        finished = [e for e in per_peer.get(peer, []) if e.get("event") == "peer_finished"]
-        exit_codes[peer] = EXIT_BY_STATUS.get(finished[-1].get("status"), 1) if finished else None
+        history = peer_histories(per_peer.get(peer, [])).get(peer)
+        if history is None or history.last_lifecycle != PEER_FINISHED:
+            exit_codes[peer] = None  # never started here, killed, or crashed
+        else:
+            exit_codes[peer] = EXIT_BY_STATUS.get(history.finished_status or "", 1)
+    # a peer stopped by Ctrl-C/SIGTERM ends with peer_finished(status=stopped): the run was cut short
+    interrupted = any(h.status() == STATUS_STOPPED for evs in per_peer.values() for h in peer_histories(evs).values())
     started_unix = min(started_at.values())
     # each peer's wall_time counts from its own start
     finished_unix = max(started_at[p] + float(events[-1].get("wall_time", 0.0)) for p, events in per_peer.items())
-    run_dir = Path(run_dir).resolve() if run_dir is not None else default_run_dir(config).resolve()
+    run_dir = claim_run_dir(Path(run_dir) if run_dir is not None else None, config).resolve()
     return write_grpc_run(config, per_peer, exit_codes, run_dir, started_unix=started_unix,
-                          finished_unix=finished_unix, wall_time_s=finished_unix - started_unix, report=report)
+                          finished_unix=finished_unix, wall_time_s=finished_unix - started_unix, report=report,
+                          interrupted=interrupted)
 
 
 def _wait(processes: list[PeerProcess], readers: dict[int, PeerMetricsReader], started: float,
@@ -541,11 +583,11 @@ def _wait(processes: list[PeerProcess], readers: dict[int, PeerMetricsReader], s
 def _run_events(config: ExperimentConfig, per_peer: dict[int, list[dict[str, Any]]], exit_codes: dict[int, int | None],
                 started_unix: float, finished_unix: float) -> list[dict[str, Any]]:
     merged = merge_events(per_peer, started_unix)
-    first = next((e for e in merged if e.get("event") == "peer_started"), {})
-    head = {"event": "run_started", "peers": config.peers, "rounds": config.rounds, "algorithm": config.algorithm,
+    first = next((e for e in merged if e.get("event") == PEER_STARTED), {})
+    head = {"event": RUN_STARTED, "peers": config.peers, "rounds": config.rounds, "algorithm": config.algorithm,
             "parameters": first.get("parameters"), "layout": first.get("layout"), "runtime": "grpc",
             "virtual_time": 0.0, "wall_time": 0.0}
     end = round(finished_unix - started_unix, 6)
-    exits = [{"event": "peer_exited", "peer": p, "exit_code": code, "virtual_time": 0.0, "wall_time": end}
+    exits = [{"event": PEER_EXITED, "peer": p, "exit_code": code, "virtual_time": 0.0, "wall_time": end}
              for p, code in sorted(exit_codes.items())]
-    return [head, *merged, *exits, {"event": "run_finished", "virtual_time": 0.0, "wall_time": end}]
+    return [head, *merged, *exits, {"event": RUN_FINISHED, "virtual_time": 0.0, "wall_time": end}]

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import json
 import signal
 import threading
 import time
@@ -33,7 +32,7 @@ import torch
 from meshfl.algorithms import get_algorithm
 from meshfl.config import ExperimentConfig, dump_config
 from meshfl.core.messages import Goodbye, Heartbeat, Message, PeerLiveness
-from meshfl.core.metrics import LIVENESS, PEER_CRASHED, PEER_FINISHED, PEER_STARTED, MetricsLog
+from meshfl.core.metrics import LIVENESS, PEER_CRASHED, PEER_FINISHED, PEER_STARTED, MetricsLog, event_line
 from meshfl.core.params import Params
 from meshfl.core.store import DirectoryStore
 from meshfl.runtime.grpc.door import Door, Refused
@@ -98,7 +97,7 @@ class MetricsFile:
     def __call__(self, event: dict[str, Any]) -> None:
         if self._handle.closed:
             return
-        self._handle.write(json.dumps(event, allow_nan=True) + "\n")
+        self._handle.write(event_line(event))
         self._handle.flush()
 
     def close(self) -> None:

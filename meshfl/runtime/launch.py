@@ -13,6 +13,7 @@ import collections
 import json
 import math
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -26,8 +27,11 @@ from typing import Any
 
 from meshfl.config import ConfigError, ExperimentConfig, TlsConfig, load_config
 from meshfl.core.metrics import (
+    CRASH_KILLED,
+    FAULT,
     GLOBAL_ACCURACY,
     METRIC,
+    PEER_CRASHED,
     PEER_EXITED,
     PEER_FINISHED,
     PEER_STARTED,
@@ -42,6 +46,8 @@ from meshfl.core.metrics import (
 from meshfl.core.topology import make_topology
 from meshfl.experiment.peers import peer_histories
 from meshfl.experiment.run import build_summary, claim_run_dir, write_run_folder
+from meshfl.faults import FaultAction, resolve_faults
+from meshfl.runtime.grpc.faults import write_fired
 from meshfl.runtime.grpc.peer_config import PeerConfig, dump_peer_config, split_address
 
 PEER_PLACEHOLDER = "{peer}"
@@ -292,6 +298,8 @@ class PeerMetricsReader:
         self._offset = 0
         self.round = 0
         self.accuracy = float("nan")
+        self.reached = 0  # the highest round of any metric event (fault triggers)
+        self.algorithm_started = False
 
     def poll(self) -> None:
         try:
@@ -307,6 +315,10 @@ class PeerMetricsReader:
                 event = json.loads(line)
             except ValueError:
                 continue
+            if event.get("event") == "algorithm_started":
+                self.algorithm_started = True
+            if event.get("event") == METRIC and isinstance(event.get("round"), int):
+                self.reached = max(self.reached, event["round"])
             if event.get("event") == METRIC and event.get("metric") == GLOBAL_ACCURACY:
                 value = event.get("value")
                 self.accuracy = float(value) if isinstance(value, (int, float)) else float("nan")
@@ -337,19 +349,28 @@ def read_events(path: Path) -> list[dict[str, Any]]:
     return events
 
 
-def merge_events(per_peer: dict[int, list[dict[str, Any]]], started_unix: float) -> list[dict[str, Any]]:
-    """Every peer's events on the launcher's wall clock, in time order."""
+def merge_events(per_peer: dict[int, list[dict[str, Any]]], started_unix: float,
+                 launcher_events: list[dict[str, Any]] = ()) -> list[dict[str, Any]]:
+    """Every peer's events on the launcher's wall clock, in time order.
+
+    A peer's wall_time counts from its process start, which each `peer_started` (one per
+    incarnation) gives as unix_time; the launcher's own events (faults it fired, peers it
+    killed) carry unix_time.
+    """
     merged = []
     for _peer, events in sorted(per_peer.items()):
-        offset = 0.0
+        offset = next((float(e["unix_time"]) - started_unix for e in events
+                       if e.get("event") == PEER_STARTED and "unix_time" in e), 0.0)
         for event in events:
             if event.get("event") == PEER_STARTED and "unix_time" in event:
-                offset = float(event["unix_time"]) - started_unix
-                break
-        for event in events:
+                offset = float(event["unix_time"]) - started_unix  # a restart: a new process, a new clock
             shifted = dict(event)
             shifted["wall_time"] = round(float(event.get("wall_time", 0.0)) + offset, 6)
             merged.append(shifted)
+    for event in launcher_events:
+        shifted = {k: v for k, v in event.items() if k != "unix_time"}
+        shifted["wall_time"] = shifted["virtual_time"] = round(float(event["unix_time"]) - started_unix, 6)
+        merged.append(shifted)
     merged.sort(key=lambda e: e["wall_time"])
     return merged
 
@@ -449,20 +470,29 @@ def launch_local(config: ExperimentConfig, run_dir: Path, *, timeout_s: float | 
     readers: dict[int, PeerMetricsReader] = {}
     failure: LaunchError | None = None
     interrupted: Interrupted | None = None
+    gate = _InterruptGate()
+
+    def start(peer: int) -> PeerProcess:
+        folder = peers_dir / f"peer-{peer}"
+        with gate.held():  # a started process is always recorded, so always stopped
+            process = start_peer(peer, folder / "peer.yaml", folder, child_env)
+            processes.append(process)
+        return process
+
+    faults = LocalFaults(config, peers_dir, start) if config.faults else None
     try:
-        gate = _InterruptGate()
         with _handle_signals(gate):
             for peer_config in configs:
                 folder = peers_dir / f"peer-{peer_config.peer_id}"
                 folder.mkdir(parents=True, exist_ok=True)
-                config_path = folder / "peer.yaml"
-                config_path.write_text(dump_peer_config(peer_config))
-                with gate.held():  # a started process is always recorded, so always stopped
-                    processes.append(start_peer(peer_config.peer_id, config_path, folder, child_env))
+                (folder / "peer.yaml").write_text(dump_peer_config(peer_config))
                 readers[peer_config.peer_id] = PeerMetricsReader(folder / "metrics.jsonl")
+            for peer_config in configs:
+                if faults is None or peer_config.peer_id not in faults.joining:
+                    start(peer_config.peer_id)
             if on_started is not None:
                 on_started(processes)
-            _wait(processes, readers, started, timeout_s, progress)
+            _wait(processes, readers, started, timeout_s, progress, faults)
     except LaunchError as exc:
         failure = exc
     except (Interrupted, KeyboardInterrupt) as exc:
@@ -471,11 +501,13 @@ def launch_local(config: ExperimentConfig, run_dir: Path, *, timeout_s: float | 
         with _handle_signals(signal.SIG_IGN):  # a second Ctrl-C must not leave orphans behind
             stop_all(processes)
     with _handle_signals(signal.SIG_IGN):  # nor a half-written run folder
-        exit_codes = {p.peer: p.returncode for p in processes}
+        exit_codes = {p.peer: p.returncode for p in processes}  # the last process of each peer
         per_peer = {p: read_events(peers_dir / f"peer-{p}" / "metrics.jsonl") for p in range(config.peers)}
+
         result = write_grpc_run(config, per_peer, exit_codes, run_dir, started_unix=started_unix,
                                 finished_unix=time.time(), wall_time_s=time.perf_counter() - started, report=report,
-                                interrupted=interrupted is not None)
+                                interrupted=interrupted is not None,
+                                launcher_events=faults.events if faults is not None else [])
     if interrupted is not None:
         interrupted.result = result
         raise interrupted
@@ -486,9 +518,10 @@ def launch_local(config: ExperimentConfig, run_dir: Path, *, timeout_s: float | 
 
 def write_grpc_run(config: ExperimentConfig, per_peer: dict[int, list[dict[str, Any]]], exit_codes: dict[int, int | None],
                    run_dir: Path, *, started_unix: float, finished_unix: float, wall_time_s: float,
-                   report: bool = True, interrupted: bool = False) -> LaunchResult:
+                   report: bool = True, interrupted: bool = False,
+                   launcher_events: list[dict[str, Any]] = ()) -> LaunchResult:
     """One run folder (the simulator's files and report) from every peer's events."""
-    events = _run_events(config, per_peer, exit_codes, started_unix, finished_unix)
+    events = _run_events(config, per_peer, exit_codes, started_unix, finished_unix, launcher_events)
     summary = grpc_summary(config, per_peer, events, exit_codes, wall_time_s, interrupted=interrupted)
     metrics = MetricsLog()
     metrics.events = events
@@ -556,16 +589,91 @@ def merge_peer_folders(folders: list[Path], run_dir: Path | None = None, *, repo
                           interrupted=interrupted)
 
 
+class LocalFaults:
+    """The launcher's half of fault injection (see runtime/grpc/faults.py for the peers' half).
+
+    Time triggers count from the first `algorithm_started` of any peer; round triggers fire
+    when a peer (any, or the action's trigger_peer) logs a metric of that round.
+    """
+
+    def __init__(self, config: ExperimentConfig, peers_dir: Path, restart: Callable[[int], PeerProcess]) -> None:
+        self.actions = resolve_faults(list(config.faults), config.peers, config.seed)
+        self.peers_dir = peers_dir
+        self.restart = restart
+        self.fired: list[int] = []
+        self._pending = list(range(len(self.actions)))
+        self._zero: float | None = None
+        self.events: list[dict[str, Any]] = []  # what the peers cannot log themselves (their own kill)
+        self.incarnations: dict[int, int] = {}
+
+    @property
+    def joining(self) -> set[int]:
+        return {p for a in self.actions if a.kind == "join" for p in a.peers}
+
+    def restart_due(self, readers: dict[int, PeerMetricsReader]) -> bool:
+        """A time-triggered restart or join is still to come."""
+        return any(self.actions[i].kind in ("restart", "join") and self.actions[i].trigger[0] == "time"
+                   for i in self._pending)
+
+    def poll(self, readers: dict[int, PeerMetricsReader], processes: list[PeerProcess]) -> None:
+        if self._zero is None and any(r.algorithm_started for r in readers.values()):
+            self._zero = time.monotonic()
+        for number in list(self._pending):
+            if self._due(self.actions[number], readers):
+                self._pending.remove(number)
+                self._fire(number, processes)
+
+    def _due(self, action: FaultAction, readers: dict[int, PeerMetricsReader]) -> bool:
+        if action.trigger[0] == "time":
+            return self._zero is not None and time.monotonic() - self._zero >= float(action.trigger[1])
+        _, round_, trigger_peer = action.trigger
+        watched = [readers[trigger_peer]] if trigger_peer is not None else list(readers.values())
+        return any(r.reached >= round_ for r in watched)
+
+    def _fire(self, number: int, processes: list[PeerProcess]) -> None:
+        action = self.actions[number]
+        self.fired.append(number)
+        now = time.time()
+        self.events.append({"event": FAULT, "kind": action.kind, "index": action.index, "peers": list(action.peers),
+                            "unix_time": now})
+        current = {p.peer: p for p in processes}
+        for peer in action.peers:
+            process = current.get(peer)
+            running = process is not None and process.returncode is None
+            if action.kind == "crash" and running:
+                _signal_group(process.process, signal.SIGKILL)
+                process.process.wait(timeout=10)
+                self.events.append({"event": PEER_CRASHED, "peer": peer, "reason": CRASH_KILLED, "unix_time": now})
+            if action.kind in ("crash", "wipe") and (action.wipe or action.kind == "wipe"):
+                shutil.rmtree(self.peers_dir / f"peer-{peer}" / "store", ignore_errors=True)
+            elif action.kind in ("restart", "join") and not running:
+                self.restart(peer)
+            elif action.kind == "leave" and running:
+                _signal_group(process.process, signal.SIGTERM)
+        for peer in range(len(list(self.peers_dir.glob("peer-*")))):
+            folder = self.peers_dir / f"peer-{peer}"
+            if folder.is_dir():
+                write_fired(folder, self.fired)
+
+
 def _wait(processes: list[PeerProcess], readers: dict[int, PeerMetricsReader], started: float,
-          timeout_s: float | None, progress: ProgressCallback | None) -> None:
-    """Until every peer exits; raise LaunchError on a peer's own failure or the timeout."""
+          timeout_s: float | None, progress: ProgressCallback | None, faults: LocalFaults | None = None) -> None:
+    """Until every peer exits (and no restart is still due); raise LaunchError on a peer that
+    fails before its algorithm starts (its setup is broken) or on the timeout.
+
+    A peer whose algorithm raised, or that was killed, is a crash: the others go on.
+    `processes` grows when `faults` restarts a peer; the last process of each peer counts.
+    """
     while True:
         for reader in readers.values():
             reader.poll()
-        running = [p for p in processes if p.returncode is None]
-        failed = [p for p in processes if (p.returncode or 0) > 0]
+        if faults is not None:
+            faults.poll(readers, processes)
+        current = list({p.peer: p for p in processes}.values())
+        running = [p for p in current if p.returncode is None]
+        failed = [p for p in current if (p.returncode or 0) > 0 and not readers[p.peer].algorithm_started]
         if progress is not None:
-            alive = [readers[p.peer] for p in processes if p.returncode in (None, 0)]
+            alive = [readers[p.peer] for p in current if p.returncode in (None, 0)]
             rounds = min((r.round for r in alive), default=0)
             accuracies = [r.accuracy for r in alive if not math.isnan(r.accuracy)]
             progress(rounds, len(running), sum(accuracies) / len(accuracies) if accuracies else float("nan"))
@@ -573,7 +681,7 @@ def _wait(processes: list[PeerProcess], readers: dict[int, PeerMetricsReader], s
             p = failed[0]
             raise LaunchError(f"peer {p.peer} failed (exit {p.returncode}): {p.last_log_line() or 'no output'} "
                               f"(log: {p.log_path})")
-        if not running:
+        if not running and not (faults is not None and faults.restart_due(readers)):
             return
         if timeout_s is not None and time.perf_counter() - started > timeout_s:
             raise LaunchError(f"launch: peers {[p.peer for p in running]} still running after {timeout_s:g}s; stopped them")
@@ -581,8 +689,9 @@ def _wait(processes: list[PeerProcess], readers: dict[int, PeerMetricsReader], s
 
 
 def _run_events(config: ExperimentConfig, per_peer: dict[int, list[dict[str, Any]]], exit_codes: dict[int, int | None],
-                started_unix: float, finished_unix: float) -> list[dict[str, Any]]:
-    merged = merge_events(per_peer, started_unix)
+                started_unix: float, finished_unix: float,
+                launcher_events: list[dict[str, Any]] = ()) -> list[dict[str, Any]]:
+    merged = merge_events(per_peer, started_unix, launcher_events)
     first = next((e for e in merged if e.get("event") == PEER_STARTED), {})
     head = {"event": RUN_STARTED, "peers": config.peers, "rounds": config.rounds, "algorithm": config.algorithm,
             "parameters": first.get("parameters"), "layout": first.get("layout"), "runtime": "grpc",

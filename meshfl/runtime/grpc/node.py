@@ -36,6 +36,7 @@ from meshfl.core.metrics import LIVENESS, PEER_CRASHED, PEER_FINISHED, PEER_STAR
 from meshfl.core.params import Params
 from meshfl.core.store import DirectoryStore
 from meshfl.runtime.grpc.door import Door, Refused
+from meshfl.runtime.grpc.faults import TransportFaults
 from meshfl.runtime.grpc.peer_config import PeerConfig
 from meshfl.runtime.grpc.transport import Link, PeerServicer, Traffic, channel_options, peer_from_auth_context
 from meshfl.runtime.peer import PeerContext, build_worlds, warm_up
@@ -45,6 +46,7 @@ from meshfl.wire.envelope import encode
 STARTUP_PING_TIMEOUT_S = 2.0
 GOODBYE_TIMEOUT_S = 1.0
 ENCODED_KEPT = 4
+FAULT_POLL_S = 0.2
 
 # ---- the context the algorithm sees ---------------------------------------------------------
 
@@ -71,7 +73,12 @@ class GrpcContext(PeerContext):
             return fn(*args)
 
     async def _compute(self, fn: Callable[..., Any], *args: Any, cost: Callable[[Any], float] | None = None) -> Any:
-        return await asyncio.to_thread(self._locked, fn, *args)
+        started = self.now()
+        result = await asyncio.to_thread(self._locked, fn, *args)
+        speed = self._node.faults.speed
+        if cost is not None and speed < 1.0:  # an injected straggler: training takes 1/speed as long
+            await asyncio.sleep((self.now() - started) * (1.0 / speed - 1.0))
+        return result
 
     async def evaluate(self, params: Params) -> dict[str, float]:
         result = await super().evaluate(params)
@@ -129,6 +136,7 @@ class PeerNode:
         self.metrics.subscribe(self.metrics_file)
         self._backoff_rng = np.random.default_rng([config.seed, self.peer_id, 0x6261636B, self.incarnation])
         self.store = DirectoryStore(out_dir / "store")
+        self.faults = TransportFaults(config, self.peer_id, out_dir)
         self.worlds = build_worlds(config)
         self.partition = self.worlds.partition[self.peer_id]
         warm_up(self.worlds, self.peer_id, config.train.batch_size)
@@ -206,6 +214,12 @@ class PeerNode:
             self.context.deliver(PeerLiveness(sender=self.peer_id, peer=peer, alive=alive))
         self.snapshot()
 
+    async def watch_faults(self) -> None:
+        """Pick up network and compute faults the launcher fires (see runtime/grpc/faults.py)."""
+        while True:
+            self.faults.refresh()
+            await asyncio.sleep(FAULT_POLL_S)
+
     async def close_idle_links(self) -> None:
         """Links to peers outside the overlay close after grpc.idle_link_s without use."""
         idle = self.config.grpc.idle_link_s
@@ -233,6 +247,8 @@ class PeerNode:
             message = self.door.admit(data, peer_hint)
         except Refused:
             return False
+        if self.faults.active and not self.faults.reachable(message.sender, self.peer_id):
+            return True  # an injected partition: it never arrived
         link = self.links.get(message.sender)
         if isinstance(message, Goodbye):
             if link is not None:
@@ -290,6 +306,7 @@ class PeerNode:
             self.links[peer] = link
             link.start(heartbeat=False)
         reaper: asyncio.Task | None = None
+        watcher = asyncio.create_task(self.watch_faults(), name="faults") if self.faults.active else None
         status = "stopped"
         try:
             layout = self.worlds.learner.layout
@@ -323,8 +340,9 @@ class PeerNode:
             status = "failed"
             raise
         finally:
-            if reaper is not None:
-                reaper.cancel()
+            for task in (reaper, watcher):
+                if task is not None:
+                    task.cancel()
             await asyncio.gather(*(link.say_goodbye(GOODBYE_TIMEOUT_S) for link in self.links.values() if link.alive),
                                  return_exceptions=True)
             try:

@@ -26,6 +26,7 @@ from meshfl.wire import meshfl_pb2, meshfl_pb2_grpc
 from meshfl.wire.envelope import chunks, encode, encoded_size
 
 if TYPE_CHECKING:
+    from meshfl.runtime.grpc.faults import TransportFaults
     from meshfl.runtime.grpc.node import PeerNode
 
 # ---- framing estimate -----------------------------------------------------------------------
@@ -128,6 +129,7 @@ class LinkHost(Protocol):
 
     peer_id: int
     traffic: Traffic
+    faults: TransportFaults
 
     def now(self) -> float: ...
 
@@ -220,6 +222,13 @@ class Link:
     async def _deliver(self, message: Message) -> None:
         node = self.host
         data = node.encoded(message)
+        if node.faults.active:  # injected faults (meshfl launch with a faults: schedule)
+            if node.faults.drops(self.peer):
+                node.traffic.messages_dropped += 1
+                return
+            delay = node.faults.delay(self.peer, len(data))
+            if delay > 0:
+                await asyncio.sleep(delay)
         pieces = list(chunks(data, self.grpc_config.chunk_kb * 1024))
         timeout = 10.0 + len(data) / 1e6  # generous: 1 MB/s on a loaded host
         retries = self.grpc_config.connect_retries
@@ -248,6 +257,8 @@ class Link:
 
     async def ping(self, timeout: float, wait_for_ready: bool = False) -> bool:
         """A heartbeat; True (and the neighbour counts as heard) when it answered."""
+        if self.host.faults.active and not self.host.faults.reachable(self.host.peer_id, self.peer):
+            return False  # an injected partition cuts heartbeats too
         answered = await self._control(Heartbeat(sender=self.host.peer_id), timeout, wait_for_ready)
         if answered:
             self.heard()

@@ -1,0 +1,92 @@
+"""Fault injection for real peers: the same `faults:` YAML the simulator applies.
+
+The launcher (`meshfl launch --local`) decides when each action of the resolved schedule
+fires (time since the algorithm started, or a round a peer reached) and does what needs a
+process: crash = SIGKILL, restart/join = start the process again on the same store and
+metrics file, wipe = delete the store folder, leave = SIGTERM. Network and compute actions
+(loss, partition, slow links, stragglers) are injected at each peer's transport: the
+launcher appends the fired action numbers to every peer's `faults.json`, and each peer
+applies them, in order, to its own copy of the simulator's network model — so a partition
+or a 10% loss means the same thing in both runtimes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from meshfl.config import ExperimentConfig, NetworkConfig
+from meshfl.faults import FaultAction, resolve_faults
+from meshfl.runtime.sim.network import SimNetwork
+
+CONTROL_FILE = "faults.json"
+UNLIMITED_MBPS = 1e12  # the real link's own speed is what it is: only a fault's cap applies
+
+
+def write_fired(folder: Path, fired: list[int]) -> None:
+    """Atomically replace a peer's control file with the list of fired action numbers."""
+    tmp = folder / (CONTROL_FILE + ".tmp")
+    tmp.write_text(json.dumps({"fired": fired}))
+    os.replace(tmp, folder / CONTROL_FILE)
+
+
+class TransportFaults:
+    """One peer's view of the injected network and compute faults."""
+
+    def __init__(self, config: ExperimentConfig, peer: int, folder: Path) -> None:
+        self.peer = peer
+        self.path = folder / CONTROL_FILE
+        self.actions: list[FaultAction] = resolve_faults(list(config.faults), config.peers, config.seed)
+        model_config = NetworkConfig(latency_s=0.0, bandwidth_mbps=UNLIMITED_MBPS, loss=0.0)
+        self.model = SimNetwork(model_config, config.peers, config.seed, lambda *args: None)
+        self.speed = 1.0
+        self._applied = 0
+        self._mtime = 0.0
+        self._rng = np.random.default_rng([config.seed, peer, 0x696E6A])
+        self.active = bool(self.actions)
+
+    def refresh(self) -> None:
+        """Apply actions the launcher fired since the last look (cheap when nothing changed)."""
+        if not self.active:
+            return
+        try:
+            mtime = self.path.stat().st_mtime
+            if mtime == self._mtime:
+                return
+            fired = json.loads(self.path.read_text())["fired"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return
+        self._mtime = mtime
+        for number in fired[self._applied:]:
+            if isinstance(number, int) and 0 <= number < len(self.actions):
+                self._apply(self.actions[number])
+        self._applied = len(fired)
+
+    def _apply(self, action: FaultAction) -> None:
+        if self.model.apply(action):
+            return
+        if self.peer in action.peers and action.kind == "straggle":
+            self.speed = float(action.speed or 1.0)
+        elif self.peer in action.peers and action.kind == "restore_speed":
+            self.speed = 1.0
+
+    def reachable(self, source: int, target: int) -> bool:
+        return self.model.reachable(source, target)
+
+    def drops(self, target: int) -> bool:
+        """Whether a message to `target` is lost now (partition or a loss draw)."""
+        if not self.model.reachable(self.peer, target):
+            return True
+        loss = self.model.loss(self.peer, target)
+        return loss > 0 and self._rng.random() < loss
+
+    def delay(self, target: int, size: int) -> float:
+        """Extra seconds a slow link adds to a message of `size` bytes."""
+        bandwidth = self.model.bandwidth_mbps(self.peer, target)
+        extra = self.model.latency(self.peer, target)
+        if bandwidth < UNLIMITED_MBPS:
+            extra += size * 8 / (bandwidth * 1e6)
+        return extra

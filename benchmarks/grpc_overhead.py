@@ -24,7 +24,7 @@ from pathlib import Path
 
 from meshfl.config import load_config
 from meshfl.experiment.run import simulate, summarise
-from meshfl.runtime.launch import launch_local
+from meshfl.experiment.launch import launch_local
 
 
 def round_ends(events: list[dict], rounds: int) -> dict[int, float]:

@@ -189,7 +189,7 @@ def configs(
 ) -> None:
     """Write one peer config per peer (neighbours from the topology, addresses from --hosts) for `meshfl node`."""
     from meshfl.core.topology import TopologyError
-    from meshfl.runtime.launch import write_peer_configs
+    from meshfl.experiment.launch import write_peer_configs
 
     overrides = list(set_)
     if peers is not None:
@@ -220,7 +220,7 @@ def launch(
     """
     from meshfl.core.topology import TopologyError
     from meshfl.experiment.run import discard_if_empty
-    from meshfl.runtime.launch import Interrupted, LaunchError, launch_local
+    from meshfl.experiment.launch import Interrupted, LaunchError, launch_local
 
     if not local:
         _fail("launch: only --local is supported so far (every peer on this host); use `meshfl configs` + `meshfl node` + `meshfl merge` across hosts")
@@ -268,7 +268,7 @@ def merge(
 ) -> None:
     """Merge the output folders of `meshfl node` peers (e.g. copied from several hosts) into one run folder and report."""
     from meshfl.experiment.run import RunDirError
-    from meshfl.runtime.launch import merge_peer_folders
+    from meshfl.experiment.launch import merge_peer_folders
 
     try:
         result = merge_peer_folders(folders, out)

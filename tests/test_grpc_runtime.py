@@ -32,7 +32,7 @@ from meshfl.learn.learner import TorchLearner
 from meshfl.runtime.grpc.node import GrpcContext, PeerNode, serve
 from meshfl.runtime.grpc.peer_config import PeerConfig, load_peer_config
 from meshfl.runtime.grpc.transport import CALL_OVERHEAD_BYTES, call_framing, chunk_framing, peer_from_auth_context
-from meshfl.runtime.launch import build_peer_configs, choose_ports, launch_local
+from meshfl.experiment.launch import build_peer_configs, choose_ports, launch_local
 from meshfl.wire import meshfl_pb2, meshfl_pb2_grpc
 from meshfl.wire.envelope import WIRE_VERSION, encode
 

@@ -25,7 +25,7 @@ from meshfl.config import ConfigError, dump_config, load_config
 from meshfl.core.topology import make_topology
 from meshfl.experiment.run import simulate, summarise
 from meshfl.runtime.grpc.peer_config import load_peer_config
-from meshfl.runtime.launch import (
+from meshfl.experiment.launch import (
     LaunchError,
     PeerMetricsReader,
     PeerProcess,

@@ -219,8 +219,8 @@ def launch(
     Ctrl-C stops every peer and still writes the merged run folder, marked interrupted (exit 130).
     """
     from meshfl.core.topology import TopologyError
-    from meshfl.experiment.run import discard_if_empty
     from meshfl.experiment.launch import Interrupted, LaunchError, launch_local
+    from meshfl.experiment.run import discard_if_empty
 
     if not local:
         _fail("launch: only --local is supported so far (every peer on this host); use `meshfl configs` + `meshfl node` + `meshfl merge` across hosts")
@@ -267,8 +267,8 @@ def merge(
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="run folder, new or empty (default runs/<time>-<name>)")] = None,
 ) -> None:
     """Merge the output folders of `meshfl node` peers (e.g. copied from several hosts) into one run folder and report."""
-    from meshfl.experiment.run import RunDirError
     from meshfl.experiment.launch import merge_peer_folders
+    from meshfl.experiment.run import RunDirError
 
     try:
         result = merge_peer_folders(folders, out)

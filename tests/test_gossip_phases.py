@@ -6,7 +6,6 @@ at which instant, which a simulation of many peers can only show indirectly.
 
 import asyncio
 
-import pytest
 import torch
 
 from meshfl.algorithms.gossip import (
@@ -239,8 +238,6 @@ def test_restarted_peer_runs_only_the_rounds_after_the_one_it_joins():
     assert ctx.logs("rejoined") == [(1, 1)]
 
 
-@pytest.mark.xfail(strict=True, reason="gossip bug: _complete_round claims the whole train set as contributors, "
-                   "even when the model lacks a member's part (dead or timed out)")
 def test_round_model_names_only_the_contributors_it_was_built_from():
     peer = peer_at(1, train_set_size=2)
     ctx = FakeContext(0, peers=4, neighbours=(1, 2), respond=acks)

@@ -27,12 +27,12 @@ from meshfl.config import ConfigError, load_config
 from meshfl.core.messages import TYPE_IDS, Heartbeat
 from meshfl.core.params import Layout, Params
 from meshfl.core.seeds import initial_model_seed
+from meshfl.experiment.launch import build_peer_configs, choose_ports, launch_local
 from meshfl.experiment.run import simulate, summarise
 from meshfl.learn.learner import TorchLearner
 from meshfl.runtime.grpc.node import GrpcContext, PeerNode, serve
 from meshfl.runtime.grpc.peer_config import PeerConfig, load_peer_config
 from meshfl.runtime.grpc.transport import CALL_OVERHEAD_BYTES, call_framing, chunk_framing, peer_from_auth_context
-from meshfl.experiment.launch import build_peer_configs, choose_ports, launch_local
 from meshfl.wire import meshfl_pb2, meshfl_pb2_grpc
 from meshfl.wire.envelope import WIRE_VERSION, encode
 

@@ -23,8 +23,6 @@ from typer.testing import CliRunner
 from meshfl.cli import app
 from meshfl.config import ConfigError, dump_config, load_config
 from meshfl.core.topology import make_topology
-from meshfl.experiment.run import simulate, summarise
-from meshfl.runtime.grpc.peer_config import load_peer_config
 from meshfl.experiment.launch import (
     LaunchError,
     PeerMetricsReader,
@@ -40,6 +38,8 @@ from meshfl.experiment.launch import (
     stop_all,
     write_peer_configs,
 )
+from meshfl.experiment.run import simulate, summarise
+from meshfl.runtime.grpc.peer_config import load_peer_config
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["gossip.vote_timeout_s=4", "gossip.aggregation_timeout_s=6", "gossip.wait_model_timeout_s=6",

@@ -276,7 +276,7 @@ class GossipPeer:
             timeout = self.config.wait_model_timeout_s
         await self._pump(ctx, lambda: self._complete_model(ctx, state) is not None, ctx.now() + timeout,
                          on_tick=lambda: self._gossip_parts(ctx, round))
-        self._complete_round(ctx, round, self._best_model(ctx, state, model))
+        self._complete_round(ctx, round, *self._best_model(ctx, state, model))
         await self._diffuse(ctx, round)
         for metric, value in (await ctx.evaluate(state.model)).items():
             ctx.log(metric, value, round=round)
@@ -352,28 +352,29 @@ class GossipPeer:
             return state.parts.result().params
         return None
 
-    def _best_model(self, ctx: NodeContext, state: RoundState, previous: Params) -> Params:
-        complete = self._complete_model(ctx, state)
-        missing_dead = set(state.train_set) - state.parts.covered
+    def _best_model(self, ctx: NodeContext, state: RoundState, previous: Params) -> tuple[Params, frozenset[int]]:
+        """The most complete model this peer holds for the round, and whose updates it holds.
+
+        The contributors are what the model was built from, never the train set it was meant
+        to cover: a neighbour must not take a model that misses updates for a complete one.
+        """
         have = state.parts.covered
         if state.aggregated is not None and len(state.aggregated.contributors) >= len(have):
-            have = state.aggregated.contributors
-            best = state.aggregated.params
+            model, have = state.aggregated.params, state.aggregated.contributors
         else:
-            best = state.parts.result().params if have else previous
+            model = state.parts.result().params if have else previous
         missed = set(state.train_set) - have
         if missed:
             ctx.log("missed_models", len(missed), round=self.round)
-        del missing_dead
-        return complete if complete is not None else best
+        return model, frozenset(have)
 
-    def _complete_round(self, ctx: NodeContext, round: int, model: Params) -> None:
+    def _complete_round(self, ctx: NodeContext, round: int, model: Params,
+                        contributors: frozenset[int] = frozenset()) -> None:
         """Keep the round's model as the one message every neighbour may be sent, and tell them we have it.
 
         One message object per round (not one per send) lets the gRPC runtime encode it once.
         """
         state = self.state(round)
-        contributors = frozenset(state.train_set) if round else frozenset()
         state.diffused = AggregatedModel(sender=ctx.peer_id, round=round, params=model, contributors=contributors,
                                          codec=self.codec)
         self._completed = state.diffused

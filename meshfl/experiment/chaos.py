@@ -68,8 +68,7 @@ ALGORITHM_OVERRIDES: dict[str, tuple[str, ...]] = {
 }
 """Short timeouts so a run under faults is quick in virtual time."""
 
-RESERVED_KEYS = {"seed": "--seed", "peers": "--peers", "rounds": "--rounds", "algorithm": "--algorithm",
-                 "faults": "(chaos draws the faults)"}
+RESERVED_KEYS = {"seed": "--seed", "peers": "--peers", "rounds": "--rounds", "algorithm": "--algorithm"}
 
 PROBLEMS = ("hang", "nan", "exception", "unfinished")
 
@@ -85,8 +84,10 @@ def check_overrides(overrides: Iterable[str]) -> None:
     """ValueError (one line) for a --set that chaos decides itself."""
     for item in overrides:
         key = item.split("=", 1)[0].strip()
-        if key in RESERVED_KEYS or key.startswith("faults."):
-            raise ValueError(f"--set {key}: chaos sets it itself; use {RESERVED_KEYS.get(key, '(chaos draws the faults)')}")
+        if key == "faults" or key.startswith("faults."):
+            raise ValueError(f"--set {key}: chaos draws every schedule's faults itself")
+        if key in RESERVED_KEYS:
+            raise ValueError(f"--set {key}: chaos sets it itself; use {RESERVED_KEYS[key]}")
 
 
 def base_overrides(algorithm: str, peers: int, rounds: int, overrides: Iterable[str]) -> list[str]:

@@ -157,6 +157,81 @@ def show_config(
 
 
 @app.command()
+def chaos(
+    algorithm: Annotated[str, typer.Option("--algorithm", "-a", help="registered algorithm to test")] = "gossip",
+    schedules: Annotated[int, typer.Option("--schedules", "-n", help="number of random fault schedules; schedule i has seed SEED+i")] = 50,
+    seed: Annotated[int, typer.Option("--seed", help="seed of the first schedule; `--schedules 1 --seed S` re-runs the schedule with seed S alone")] = 0,
+    peers: Annotated[int, typer.Option("--peers", help="peers per run")] = 6,
+    rounds: Annotated[int, typer.Option("--rounds", help="rounds per run")] = 4,
+    set_: Annotated[list[str], typer.Option("--set", "-s", metavar="KEY=VALUE", help="override a config field of every run (not seed, peers, rounds, algorithm, faults)")] = [],  # noqa: B006
+    workers: Annotated[Optional[int], typer.Option("--workers", "-w", help="processes running schedules (default: CPU count; 1 runs them in this process)")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="also write the JSON summary to this file")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="list every schedule in the JSON, not only the failed ones")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
+) -> None:
+    """Run an algorithm in the simulator under random fault schedules and report hangs, NaN/Inf, exceptions and unfinished peers.
+
+    Faults: crash (with or without restart, with or without a wiped store), store wipes, message
+    loss up to 30%, partitions that heal, slow links and stragglers; one peer is never crashed.
+    Each run is a small digits/MLP experiment with short timeouts and a virtual-time bound far
+    above a healthy run (see meshfl/experiment/chaos.py). Prints one JSON summary; exits 1 if
+    any schedule failed, printing the command that re-runs it alone, 2 on bad options.
+    """
+    import time as _time
+
+    from meshfl.core.metrics import strict_json
+    from meshfl.experiment import chaos as ch
+
+    if schedules < 1:
+        _fail(f"--schedules: must be >= 1 (got {schedules})")
+    if seed < 0:
+        _fail(f"--seed: must be >= 0 (got {seed})")
+    if workers is not None and workers < 1:
+        _fail(f"--workers: must be >= 1 (got {workers})")
+    if out is not None and out.is_dir():
+        _fail(f"--out {out}: is a folder; give a file name for the JSON summary")
+    try:
+        config = ch.chaos_config(algorithm, peers, rounds, set_)
+    except (ConfigError, ValueError) as exc:
+        _fail(str(exc).splitlines()[0])
+    n_workers = max(1, min(workers or os.cpu_count() or 1, schedules))
+    started = _time.perf_counter()
+    columns = (TextColumn("chaos"), BarColumn(), MofNCompleteColumn(), TextColumn("failed {task.fields[failed]}"),
+               TimeElapsedColumn())
+    try:
+        with Progress(*columns, console=errors, disable=quiet or not errors.is_terminal, transient=True) as progress:
+            task = progress.add_task("chaos", total=schedules, failed=0)
+            failed = 0
+
+            def advance(outcome: dict) -> None:
+                nonlocal failed
+                failed += not outcome["ok"]
+                progress.update(task, advance=1, failed=failed)
+
+            results = ch.run_schedules(config.model_dump(mode="json"), seed, schedules, n_workers, on_result=advance)
+    except KeyboardInterrupt:
+        _fail("interrupted", code=130)
+    summary = ch.summarise_chaos(results, algorithm=algorithm, seed=seed, peers=peers, rounds=rounds, overrides=list(set_),
+                                 config=config, workers=n_workers, wall_time_s=_time.perf_counter() - started, verbose=verbose)
+    text = strict_json(summary, indent=2)
+    print(text)
+    if out is not None:
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(text + "\n")
+        except OSError as exc:
+            _fail(f"--out {out}: cannot write ({exc.strerror or exc})")
+    if summary["failed"]:
+        counts = summary["counts"]
+        errors.print(f"chaos: {counts['failed']} of {schedules} schedules failed ({counts['hangs']} hangs, {counts['nan']} NaN, "
+                     f"{counts['exceptions']} exceptions, {counts['unfinished']} unfinished)", highlight=False, soft_wrap=True)
+        for entry in summary["failed"][:5]:
+            errors.print(f"  seed {entry['seed']}: {entry['error'].splitlines()[0] if entry['error'] else ''}", highlight=False, soft_wrap=True)
+            errors.print(f"  reproduce: {entry['reproduce']}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1)
+
+
+@app.command()
 def node(
     config_path: Annotated[Path, typer.Option("--config", "-c", metavar="PEER.yaml", help="peer config (see `meshfl configs`)")],
 ) -> None:

@@ -222,8 +222,18 @@ class CoreConfig(_Section):
         return self
 
     def section(self, name: str | None = None) -> Any:
-        """The config section of algorithm `name` (default: the one this experiment runs)."""
-        return getattr(self, name or self.algorithm)
+        """The config section of algorithm `name` (default: the one this experiment runs).
+
+        An algorithm registered after this class was built (e.g. by a test) has no field here:
+        it gets its section's defaults.
+        """
+        name = name or self.algorithm
+        value = getattr(self, name, None)
+        if value is None and name in ALGORITHMS:
+            return ALGORITHMS[name].config()
+        if value is None:
+            raise AttributeError(f"no config section {name!r}")
+        return value
 
 
 def _experiment_class() -> type[CoreConfig]:

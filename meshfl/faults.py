@@ -298,7 +298,8 @@ def random_schedule(rng: np.random.Generator, peers: int, horizon_s: float, roun
     """A few random fault events for `meshfl chaos`, deterministic per `rng`.
 
     Draws 2..5 events among: crash (with or without a later restart, sometimes wiping the
-    store), message loss up to 30%, partitions that heal, slow links and stragglers. One peer,
+    store), a wipe of a running peer's store, message loss up to 30%, partitions that heal,
+    slow links and stragglers. One peer,
     drawn first, is never crashed, so some peer always runs to the end. Starts fall in
     [0, 0.7 * horizon_s) and ends by horizon_s; some crashes trigger on a round in [1, rounds) instead.
     """
@@ -309,7 +310,7 @@ def random_schedule(rng: np.random.Generator, peers: int, horizon_s: float, roun
     candidates = [p for p in range(peers) if p != safe]
     down_for_good: set[int] = set()
     events: list[FaultEvent] = []
-    kinds = ["crash", "crash_restart", "crash_wipe", "loss", "partition", "slow_link", "straggler"]
+    kinds = ["crash", "crash_restart", "crash_wipe", "wipe", "loss", "partition", "slow_link", "straggler"]
 
     def when() -> float:
         return round(float(rng.uniform(0.0, 0.7 * horizon)), 3)
@@ -320,7 +321,7 @@ def random_schedule(rng: np.random.Generator, peers: int, horizon_s: float, roun
     for _ in range(int(rng.integers(2, 6))):
         kind = kinds[int(rng.integers(len(kinds)))]
         alive = [p for p in candidates if p not in down_for_good]
-        if kind.startswith("crash") and not alive:
+        if (kind.startswith("crash") or kind == "wipe") and not alive:
             kind = "loss"
         if kind == "partition" and peers < 2:
             kind = "loss"
@@ -341,6 +342,8 @@ def random_schedule(rng: np.random.Generator, peers: int, horizon_s: float, roun
                     events.append(FaultEvent(kind="restart", peers=[victim], at_s=duration(at)))
             if kind == "crash":
                 down_for_good.add(victim)
+        elif kind == "wipe":
+            events.append(FaultEvent(kind="wipe", peers=[alive[int(rng.integers(len(alive)))]], at_s=when()))
         elif kind == "loss":
             at = when()
             events.append(FaultEvent(kind="loss", probability=round(float(rng.uniform(0.01, 0.3)), 3),

@@ -194,4 +194,4 @@ def test_random_schedule_is_valid_deterministic_and_spares_a_peer(peers):
         dumped = yaml.safe_load(yaml.safe_dump([e.model_dump(mode="json", exclude_none=True) for e in events]))
         assert parse_faults(dumped) == events
     kinds = {e.kind for seed in range(40) for e in random_schedule(np.random.default_rng(seed), 8, 60.0, 5)}
-    assert {"crash", "restart", "loss", "partition", "slow_link", "straggler"} <= kinds
+    assert {"crash", "restart", "wipe", "loss", "partition", "slow_link", "straggler"} <= kinds

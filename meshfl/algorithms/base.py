@@ -39,6 +39,8 @@ class Algorithm:
     messages: tuple[type[Message], ...]
     peer: Callable[[Any, ExperimentConfig], PeerMain]
     check: Callable[[Any, ExperimentConfig], None] | None = None
+    quick: tuple[str, ...] = ()
+    worst_case_s: Callable[[Any, ExperimentConfig], float] | None = None
 
 
 ALGORITHMS: dict[str, Algorithm] = {}

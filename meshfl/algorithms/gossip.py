@@ -507,6 +507,13 @@ def _check(config: GossipConfig, experiment: ExperimentConfig) -> None:
         raise ValueError(f"gossip.initiator must be < peers ({experiment.peers})")
 
 
+def _worst_case_s(config: GossipConfig, experiment: ExperimentConfig) -> float:
+    """Round 0, a restarted peer asking each neighbour in turn, then every round waiting out every timeout."""
+    round_s = config.vote_timeout_s + max(config.aggregation_timeout_s, config.wait_model_timeout_s) + config.diffusion_timeout_s
+    return (config.wait_model_timeout_s + config.diffusion_timeout_s + config.join_timeout_s * (experiment.peers - 1)
+            + experiment.rounds * round_s)
+
+
 GOSSIP = register(Algorithm(
     name="gossip",
     summary="gossip FedAvg with P2PFL's round workflow (vote, train, gossip partial aggregates, diffuse)",
@@ -514,4 +521,7 @@ GOSSIP = register(Algorithm(
     messages=(Votes, PartialModel, AggregatedModel, HaveModels, JoinRequest, JoinReply),
     peer=lambda config, experiment: GossipPeer(config, experiment.rounds).run,
     check=_check,
+    quick=("gossip.vote_timeout_s=3", "gossip.aggregation_timeout_s=4", "gossip.wait_model_timeout_s=5",
+           "gossip.diffusion_timeout_s=3", "gossip.resend_timeout_s=0.5", "gossip.join_timeout_s=1"),
+    worst_case_s=_worst_case_s,
 ))

@@ -20,14 +20,13 @@ the simulation ended with, if any):
   end with `peer_finished` status finished or left.
 
 Time scales (`chaos_config`), for the default experiment (digits, MLP, 5 local steps, short
-timeouts; a healthy gossip run of 6 peers and 4 rounds takes ~1 virtual second):
+timeouts from the algorithm's declared `quick` overrides; a healthy gossip run of 6 peers
+and 4 rounds takes ~1 virtual second):
 - faults fall in a horizon of `horizon_s = rounds x liveness.timeout_s` (starts in the first
   70%, lasting faults end by the horizon);
 - `max_virtual_time_s = 2 x (horizon_s + worst_run_s)`, where `worst_run_s` is the longest a
-  correct run may take once the last fault is over: for gossip
-  `wait_model + diffusion + join_timeout x (peers - 1) + rounds x (vote + max(aggregation, wait_model) + diffusion)`
-  (round 0, a restarted peer asking each neighbour in turn, then every round waiting out
-  every timeout); for other algorithms `(rounds + 1) x 10 x liveness.timeout_s`. A
+  correct run may take once the last fault is over, as the algorithm declares it
+  (`Algorithm.worst_case_s`); without a declaration `(rounds + 1) x 10 x liveness.timeout_s`. A
   `--set max_virtual_time_s=...` replaces the bound. Defaults: 6 s horizon, 126 s bound.
 """
 
@@ -62,12 +61,6 @@ CHAOS_SEED_TAG = 0x6368616F73  # "chaos"
 BASE_OVERRIDES = ("data.dataset=digits", "train.model=mlp", "train.local_steps=5", "liveness.timeout_s=1.5")
 """Every chaos experiment starts from these (then the algorithm's, then the user's --set)."""
 
-ALGORITHM_OVERRIDES: dict[str, tuple[str, ...]] = {
-    "gossip": ("gossip.vote_timeout_s=3", "gossip.aggregation_timeout_s=4", "gossip.wait_model_timeout_s=5",
-               "gossip.diffusion_timeout_s=3", "gossip.resend_timeout_s=0.5", "gossip.join_timeout_s=1"),
-}
-"""Short timeouts so a run under faults is quick in virtual time."""
-
 RESERVED_KEYS = {"seed": "--seed", "peers": "--peers", "rounds": "--rounds", "algorithm": "--algorithm"}
 
 PROBLEMS = ("hang", "nan", "exception", "unfinished")
@@ -91,7 +84,10 @@ def check_overrides(overrides: Iterable[str]) -> None:
 
 
 def base_overrides(algorithm: str, peers: int, rounds: int, overrides: Iterable[str]) -> list[str]:
-    return [*BASE_OVERRIDES, *ALGORITHM_OVERRIDES.get(algorithm, ()), *overrides,
+    from meshfl.algorithms import ALGORITHMS
+
+    quick = ALGORITHMS[algorithm].quick if algorithm in ALGORITHMS else ()
+    return [*BASE_OVERRIDES, *quick, *overrides,
             f"algorithm={algorithm}", f"peers={peers}", f"rounds={rounds}"]
 
 
@@ -102,10 +98,11 @@ def horizon_s(config: Any) -> float:
 
 def worst_run_s(config: Any) -> float:
     """The longest a correct run may take after the last fault (see the module docstring)."""
-    if config.algorithm == "gossip":
-        g = config.section()
-        round_s = g.vote_timeout_s + max(g.aggregation_timeout_s, g.wait_model_timeout_s) + g.diffusion_timeout_s
-        return g.wait_model_timeout_s + g.diffusion_timeout_s + g.join_timeout_s * (config.peers - 1) + config.rounds * round_s
+    from meshfl.algorithms import ALGORITHMS
+
+    algorithm = ALGORITHMS.get(config.algorithm)
+    if algorithm is not None and algorithm.worst_case_s is not None:
+        return algorithm.worst_case_s(config.section(), config)
     return (config.rounds + 1) * 10 * config.liveness.timeout_s
 
 

@@ -23,8 +23,8 @@ import time
 from pathlib import Path
 
 from meshfl.config import load_config
-from meshfl.experiment.run import simulate, summarise
 from meshfl.experiment.launch import launch_local
+from meshfl.experiment.run import simulate, summarise
 
 
 def round_ends(events: list[dict], rounds: int) -> dict[int, float]:

@@ -26,7 +26,7 @@ from meshfl.algorithms import PeerMain
 from meshfl.config import ExperimentConfig
 from meshfl.core.messages import Message, PeerLiveness
 from meshfl.core.metrics import PEER_CRASHED, PEER_FINISHED, PEER_STARTED, MetricsLog
-from meshfl.core.params import Params
+from meshfl.core.params import Layout, Params
 from meshfl.core.store import MemoryStore
 from meshfl.core.topology import Topology
 from meshfl.runtime.peer import PeerContext, Worlds
@@ -247,7 +247,7 @@ class Simulation:
             return
         self.network.traffic.messages_received[target] += 1
         self.detector.heard(target, message.sender)
-        slot.context.deliver(_as_received(message))
+        slot.context.deliver(_as_received(message, self.worlds.learner.layout))
 
     # -- lifecycle
     def start(self, peer: int) -> None:
@@ -333,7 +333,7 @@ class Simulation:
         return SimResult(self.network.traffic, self.clock.now, dict(sorted(self.final_params.items())), incarnations)
 
 
-def _as_received(message: Message) -> Message:
+def _as_received(message: Message, layout: Layout) -> Message:
     """What the receiver gets: the message itself, or, for a lossy codec, what decoding its bytes gives.
 
     The decoded copy is kept on the message, so one message sent to many peers is coded once.
@@ -342,8 +342,6 @@ def _as_received(message: Message) -> Message:
         return message
     received = message.__dict__.get("_meshfl_received")
     if received is None:
-        layout = next(getattr(message, f).layout for f in message.__dataclass_fields__
-                      if hasattr(getattr(message, f), "layout"))
         received = decode(encode(message), layout)
         object.__setattr__(message, "_meshfl_received", received)
     return received

@@ -61,8 +61,8 @@ class TopologyConfig(_Section):
 
 
 class PeerLinkConfig(_Section):
-    uplink_mbps: float | None = Field(None, gt=0, description="this peer's uplink, megabits per second (default network.bandwidth_mbps)")
-    downlink_mbps: float | None = Field(None, gt=0, description="this peer's downlink, megabits per second (default network.bandwidth_mbps)")
+    uplink_mbps: float | None = Field(None, gt=0, description="this peer's own uplink, megabits per second, shared by all its messages (default: none, only the links' bandwidth applies)")
+    downlink_mbps: float | None = Field(None, gt=0, description="this peer's own downlink, megabits per second, capping every message it receives (default: none)")
     latency_s: float | None = Field(None, ge=0, description="this peer's one-way latency, seconds (default network.latency_s); a link takes the larger of its ends'")
 
 
@@ -82,7 +82,7 @@ class LinkConfig(_Section):
 
 class NetworkConfig(_Section):
     latency_s: float = Field(0.01, ge=0, description="one-way latency of every peer, seconds (a message takes the larger of its two ends')")
-    bandwidth_mbps: float = Field(100.0, gt=0, description="uplink and downlink of every peer, megabits per second")
+    bandwidth_mbps: float = Field(100.0, gt=0, description="bandwidth of every link, megabits per second (each link sends one message at a time)")
     loss: float = Field(0.0, ge=0, lt=1, description="probability that a message is dropped on a link")
     peers: dict[int, PeerLinkConfig] = Field(default_factory=dict, description="per-peer overrides of uplink_mbps, downlink_mbps, latency_s, by peer id")
     links: list[LinkConfig] = Field(default_factory=list, description="per-pair overrides: peers [a, b], bandwidth_mbps, latency_s, loss (both directions)")
@@ -216,6 +216,8 @@ class CoreConfig(_Section):
         if algorithm.check is not None:
             algorithm.check(self.section(), self)
         check_faults(self.faults, self.peers)
+        self.network.check_peers(self.peers)
+        self.compute.check_peers(self.peers)
         k = self.topology.small_world_neighbours
         if self.topology.kind == "small_world" and (k % 2 or k >= self.peers):
             raise ValueError(f"topology.small_world_neighbours must be even and < peers ({self.peers}), got {k}")

@@ -25,13 +25,22 @@ def network(n=4, seed=0, **config):
     return net, deliveries
 
 
-def test_uplink_serialises_a_senders_messages_then_latency():
+def test_a_link_serialises_its_messages_then_latency():
     net, out = network(bandwidth_mbps=8, latency_s=0.5)
     net.send(0.0, 0, 1, "a", MB)
-    net.send(0.0, 0, 2, "b", MB)  # same sender, other target: waits for the uplink
-    net.send(0.2, 1, 2, "c", MB // 2)  # other sender: its own uplink
-    net.send(5.0, 0, 3, "d", MB)  # uplink idle again by then
-    assert out == [(1.5, 1, "a"), (2.5, 2, "b"), (0.2 + 0.5 + 0.5, 2, "c"), (6.5, 3, "d")]
+    net.send(0.0, 0, 1, "a2", MB)  # same link: waits for the first
+    net.send(0.0, 0, 2, "b", MB)  # same sender, other link: no access link of its own, so in parallel
+    net.send(0.2, 1, 2, "c", MB // 2)
+    net.send(5.0, 0, 1, "d", MB)  # link idle again by then
+    assert out == [(1.5, 1, "a"), (2.5, 1, "a2"), (1.5, 2, "b"), (0.2 + 0.5 + 0.5, 2, "c"), (6.5, 1, "d")]
+
+
+def test_a_peers_own_uplink_serialises_all_its_messages():
+    net, out = network(bandwidth_mbps=80, latency_s=0.5, peers={0: {"uplink_mbps": 8}})
+    net.send(0.0, 0, 1, "a", MB)
+    net.send(0.0, 0, 2, "b", MB)  # same sender, other target: waits for the shared uplink
+    net.send(0.0, 1, 2, "c", MB)  # another peer: only its 80 Mbps link
+    assert out == [(1.5, 1, "a"), (2.5, 2, "b"), (0.1 + 0.5, 2, "c")]
 
 
 def test_bandwidth_is_min_of_uplink_downlink_and_pair_latency_is_max_or_pair():

@@ -122,6 +122,7 @@ class PeerContext:
         self.inbox = Inbox(inbox_limit)
         self._request_ids = itertools.count(1)
         self._pending: dict[tuple[int, int], asyncio.Future] = {}
+        self.late_replies = 0
         self.final_params: Params | None = None
 
     # -- identity
@@ -189,10 +190,11 @@ class PeerContext:
         """A message admitted for this peer: a pending request's reply, or the inbox."""
         if isinstance(message, Reply):
             waiter = self._pending.pop((message.sender, message.in_reply_to), None)
-            if waiter is not None:
-                if not waiter.done():
-                    waiter.set_result(message)
-                return
+            if waiter is not None and not waiter.done():
+                waiter.set_result(message)
+            else:
+                self.late_replies += 1  # its request timed out (or was never made): nobody waits for it
+            return
         self.inbox.put(message)
 
     async def recv(self, timeout: float | None = None, types: tuple[type, ...] | None = None) -> Message | None:

@@ -1,13 +1,16 @@
 """One real peer: the algorithm's coroutine driven by a real clock and gRPC sockets.
 
 `GrpcContext` is the `NodeContext` of a peer process. Time is `time.monotonic()` since the
-peer started; `send` enqueues onto the neighbour's `Link` (transport.py) and never blocks.
-Incoming envelopes pass through the `Door` (which refuses anything malformed, hostile or
-stale, counting the reason) and only then reach the inbox. Training and evaluation run in a
+peer started; `send` enqueues onto the target's `Link` (transport.py; opened on first use,
+every peer of the experiment is in the address book) and never blocks. Incoming envelopes
+pass through the `Door` (which refuses anything malformed, forged, oversized or non-finite,
+counting the reason) and only then reach the algorithm. Training and evaluation run in a
 worker thread so messages keep flowing while a peer trains.
 
-The peer writes metrics.jsonl as it goes (one flushed line per event), so a killed peer
-leaves everything up to its death; a `traffic` event after every evaluation carries its
+The peer appends to metrics.jsonl as it goes (one flushed line per event), so a killed peer
+leaves everything up to its death and a restarted one continues the same file (its
+incarnation is the number of `peer_started` lines already there); its `ctx.store` is a
+folder that survives kill -9. A `traffic` event after every evaluation carries its
 counters. SIGTERM cancels the algorithm between two messages, flushes, says `Goodbye` to
 its neighbours and exits 0.
 """

@@ -2,7 +2,7 @@
 
 A `Link` per neighbour drains an outgoing queue, streams each encoded envelope in
 `grpc.chunk_kb` chunks over `Stream`, retries with jittered exponential backoff, pings the
-neighbour every `heartbeat_interval_s` and declares it dead after `heartbeat_timeout_s` of
+neighbour every `heartbeat_interval_s` and declares it dead after `liveness.timeout_s` of
 silence (sends to a dead neighbour are dropped and counted; hearing from it again revives
 it); a neighbour that says `Goodbye` has left on purpose and is not declared dead.
 `PeerServicer` joins incoming chunks into envelopes and hands them to the node's door.
@@ -62,7 +62,7 @@ def _varint_size(value: int) -> int:
 class Traffic:
     """One peer's counters.
 
-    messages_sent / bytes_sent: what the algorithm asked for (sum of `wire_size`), as the
+    messages_sent / bytes_sent: what the algorithm asked for (sum of `encoded_size`), as the
     simulator counts them. messages_delivered / algorithm_bytes_delivered: the part that
     crossed the wire (the receiver's server acknowledged it; refused_by_neighbours of those
     its door refused). wire_bytes_sent: encoded envelope bytes of those; framing_bytes_estimate:
@@ -246,7 +246,7 @@ class Link:
                     self.mark_dead("unreachable")
                 break
             self.heard()
-            if ack.refused:  # it crossed the wire, but the neighbour's door said no (stale round, config mismatch)
+            if ack.refused:  # it crossed the wire, but the neighbour's door said no (a config mismatch, a forged or oversized message)
                 node.traffic.refused_by_neighbours += 1
             node.traffic.messages_delivered += 1
             node.traffic.algorithm_bytes_delivered += encoded_size(message)

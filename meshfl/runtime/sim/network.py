@@ -1,13 +1,15 @@
 """Modelled network: when a message arrives, or whether it arrives at all.
 
 Every pair of peers can talk (the overlay is the algorithm's choice, not the network's).
-Each peer has an uplink and a downlink bandwidth and a latency (`network.bandwidth_mbps` /
-`network.latency_s`, overridden per peer by `network.peers`); a pair may override bandwidth,
-latency and loss (`network.links`, both directions). A message of `size` bytes from s to t:
+Every link has `network.bandwidth_mbps` and every peer `network.latency_s`; a peer may have
+an access link of its own (`network.peers`: uplink_mbps, downlink_mbps, latency_s) and a
+pair may override bandwidth, latency and loss (`network.links`, both directions). A message
+of `size` bytes from s to t:
 
-- bandwidth = min(uplink of s, downlink of t, pair cap, active slow_link caps);
-- it is serialised on the sender's uplink: it starts when the sender's previous message has
-  left, and takes size / bandwidth;
+- bandwidth = min(link bandwidth, uplink of s, downlink of t, pair cap, active slow_link caps);
+- it is serialised on its link (it starts when the previous message from s to t has left)
+  and, when s has an uplink of its own, on that uplink too (shared by all of s's messages:
+  a slow peer's fan-out queues behind itself); it takes size / bandwidth;
 - then it takes latency = the pair's override, else max(latency of s, latency of t), raised
   to any active slow_link latency on the link;
 - it is dropped with probability 1 - prod(1 - p) over the base loss, the pair's loss and every
@@ -82,8 +84,8 @@ class SimNetwork:
         self._rng = np.random.default_rng([seed, NETWORK_SEED_TAG])
         self._schedule = schedule
         self.traffic = TrafficCounters.for_peers(peers)
-        up = [config.bandwidth_mbps] * peers
-        down = [config.bandwidth_mbps] * peers
+        up = [float("inf")] * peers  # no access link of its own: only the link's bandwidth applies
+        down = [float("inf")] * peers
         lat = [config.latency_s] * peers
         for p, override in config.peers.items():
             self._check_peer(p, "network.peers")
@@ -93,8 +95,10 @@ class SimNetwork:
                 down[p] = override.downlink_mbps
             if override.latency_s is not None:
                 lat[p] = override.latency_s
+        self._link_bps = _bytes_per_second(config.bandwidth_mbps)
         self._uplink = [_bytes_per_second(m) for m in up]
         self._downlink = [_bytes_per_second(m) for m in down]
+        self._shared_uplink = [u != float("inf") for u in self._uplink]
         self._latency = lat
         # pair overrides, both directions: (bytes/s cap or None, latency or None, loss)
         self._pairs: dict[tuple[int, int], tuple[float | None, float | None, float]] = {}
@@ -105,6 +109,7 @@ class SimNetwork:
             cap = _bytes_per_second(link.bandwidth_mbps) if link.bandwidth_mbps is not None else None
             self._pairs[(a, b)] = self._pairs[(b, a)] = (cap, link.latency_s, link.loss)
         self._sender_free_at = [0.0] * peers
+        self._link_free_at: dict[tuple[int, int], float] = {}
         self._losses: dict[Any, tuple[float, _LinkFault]] = {}
         self._slow: dict[Any, tuple[float | None, float | None, _LinkFault]] = {}
         self._partitions: dict[Any, list[int]] = {}  # key -> group id of every peer
@@ -123,7 +128,7 @@ class SimNetwork:
             return cached
         self._check_peer(s, "send")
         self._check_peer(t, "send")
-        bps = min(self._uplink[s], self._downlink[t])
+        bps = min(self._link_bps, self._uplink[s], self._downlink[t])
         latency = max(self._latency[s], self._latency[t])
         keep = 1.0 - self.config.loss
         pair = self._pairs.get((s, t))
@@ -174,9 +179,15 @@ class SimNetwork:
         kind = type(message).__name__
         traffic.messages_by_type[kind] = traffic.messages_by_type.get(kind, 0) + 1
         traffic.bytes_by_type[kind] = traffic.bytes_by_type.get(kind, 0) + size
-        free_at = self._sender_free_at[source]
-        leaves = (now if now > free_at else free_at) + size / bps
-        self._sender_free_at[source] = leaves
+        link = (source, target)
+        start = max(now, self._link_free_at.get(link, 0.0))
+        shared = self._shared_uplink[source]
+        if shared:
+            start = max(start, self._sender_free_at[source])
+        leaves = start + size / bps
+        self._link_free_at[link] = leaves
+        if shared:
+            self._sender_free_at[source] = leaves
         if not reachable:
             self._drop(source, "partition")
             return

@@ -161,6 +161,7 @@ class Link:
         self.channel = make_channel(address, grpc_config, tls)
         self.stub = meshfl_pb2_grpc.PeerStub(self.channel)
         self.tasks: list[asyncio.Task] = []
+        self._ping: asyncio.Task | None = None
 
     def start(self, heartbeat: bool = True) -> None:
         self.tasks.append(asyncio.create_task(self.run_sender(), name=f"send-{self.peer}"))
@@ -279,16 +280,27 @@ class Link:
         return True
 
     async def run_heartbeat(self) -> None:
+        """Ping every heartbeat_interval_s; declare the peer dead once it has been silent for
+        liveness.timeout_s, checked at that instant (not at the next ping), so a crash costs
+        one detector timeout and no more."""
         config = self.liveness
+        next_ping = self.host.now()
         while True:
-            await asyncio.sleep(config.heartbeat_interval_s)
-            if self.left:  # it comes back by talking to us, not by being pinged
-                continue
-            await self.ping(timeout=max(config.heartbeat_interval_s, 0.5))
-            if self.alive and self.host.now() - self.last_heard > config.timeout_s:
+            now = self.host.now()
+            if self.alive and not self.left and now - self.last_heard > config.timeout_s:
                 self.mark_dead("silent")
+            if now >= next_ping:
+                next_ping = now + config.heartbeat_interval_s
+                in_flight = self._ping is not None and not self._ping.done()
+                if not self.left and not in_flight:  # it comes back by talking to us, not by being pinged
+                    self._ping = asyncio.create_task(self.ping(timeout=max(config.heartbeat_interval_s, 0.5)))
+            silent_until = self.last_heard + config.timeout_s + 0.01
+            wake = min(next_ping, silent_until) if self.alive else next_ping
+            await asyncio.sleep(max(wake - self.host.now(), 0.01))
 
     async def close(self) -> None:
+        if self._ping is not None:
+            self.tasks.append(self._ping)
         for task in self.tasks:
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)

@@ -45,7 +45,7 @@ from meshfl.core.metrics import (
 )
 from meshfl.core.topology import make_topology
 from meshfl.experiment.peers import peer_histories
-from meshfl.experiment.run import build_summary, claim_run_dir, write_run_folder
+from meshfl.experiment.run import build_summary, claim_run_dir, handle_signals, write_run_folder
 from meshfl.faults import FaultAction, resolve_faults
 from meshfl.runtime.grpc.faults import write_fired
 from meshfl.runtime.grpc.peer_config import PeerConfig, dump_peer_config, split_address
@@ -240,24 +240,6 @@ def _signal_group(process: subprocess.Popen, sig: int) -> None:
         pass
     except PermissionError:
         process.send_signal(sig)
-
-
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-
-@contextmanager
-def _handle_signals(handler: Any) -> Iterator[None]:
-    """Install `handler` for SIGINT and SIGTERM (main thread only; elsewhere signals are left alone)."""
-    try:
-        previous = {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
-    except ValueError:  # not the main thread
-        yield
-        return
-    try:
-        yield
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
 
 
 class _InterruptGate:
@@ -481,7 +463,7 @@ def launch_local(config: ExperimentConfig, run_dir: Path, *, timeout_s: float | 
 
     faults = LocalFaults(config, peers_dir, start) if config.faults else None
     try:
-        with _handle_signals(gate):
+        with handle_signals(gate):
             for peer_config in configs:
                 folder = peers_dir / f"peer-{peer_config.peer_id}"
                 folder.mkdir(parents=True, exist_ok=True)
@@ -498,9 +480,9 @@ def launch_local(config: ExperimentConfig, run_dir: Path, *, timeout_s: float | 
     except (Interrupted, KeyboardInterrupt) as exc:
         interrupted = exc if isinstance(exc, Interrupted) else Interrupted("SIGINT")
     finally:
-        with _handle_signals(signal.SIG_IGN):  # a second Ctrl-C must not leave orphans behind
+        with handle_signals(signal.SIG_IGN):  # a second Ctrl-C must not leave orphans behind
             stop_all(processes)
-    with _handle_signals(signal.SIG_IGN):  # nor a half-written run folder
+    with handle_signals(signal.SIG_IGN):  # nor a half-written run folder
         exit_codes = {p.peer: p.returncode for p in processes}  # the last process of each peer
         per_peer = {p: read_events(peers_dir / f"peer-{p}" / "metrics.jsonl") for p in range(config.peers)}
 

@@ -217,7 +217,7 @@ def run_experiment(config: ExperimentConfig, run_dir: Path | None, metrics: Metr
     try:
         result, metrics, stats = simulate(config, metrics, progress=progress)
     except KeyboardInterrupt:
-        with _sigint_ignored():  # a second Ctrl-C must not lose the run folder half-written
+        with handle_signals(signal.SIG_IGN, (signal.SIGINT,)):  # a second Ctrl-C must not lose the run folder half-written
             sim = progress.sim
             network = getattr(sim, "network", None)
             clock = getattr(sim, "clock", None)
@@ -234,17 +234,22 @@ def run_experiment(config: ExperimentConfig, run_dir: Path | None, metrics: Metr
     return RunResult(run_dir, summary, metrics, result)
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
 @contextmanager
-def _sigint_ignored() -> Iterator[None]:
+def handle_signals(handler: Any, signals: tuple[int, ...] = STOP_SIGNALS) -> Iterator[None]:
+    """Install `handler` for `signals` while the block runs (main thread only; elsewhere signals are left alone)."""
     try:
-        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        previous = {sig: signal.signal(sig, handler) for sig in signals}
     except ValueError:  # not the main thread
         yield
         return
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 def write_run_folder(run_dir: Path, config: ExperimentConfig, metrics: MetricsLog, summary: dict[str, Any],

@@ -41,3 +41,11 @@ def test_grpc_overhead_counts_wire_bytes_close_to_the_algorithms():
     assert out["accuracy"]["grpc_dead_peers"] == []
     assert 0.98 <= out["bytes"]["ratio_envelopes"] <= 1.0 <= out["bytes"]["ratio_with_framing"] <= 1.05
     assert len(out["seconds"]["grpc_per_round"]) == 1
+
+
+def test_failure_cost_a_crash_costs_one_round_at_most_one_detector_timeout():
+    out = bench("benchmarks/failure_cost.py", "--runtime", "sim", "--peers", "4", "--rounds", "5",
+                "--set", "data.dataset=digits")["sim"]
+    assert len(out["failure_free_round_s"]) == 5 and out["rounds_completed_with_crash"] == 5
+    assert 0 < out["worst_extra_after_crash_s"] <= out["detector_timeout_s"]
+    assert all(extra <= 0.1 * out["failure_free_median_s"] for extra in out["later_rounds_extra_s"])

@@ -161,6 +161,7 @@ class WireConfig(_Section):
 class LivenessConfig(_Section):
     heartbeat_interval_s: float = Field(1.0, gt=0, description="gRPC: seconds between heartbeats on every open link")
     timeout_s: float = Field(5.0, gt=0, description="a peer silent this long is believed dead (both runtimes model the same detector)")
+    watch: Literal["all", "overlay"] = Field("all", description="whom each peer's detector watches: every peer of the experiment, or only its overlay neighbours (others count as alive; fewer heartbeats at scale)")
 
 
 class TlsConfig(_Section):

@@ -224,7 +224,10 @@ class PeerNode:
             await asyncio.sleep(FAULT_POLL_S)
 
     async def close_idle_links(self) -> None:
-        """Links to peers outside the overlay close after grpc.idle_link_s without use."""
+        """Links to peers outside the overlay close after grpc.idle_link_s without use (unless the
+        detector watches every peer: liveness.watch=all keeps them, they carry its heartbeats)."""
+        if self.config.liveness.watch == "all":
+            return
         idle = self.config.grpc.idle_link_s
         while True:
             await asyncio.sleep(min(idle, 5.0))
@@ -321,6 +324,9 @@ class PeerNode:
             self.record("algorithm_started")
             for link in self.links.values():
                 link.start_heartbeat()
+            if self.config.liveness.watch == "all":  # the detector watches every peer, not only the overlay
+                for peer in sorted(self.addresses):
+                    self.link(peer)
             reaper = asyncio.create_task(self.close_idle_links(), name="idle-links")
             algorithm = get_algorithm(self.config.algorithm)
             self.context = GrpcContext(self)

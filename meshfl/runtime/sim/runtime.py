@@ -115,6 +115,12 @@ class SimDetector:
         self._dead: set[tuple[int, int]] = set()  # (observer, subject)
         self._epoch = [0] * sim.config.peers  # bumped whenever a peer goes down or comes up
         self._network_epoch = 0  # bumped at every partition or heal
+        peers = range(sim.config.peers)
+        if sim.config.liveness.watch == "all":
+            self._watchers = [tuple(o for o in peers if o != s) for s in peers]
+        else:  # only the overlay neighbours watch a peer, as over gRPC with liveness.watch=overlay
+            self._watchers = [tuple(sim.topology.neighbours[s]) for s in peers]
+        self._watched = self._watchers  # both relations are symmetric: everyone, or the (undirected) overlay
 
     def is_alive(self, observer: int, subject: int) -> bool:
         return (observer, subject) not in self._dead
@@ -135,7 +141,8 @@ class SimDetector:
         """A restarted peer knows nothing: it believes everyone alive until its timeout says otherwise."""
         for subject in range(self._sim.config.peers):
             self._dead.discard((observer, subject))
-            if subject != observer and not self._sim.slots[subject].up:
+        for subject in self._watched[observer]:
+            if not self._sim.slots[subject].up:
                 asyncio.get_running_loop().call_at(self._sim.clock.now + self.timeout_s, self._believe_down_for,
                                                    observer, subject, self._epoch[subject])
 
@@ -145,8 +152,8 @@ class SimDetector:
         epoch = self._network_epoch
         network, slots, loop = self._sim.network, self._sim.slots, asyncio.get_running_loop()
         for observer in range(self._sim.config.peers):
-            for subject in range(self._sim.config.peers):
-                if observer == subject or not slots[subject].up:
+            for subject in self._watched[observer]:
+                if not slots[subject].up:
                     continue
                 if not network.reachable(subject, observer):
                     loop.call_at(self._sim.clock.now + self.timeout_s, self._cut_off, observer, subject, epoch)
@@ -167,7 +174,7 @@ class SimDetector:
             self._set(observer, subject, True)
 
     def _believe_down(self, subject: int, epoch: int) -> None:
-        for observer in range(self._sim.config.peers):
+        for observer in self._watchers[subject]:
             self._believe_down_for(observer, subject, epoch)
 
     def _believe_down_for(self, observer: int, subject: int, epoch: int) -> None:

@@ -17,7 +17,7 @@ def peer_seed(seed: int, peer: int, stream: int) -> int:
 
 
 def algorithm_rng(seed: int, peer: int, incarnation: int = 0) -> np.random.Generator:
-    """`ctx.rng`: the randomness an algorithm may use (votes, gossip targets); a restart draws anew."""
+    """`ctx.rng`: the randomness an algorithm may use (e.g. random choices of peers); a restart draws anew."""
     return np.random.default_rng([seed, peer] if incarnation == 0 else [seed, peer, incarnation])
 
 

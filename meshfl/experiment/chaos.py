@@ -20,7 +20,7 @@ the simulation ended with, if any):
   end with `peer_finished` status finished or left.
 
 Time scales (`chaos_config`), for the default experiment (digits, MLP, 5 local steps, short
-timeouts from the algorithm's declared `quick` overrides; a healthy gossip run of 6 peers
+timeouts from the algorithm's declared `quick` overrides; a healthy run of 6 peers
 and 4 rounds takes ~1 virtual second):
 - faults fall in a horizon of `horizon_s = rounds x liveness.timeout_s` (starts in the first
   70%, lasting faults end by the horizon);

@@ -240,7 +240,11 @@ class GossipPeer:
             model = await self._run_round(ctx, round, model)
 
     async def _rejoin(self, ctx: NodeContext) -> tuple[int, Params]:
-        """Ask live neighbours which round the network is in; join the next one with that neighbour's model."""
+        """Ask live neighbours which round the network is in; join the next one with that neighbour's model.
+
+        The model is the last one the neighbour completed (the round before its current one):
+        the current round finishes without this peer, whose ballots for it would come too late.
+        """
         for neighbour in self._alive_neighbours(ctx):
             reply = await ctx.request(neighbour, JoinRequest(sender=ctx.peer_id), self.config.join_timeout_s)
             if isinstance(reply, JoinReply):
@@ -429,10 +433,13 @@ class GossipPeer:
         if isinstance(message, Votes):
             if round >= self.round:
                 self._learn_ballots(ctx, round, message.ballots, came_from=message.sender)
-        elif isinstance(message, HaveModels):
-            self._handle_have(message)
-        elif isinstance(message, (PartialModel, AggregatedModel)):
-            self._handle_model(ctx, message)
+        elif isinstance(message, (HaveModels, PartialModel, AggregatedModel)):
+            if not self._peer_set(ctx).issuperset(message.contributors):
+                return  # contributors that are no peer of the experiment: forged, and would only grow our state
+            if isinstance(message, HaveModels):
+                self._handle_have(message)
+            else:
+                self._handle_model(ctx, message)
 
     def _learn_ballots(self, ctx: NodeContext, round: int, ballots: Iterable[Ballot], came_from: int) -> None:
         """Keep the first ballot of each peer and queue it for the next relay to the neighbours.
@@ -486,11 +493,11 @@ class GossipPeer:
             state.neighbour_complete.add(message.sender)
 
     def _handle_model(self, ctx: NodeContext, message: PartialModel | AggregatedModel) -> None:
-        state = self.state(message.round)
-        if message.round < self.round or state.model is not None:
+        if message.round < self.round or self.state(message.round).model is not None:  # no state for past rounds
             ctx.send(message.sender, HaveModels(sender=ctx.peer_id, round=message.round,
                                                 contributors=message.contributors, complete=True))
             return
+        state = self.state(message.round)
         if isinstance(message, AggregatedModel):
             state.neighbour_complete.add(message.sender)
             if state.aggregated is None or len(message.contributors) > len(state.aggregated.contributors):

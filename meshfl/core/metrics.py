@@ -31,6 +31,7 @@ WALL_CLOCK_FIELDS = ("wall_time",)
 # event names
 METRIC = "metric"
 PEER_STARTED = "peer_started"
+PROCESS_STARTED = "process_started"  # gRPC: the very first line of a peer process (counts incarnations)
 PEER_CRASHED = "peer_crashed"
 PEER_FINISHED = "peer_finished"
 FAULT = "fault"

@@ -35,6 +35,7 @@ from meshfl.core.metrics import (
     PEER_EXITED,
     PEER_FINISHED,
     PEER_STARTED,
+    PROCESS_STARTED,
     RUN_FINISHED,
     RUN_STARTED,
     STATUS_FAILED,
@@ -341,10 +342,11 @@ def merge_events(per_peer: dict[int, list[dict[str, Any]]], started_unix: float,
     """
     merged = []
     for _peer, events in sorted(per_peer.items()):
+        starts = (PEER_STARTED, PROCESS_STARTED)
         offset = next((float(e["unix_time"]) - started_unix for e in events
-                       if e.get("event") == PEER_STARTED and "unix_time" in e), 0.0)
+                       if e.get("event") in starts and "unix_time" in e), 0.0)
         for event in events:
-            if event.get("event") == PEER_STARTED and "unix_time" in event:
+            if event.get("event") in starts and "unix_time" in event:
                 offset = float(event["unix_time"]) - started_unix  # a restart: a new process, a new clock
             shifted = dict(event)
             shifted["wall_time"] = round(float(event.get("wall_time", 0.0)) + offset, 6)

@@ -98,7 +98,7 @@ class Inbox:
             async with asyncio.timeout(timeout):
                 return await waiter
         except TimeoutError:
-            return None
+            return _handed_over(waiter)  # a message put in the same instant the timeout fired is not lost
         finally:
             if entry in self._waiters:
                 self._waiters.remove(entry)
@@ -120,7 +120,7 @@ class PeerContext:
         self._rng = algorithm_rng(config.seed, peer_id, incarnation)
         self._torch_generator = batch_generator(config.seed, peer_id, incarnation)
         self.inbox = Inbox(inbox_limit)
-        self._request_ids = itertools.count(1)
+        self._request_ids = itertools.count((incarnation << 32) + 1)  # a late reply to an earlier incarnation never matches
         self._pending: dict[tuple[int, int], asyncio.Future] = {}
         self.late_replies = 0
         self.final_params: Params | None = None
@@ -212,7 +212,7 @@ class PeerContext:
             async with asyncio.timeout(timeout):
                 return await waiter
         except TimeoutError:
-            return None
+            return _handed_over(waiter)
         finally:
             self._pending.pop(key, None)
 
@@ -249,6 +249,13 @@ class PeerContext:
         if self._incarnation:
             fields["incarnation"] = self._incarnation
         self._record("metric", **fields)
+
+
+def _handed_over(waiter: asyncio.Future) -> Message | None:
+    """What a waiter got if it was resolved in the instant its timeout fired, else None."""
+    if waiter.done() and not waiter.cancelled():
+        return waiter.result()
+    return None
 
 
 def warm_up(worlds: Worlds, peer_id: int, batch_size: int) -> None:

@@ -44,7 +44,7 @@ class TransportFaults:
         self.model = SimNetwork(model_config, config.peers, config.seed, lambda *args: None)
         self.speed = 1.0
         self._applied = 0
-        self._mtime = 0.0
+        self._mtime: tuple[int, int] = (0, 0)
         self._rng = np.random.default_rng([config.seed, peer, 0x696E6A])
         self.active = bool(self.actions)
 
@@ -53,7 +53,8 @@ class TransportFaults:
         if not self.active:
             return
         try:
-            mtime = self.path.stat().st_mtime
+            stat = self.path.stat()
+            mtime = (stat.st_mtime_ns, stat.st_ino)  # the file is replaced, not rewritten: a new inode each time
             if mtime == self._mtime:
                 return
             fired = json.loads(self.path.read_text())["fired"]

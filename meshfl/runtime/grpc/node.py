@@ -35,7 +35,15 @@ import torch
 from meshfl.algorithms import get_algorithm
 from meshfl.config import ExperimentConfig, dump_config
 from meshfl.core.messages import Goodbye, Heartbeat, Message, PeerLiveness
-from meshfl.core.metrics import LIVENESS, PEER_CRASHED, PEER_FINISHED, PEER_STARTED, MetricsLog, event_line
+from meshfl.core.metrics import (
+    LIVENESS,
+    PEER_CRASHED,
+    PEER_FINISHED,
+    PEER_STARTED,
+    PROCESS_STARTED,
+    MetricsLog,
+    event_line,
+)
 from meshfl.core.params import Params
 from meshfl.core.store import DirectoryStore
 from meshfl.runtime.grpc.door import Door, Refused
@@ -137,6 +145,7 @@ class PeerNode:
         self.metrics_file = MetricsFile(metrics_path)
         (out_dir / "config.yaml").write_text(dump_config(config))  # `meshfl merge` rebuilds the run from these folders
         self.metrics.subscribe(self.metrics_file)
+        self.record(PROCESS_STARTED, unix_time=time.time() - self.now())  # first thing: a kill during the slow setup below still counts as an incarnation
         self._backoff_rng = np.random.default_rng([config.seed, self.peer_id, 0x6261636B, self.incarnation])
         self.store = DirectoryStore(out_dir / "store")
         self.faults = TransportFaults(config, self.peer_id, out_dir)
@@ -379,15 +388,12 @@ class PeerNode:
 
 
 def previous_incarnations(metrics_path: Path) -> int:
-    """How many times this peer started before (its metrics file survives a crash): its incarnation now."""
+    """How many times this peer's process started before (its metrics file survives a crash): its incarnation now."""
     if not metrics_path.is_file():
         return 0
-    count = 0
+    marker = f'"event": "{PROCESS_STARTED}"'.encode()
     with metrics_path.open("rb") as handle:
-        for line in handle:
-            if b'"peer_started"' in line:
-                count += 1
-    return count
+        return sum(1 for line in handle if marker in line)
 
 
 async def _until_stopped(awaitable: Any, stop: asyncio.Event) -> bool:

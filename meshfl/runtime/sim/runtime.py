@@ -141,10 +141,12 @@ class SimDetector:
         """A restarted peer knows nothing: it believes everyone alive until its timeout says otherwise."""
         for subject in range(self._sim.config.peers):
             self._dead.discard((observer, subject))
+        loop, later = asyncio.get_running_loop(), self._sim.clock.now + self.timeout_s
         for subject in self._watched[observer]:
             if not self._sim.slots[subject].up:
-                asyncio.get_running_loop().call_at(self._sim.clock.now + self.timeout_s, self._believe_down_for,
-                                                   observer, subject, self._epoch[subject])
+                loop.call_at(later, self._believe_down_for, observer, subject, self._epoch[subject])
+            elif not self._sim.network.reachable(subject, observer):
+                loop.call_at(later, self._cut_off, observer, subject, self._network_epoch)
 
     def network_changed(self) -> None:
         """A partition or heal: peers cut off are believed dead after the timeout, reachable ones alive again."""
@@ -186,7 +188,7 @@ class SimDetector:
         if self._epoch[subject] != epoch:
             return
         for observer in range(self._sim.config.peers):
-            if (observer, subject) in self._dead:
+            if (observer, subject) in self._dead and self._sim.network.reachable(subject, observer):
                 self._set(observer, subject, True)
 
     def _set(self, observer: int, subject: int, alive: bool) -> None:
@@ -245,11 +247,13 @@ class Simulation:
 
     # -- messages
     def _schedule_delivery(self, at: float, target: int, message: Message) -> None:
-        asyncio.get_running_loop().call_at(at, self._deliver, target, message)
+        """Called while the message is sent: it is meant for the target's incarnation of that moment."""
+        incarnation = self.slots[target].incarnation
+        asyncio.get_running_loop().call_at(at, self._deliver, target, message, incarnation)
 
-    def _deliver(self, target: int, message: Message) -> None:
+    def _deliver(self, target: int, message: Message, incarnation: int) -> None:
         slot = self.slots[target]
-        if not slot.up or slot.context is None:
+        if not slot.up or slot.context is None or slot.incarnation != incarnation:  # lost with the crash
             self.network.traffic.messages_dropped[message.sender] += 1
             return
         self.network.traffic.messages_received[target] += 1
@@ -274,16 +278,21 @@ class Simulation:
                                                            name=f"peer-{peer}.{slot.incarnation}")
 
     async def _run_peer(self, slot: PeerSlot, main: PeerMain, ctx: SimContext) -> None:
+        incarnation = slot.incarnation
         try:
             await main(ctx)
         except asyncio.CancelledError:
             return  # crashed from outside: `crash` logged it
         except Exception as exc:  # noqa: BLE001 - one peer's bug is that peer's crash
-            self.metrics.record(PEER_CRASHED, peer=slot.peer, incarnation=slot.incarnation, reason="exception",
+            if slot.incarnation != incarnation or slot.context is not ctx:
+                return  # an earlier incarnation ending late: nothing of it may touch the current one
+            self.metrics.record(PEER_CRASHED, peer=slot.peer, incarnation=incarnation, reason="exception",
                                 error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc(limit=20))
             self._down(slot, "crashed", self.detector.timeout_s)
         else:
-            self.metrics.record(PEER_FINISHED, peer=slot.peer, incarnation=slot.incarnation, status="finished")
+            if slot.incarnation != incarnation or slot.context is not ctx:
+                return
+            self.metrics.record(PEER_FINISHED, peer=slot.peer, incarnation=incarnation, status="finished")
             if ctx.final_params is not None:
                 self.final_params[slot.peer] = ctx.final_params
             self._down(slot, "finished", LINGER_S + self.config.network.latency_s)

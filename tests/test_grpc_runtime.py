@@ -361,3 +361,13 @@ def test_a_message_sent_to_several_neighbours_is_encoded_once(tmp_path, monkeypa
         node.encoded(HaveModels(sender=0, round=r, contributors=frozenset()))
     assert node.encoded(have) == first and len(calls) == 13
     node.metrics_file.close()
+
+
+def test_ping_carries_only_heartbeat_and_goodbye(tmp_path):
+    config = digits(2, 1)
+    node = PeerNode(build_peer_configs(config, ["127.0.0.1:1", "127.0.0.1:2"])[0], config, tmp_path)
+    votes = encode(Votes(sender=1, round=1, ballots=(Ballot(1, (0,), (5,)),)))
+    assert node.receive(votes, control_only=True) is False and node.door.refused["malformed"] == 1
+    assert node.receive(encode(Heartbeat(sender=1)), control_only=True) is True
+    assert node.receive(votes) is True  # over Stream the same message is fine
+    node.metrics_file.close()

@@ -57,6 +57,7 @@ from meshfl.wire.envelope import encode
 STARTUP_PING_TIMEOUT_S = 2.0
 GOODBYE_TIMEOUT_S = 1.0
 ENCODED_KEPT = 4
+MAX_CONCURRENT_STREAMS = 16
 FAULT_POLL_S = 0.2
 
 # ---- the context the algorithm sees ---------------------------------------------------------
@@ -256,11 +257,15 @@ class PeerNode:
             return None
         return peer_from_auth_context(context.auth_context())
 
-    def receive(self, data: bytes, peer_hint: int | None = None) -> bool:
-        """Door, then the algorithm. True when admitted."""
+    def receive(self, data: bytes, peer_hint: int | None = None, control_only: bool = False) -> bool:
+        """Door, then the algorithm. True when admitted. The unary `Ping` carries only Heartbeat and
+        Goodbye (`control_only`): anything else must come over `Stream`, whose size the server bounds."""
         try:
             message = self.door.admit(data, peer_hint)
         except Refused:
+            return False
+        if control_only and not isinstance(message, (Heartbeat, Goodbye)):
+            self.door.reject("malformed", f"Ping carries {type(message).__name__}; only Heartbeat or Goodbye", peer_hint)
             return False
         if self.faults.active and not self.faults.reachable(message.sender, self.peer_id):
             return True  # an injected partition: it never arrived
@@ -279,7 +284,10 @@ class PeerNode:
 
     async def start_server(self) -> grpc.aio.Server:
         # no SO_REUSEPORT: a second server on a taken port must fail, not share the port
-        server = grpc.aio.server(options=[*channel_options(self.config.grpc), ("grpc.so_reuseport", 0)])
+        # and a bounded number of concurrent calls per connection, so one
+        # client cannot hold many half-sent streams of up to wire.max_message_mb each
+        server = grpc.aio.server(options=[*channel_options(self.config.grpc), ("grpc.so_reuseport", 0),
+                                          ("grpc.max_concurrent_streams", MAX_CONCURRENT_STREAMS)])
         meshfl_pb2_grpc.add_PeerServicer_to_server(PeerServicer(self), server)
         listen = self.peer_config.listen
         try:

@@ -343,5 +343,5 @@ class PeerServicer(meshfl_pb2_grpc.PeerServicer):
         return meshfl_pb2.Ack(accepted=accepted, refused=refused)
 
     async def Ping(self, request, context):  # noqa: N802
-        ok = self.node.receive(bytes(request.data), self.node.peer_hint(context))
+        ok = self.node.receive(bytes(request.data), self.node.peer_hint(context), control_only=True)
         return meshfl_pb2.Ack(accepted=int(ok), refused=int(not ok))

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from meshfl.algorithms.coordinator import Done, Update, Work
 from meshfl.algorithms.gossip import AggregatedModel, Ballot, HaveModels, JoinReply, JoinRequest, PartialModel, Votes
 from meshfl.core.messages import (
     LOSSLESS,
@@ -252,6 +253,18 @@ def _slice_deltas(codec: Codec) -> list[Message]:
     ]
 
 
+def _works(codec: Codec) -> list[Message]:
+    return [Work(sender=0, round=3, epochs=2, params=_params(seed=13), codec=codec)]
+
+
+def _updates(codec: Codec) -> list[Message]:
+    return [Update(sender=2, round=3, samples=180, params=_params(seed=14), codec=codec)]
+
+
+def _dones(codec: Codec) -> list[Message]:
+    return [Done(sender=0, round=9, params=_params(seed=15))]
+
+
 FACTORIES: dict[type[Message], Callable[[Codec], list[Message]]] = {
     Heartbeat: _heartbeats,
     Goodbye: _goodbyes,
@@ -262,6 +275,9 @@ FACTORIES: dict[type[Message], Callable[[Codec], list[Message]]] = {
     JoinRequest: _join_requests,
     JoinReply: _join_replies,
     SliceDelta: _slice_deltas,
+    Work: _works,
+    Update: _updates,
+    Done: _dones,
 }
 
 

@@ -130,15 +130,10 @@ def test_minimal_summary_and_no_metrics(tmp_path: Path) -> None:
     assert "—" in html and "none" in html
 
 
-def test_many_peers_no_legend_path_and_fast(tmp_path: Path) -> None:
-    import time
-
+def test_many_peers_no_legend_path(tmp_path: Path) -> None:
     events, summary = synthetic_run(peers=60, rounds=30, dead=7)
-    start = time.perf_counter()
     files = write_report(tmp_path, events, summary, CONFIG)
-    elapsed = time.perf_counter() - start
     assert files[0].read_bytes()[:8] == PNG_MAGIC
-    assert elapsed < 10  # generous: ~0.6 s here; guards against per-point plotting
 
 
 def test_rewrite_overwrites(tmp_path: Path) -> None:

@@ -134,6 +134,8 @@ def test_many_peers_no_legend_path(tmp_path: Path) -> None:
     events, summary = synthetic_run(peers=60, rounds=30, dead=7)
     files = write_report(tmp_path, events, summary, CONFIG)
     assert files[0].read_bytes()[:8] == PNG_MAGIC
+    table = files[-1].read_text().split("Per-peer results")[1].split("</table>")[0]
+    assert table.count("<tr") == 61 and table.count('<tr class="dead">') == 1  # a header and every peer; peer 7 dead
 
 
 def test_rewrite_overwrites(tmp_path: Path) -> None:

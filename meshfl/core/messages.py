@@ -112,7 +112,7 @@ def register_message(cls: type[Message], name: str) -> type[Message]:
     known = MESSAGE_TYPES.get(ident)
     if known is not None and known is not cls:
         raise ValueError(f"message name {name!r} is already registered (or collides) with {known.__name__}")
-    from meshfl.core.schema import schema_of  # imported here: schema imports params, which is fine, but not messages
+    from meshfl.core.schema import schema_of  # not at the top: this module registers Heartbeat while it loads
 
     schema_of(cls)
     MESSAGE_TYPES[ident] = cls

@@ -594,7 +594,7 @@ class LocalFaults:
     def joining(self) -> set[int]:
         return {p for a in self.actions if a.kind == "join" for p in a.peers}
 
-    def restart_due(self, readers: dict[int, PeerMetricsReader]) -> bool:
+    def restart_due(self) -> bool:
         """A time-triggered restart or join is still to come."""
         return any(self.actions[i].kind in ("restart", "join") and self.actions[i].trigger[0] == "time"
                    for i in self._pending)
@@ -634,10 +634,8 @@ class LocalFaults:
                 self.restart(peer)
             elif action.kind == "leave" and running:
                 _signal_group(process.process, signal.SIGTERM)
-        for peer in range(len(list(self.peers_dir.glob("peer-*")))):
-            folder = self.peers_dir / f"peer-{peer}"
-            if folder.is_dir():
-                write_fired(folder, self.fired)
+        for folder in sorted(self.peers_dir.glob("peer-*")):  # every peer, running or not: a restart reads it too
+            write_fired(folder, self.fired)
 
 
 def _wait(processes: list[PeerProcess], readers: dict[int, PeerMetricsReader], started: float,
@@ -665,7 +663,7 @@ def _wait(processes: list[PeerProcess], readers: dict[int, PeerMetricsReader], s
             p = failed[0]
             raise LaunchError(f"peer {p.peer} failed (exit {p.returncode}): {p.last_log_line() or 'no output'} "
                               f"(log: {p.log_path})")
-        if not running and not (faults is not None and faults.restart_due(readers)):
+        if not running and not (faults is not None and faults.restart_due()):
             return
         if timeout_s is not None and time.perf_counter() - started > timeout_s:
             raise LaunchError(f"launch: peers {[p.peer for p in running]} still running after {timeout_s:g}s; stopped them")

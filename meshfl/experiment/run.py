@@ -128,8 +128,7 @@ def simulate(config: ExperimentConfig, metrics: MetricsLog | None = None, *,
     topology = make_topology(config.topology, config.peers, config.seed)
     algorithm = get_algorithm(config.algorithm)
     section = config.section()
-    sim = progress.sim = Simulation(config, topology, worlds, metrics,
-                                    lambda peer, incarnation: algorithm.peer(section, config))
+    sim = progress.sim = Simulation(config, topology, worlds, metrics, lambda: algorithm.peer(section, config))
     layout = worlds.learner.layout
     metrics.record(RUN_STARTED, peers=config.peers, rounds=config.rounds, algorithm=config.algorithm,
                    parameters=layout.numel, layout=layout.fingerprint)

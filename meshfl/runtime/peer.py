@@ -176,15 +176,11 @@ class PeerContext:
 
     # -- messages
     def send(self, to: int, message: Message) -> None:
-        if to not in self._peer_set:
+        if not 0 <= to < len(self._peers):
             raise ValueError(f"peer {self._peer_id} sent {type(message).__name__} to peer {to}, which is not in the experiment")
         if to == self._peer_id:
             raise ValueError(f"peer {self._peer_id} sent {type(message).__name__} to itself")
         self._transmit(to, message)
-
-    @property
-    def _peer_set(self) -> range:
-        return range(len(self._peers))
 
     def deliver(self, message: Message) -> None:
         """A message admitted for this peer: a pending request's reply, or the inbox."""

@@ -200,8 +200,11 @@ class PeerNode:
 
     # -- links and liveness
 
-    def link(self, peer: int) -> Link:
-        """The link to `peer`, opened on first use (every peer of the experiment is in the address book)."""
+    def link(self, peer: int, heartbeat: bool = True) -> Link:
+        """The link to `peer`, opened on first use (every peer of the experiment is in the address book).
+
+        Overlay links are opened before the algorithm starts without heartbeats (start-up pings
+        stand in for them until the algorithm runs)."""
         link = self.links.get(peer)
         if link is None:
             address = self.addresses.get(peer)
@@ -210,7 +213,7 @@ class PeerNode:
             link = Link(self, peer, address, self.config.grpc, self.config.liveness, self.tls,
                         queue_limit=self.config.wire.inbox_messages)
             self.links[peer] = link
-            link.start()
+            link.start(heartbeat)
         return link
 
     def send(self, to: int, message: Message) -> None:
@@ -324,10 +327,7 @@ class PeerNode:
         """Serve, wait for neighbours, run the algorithm; returns finished | stopped."""
         server = await self.start_server()
         for peer in self.neighbour_ids:
-            link = Link(self, peer, self.addresses[peer], self.config.grpc, self.config.liveness, self.tls,
-                        queue_limit=self.config.wire.inbox_messages)
-            self.links[peer] = link
-            link.start(heartbeat=False)
+            self.link(peer, heartbeat=False)
         reaper: asyncio.Task | None = None
         watcher = asyncio.create_task(self.watch_faults(), name="faults") if self.faults.active else None
         status = "stopped"

@@ -117,10 +117,9 @@ class SimDetector:
         self._network_epoch = 0  # bumped at every partition or heal
         peers = range(sim.config.peers)
         if sim.config.liveness.watch == "all":
-            self._watchers = [tuple(o for o in peers if o != s) for s in peers]
+            self._watchers = [tuple(o for o in peers if o != s) for s in peers]  # symmetric: who watches s = whom s watches
         else:  # only the overlay neighbours watch a peer, as over gRPC with liveness.watch=overlay
             self._watchers = [tuple(sim.topology.neighbours[s]) for s in peers]
-        self._watched = self._watchers  # both relations are symmetric: everyone, or the (undirected) overlay
 
     def is_alive(self, observer: int, subject: int) -> bool:
         return (observer, subject) not in self._dead
@@ -142,7 +141,7 @@ class SimDetector:
         for subject in range(self._sim.config.peers):
             self._dead.discard((observer, subject))
         loop, later = asyncio.get_running_loop(), self._sim.clock.now + self.timeout_s
-        for subject in self._watched[observer]:
+        for subject in self._watchers[observer]:
             if not self._sim.slots[subject].up:
                 loop.call_at(later, self._believe_down_for, observer, subject, self._epoch[subject])
             elif not self._sim.network.reachable(subject, observer):
@@ -154,7 +153,7 @@ class SimDetector:
         epoch = self._network_epoch
         network, slots, loop = self._sim.network, self._sim.slots, asyncio.get_running_loop()
         for observer in range(self._sim.config.peers):
-            for subject in self._watched[observer]:
+            for subject in self._watchers[observer]:
                 if not slots[subject].up:
                     continue
                 if not network.reachable(subject, observer):
@@ -203,7 +202,7 @@ class SimDetector:
 
 class Simulation:
     def __init__(self, config: ExperimentConfig, topology: Topology, worlds: Worlds, metrics: MetricsLog,
-                 peer_main: Callable[[int, int], PeerMain]) -> None:
+                 new_peer: Callable[[], PeerMain]) -> None:
         if topology.num_peers != config.peers or len(worlds.peer_data) != config.peers:
             raise ValueError(f"simulation: config has {config.peers} peers, topology {topology.num_peers}, "
                              f"data {len(worlds.peer_data)}")
@@ -211,7 +210,7 @@ class Simulation:
         self.topology = topology
         self.worlds = worlds
         self.metrics = metrics
-        self.peer_main = peer_main
+        self.new_peer = new_peer  # a fresh coroutine function for every start (incarnation)
         self._waiting: dict[int, collections.Counter[str]] = {}
         self.clock = VirtualClock(config.max_virtual_time_s, self._describe_waiters)
         self.speeds = peer_speeds(config.compute, config.peers, config.seed)
@@ -273,7 +272,7 @@ class Simulation:
             self.detector.fresh_observer(peer)
             self.detector.came_up(peer)
         self.metrics.record(PEER_STARTED, peer=peer, incarnation=slot.incarnation)
-        main = self.peer_main(peer, slot.incarnation)
+        main = self.new_peer()
         slot.task = asyncio.get_running_loop().create_task(self._run_peer(slot, main, slot.context),
                                                            name=f"peer-{peer}.{slot.incarnation}")
 

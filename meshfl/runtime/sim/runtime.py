@@ -343,7 +343,12 @@ class Simulation:
                 self._settled.clear()
                 await self._settled.wait()
 
-        run_virtual(main, self.clock)
+        try:
+            run_virtual(main, self.clock)
+        finally:  # a peer task that ended with Ctrl-C: its exception is propagating already, not "never retrieved"
+            for slot in self.slots:
+                if slot.task is not None and slot.task.done() and not slot.task.cancelled():
+                    slot.task.exception()
         incarnations = {slot.peer: slot.incarnation + 1 for slot in self.slots}
         return SimResult(self.network.traffic, self.clock.now, dict(sorted(self.final_params.items())), incarnations)
 

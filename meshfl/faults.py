@@ -50,7 +50,8 @@ class FaultEvent(_Section):
     until_round: int | None = Field(None, ge=0, description="end of a lasting fault when any peer (or trigger_peer) first reaches this round")
     peers: list[int] | None = Field(None, description="target peers by id")
     fraction: float | None = Field(None, gt=0, le=1, description="target this fraction of the peers (at least one), drawn from the run seed")
-    count: int | None = Field(None, ge=1, description="target this many peers, drawn from the run seed")
+    count: int | None = Field(None, ge=0, description="target this many peers, drawn from the run seed (0: the event does nothing, handy in sweeps)")
+    exclude: list[int] | None = Field(None, description="fraction/count: never draw these peers (e.g. a coordinator)")
     links: list[tuple[int, int]] | None = Field(None, description="loss/slow_link: [a, b] pairs, both directions (neither peers nor links: every link)")
     groups: list[list[int]] | None = Field(None, description="partition: groups of peers that can only talk within their group; unlisted peers form one more group")
     probability: float | None = Field(None, ge=0, le=1, description="loss: probability that a message on an affected link is dropped")
@@ -84,6 +85,8 @@ class FaultEvent(_Section):
             raise ValueError(f"peers: kind={kind} needs peers, fraction or count")
         if kind in ("partition", "heal") and targets:
             raise ValueError(f"{targets[0]}: not used by kind={kind}")
+        if self.exclude is not None and self.fraction is None and self.count is None:
+            raise ValueError("exclude: only with fraction or count")
         if self.peers is not None:
             if not self.peers:
                 raise ValueError("peers: must not be empty")
@@ -193,8 +196,12 @@ def check_faults(faults: list[FaultEvent], peers: int) -> None:
             check("groups", listed)
             if len(event.groups) + (len(listed) < peers) < 2:
                 raise ValueError(f"{where}.groups: a partition needs at least two groups (unlisted peers form one)")
-        if event.count is not None and event.count > peers:
-            raise ValueError(f"{where}.count: {event.count} is more than the {peers} peers")
+        if event.exclude is not None:
+            check("exclude", event.exclude)
+        eligible = peers - len(set(event.exclude or ()))
+        if event.count is not None and event.count > eligible:
+            others = "" if eligible == peers else " not excluded"
+            raise ValueError(f"{where}.count: {event.count} is more than the {eligible} peers{others}")
 
 
 Trigger = tuple[str, float] | tuple[str, int, int | None]
@@ -247,11 +254,15 @@ def draw_targets(event: FaultEvent, index: int, peers: int, seed: int) -> tuple[
         return tuple(sorted(event.peers))
     if event.fraction is None and event.count is None:
         return ()
-    k = event.count if event.count is not None else target_count(event.fraction or 0.0, peers)
-    if k > peers:
-        raise ValueError(f"faults.{index}.count: {k} is more than the {peers} peers")
+    excluded = set(event.exclude or ())
+    eligible = [p for p in range(peers) if p not in excluded]
+    k = event.count if event.count is not None else target_count(event.fraction or 0.0, len(eligible))
+    if k > len(eligible):
+        raise ValueError(f"faults.{index}.count: {k} is more than the {len(eligible)} peers that may be drawn")
     rng = np.random.default_rng([seed, FAULT_SEED_TAG, index])
-    return tuple(sorted(int(p) for p in rng.choice(peers, size=k, replace=False)))
+    if not excluded:  # the plain draw (kept as it was, so existing schedules resolve as before)
+        return tuple(sorted(int(p) for p in rng.choice(peers, size=k, replace=False)))
+    return tuple(sorted(int(p) for p in rng.choice(eligible, size=k, replace=False)))
 
 
 def _trigger(at_s: float | None, at_round: int | None, trigger_peer: int | None) -> Trigger:
@@ -276,6 +287,8 @@ def resolve_faults(faults: list[FaultEvent], peers: int, seed: int) -> list[Faul
     check_faults(faults, peers)
     actions: list[FaultAction] = []
     for index, event in enumerate(faults):
+        if event.count == 0:
+            continue  # nothing to target (a sweep's zero point)
         start_kind, end_kind = _START_END[event.kind]
         common: dict[str, Any] = {
             "index": index,

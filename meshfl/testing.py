@@ -44,6 +44,7 @@ class Logged(NamedTuple):
     metric: str
     value: float
     round: int | None
+    about: int | None = None
 
 
 @dataclass(frozen=True)
@@ -262,6 +263,6 @@ class FakeContext:
         self._now += self.evaluate_time_s
         return dict(self.metrics)
 
-    def log(self, metric: str, value: float, *, round: int | None = None) -> None:
-        self.logged.append(Logged(metric, value, round))
+    def log(self, metric: str, value: float, *, round: int | None = None, about: int | None = None) -> None:
+        self.logged.append(Logged(metric, value, round, about))
 

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from meshfl.algorithms.coordinator import next_epochs, quorum_reached, retry_delay, staleness_weight
+from meshfl.aggregate.staleness import StalenessConfig, staleness_weight
+from meshfl.algorithms.coordinator import Estimate, estimate, next_workload, precedes, quorum_reached, retry_delay
 from meshfl.config import load_config
 from meshfl.experiment.run import simulate, summarise
 
-BASE = ["algorithm=coordinator", "data.dataset=digits", "coordinator.epochs=3", "coordinator.round_timeout_s=20",
+BASE = ["algorithm=coordinator", "data.dataset=digits", "coordinator.workload=3", "coordinator.round_timeout_s=20",
         "coordinator.retry_base_s=2", "liveness.timeout_s=2"]
 
 
@@ -31,15 +32,34 @@ def test_quorum_counts_live_workers_and_never_asks_more_than_are_left():
 
 
 def test_load_balancing_rules_and_backoff():
-    assert next_epochs("aimd", 2, 1.0, True, 1.0, 1, 5) == 3
-    assert next_epochs("aimd", 4, None, False, 1.0, 1, 5) == 2
-    assert next_epochs("aimd", 1, None, False, 1.0, 1, 5) == 1  # bounded below
-    assert next_epochs("speed", 4, 4.0, True, 1.0, 1, 5) == 1  # 4x slower than the median: a quarter
-    assert next_epochs("speed", 2, 1.0, True, 2.0, 1, 5) == 4
-    assert next_epochs("off", 3, 9.0, False, 1.0, 1, 5) == 3
-    assert [retry_delay(a, 1.0, 5.0, 1.0 - 1e-12) for a in range(5)] == pytest.approx([1, 2, 4, 5, 5])
-    assert retry_delay(0, 1.0, 5.0, 0.0) == 0.5
-    assert staleness_weight(0) == 1.0 and staleness_weight(3) == 0.25
+    assert next_workload("aimd", 2, True, None, None, 1, 5) == 3
+    assert next_workload("aimd", 2, True, None, None, 1, 50, increase=10) == 12
+    assert next_workload("aimd", 4, False, None, None, 1, 5) == 2
+    assert next_workload("aimd", 1, False, None, None, 1, 5) == 1  # bounded below
+    # speed: 1 s of communication, 10 units/s; to take 5 s it gets 40 units; bounded by the cap
+    assert next_workload("speed", 8, True, Estimate(1.0, 10.0), 5.0, 1, 100) == 40
+    assert next_workload("speed", 8, True, Estimate(1.0, 10.0), 5.0, 1, 30) == 30
+    assert next_workload("speed", 8, True, Estimate(6.0, 10.0), 5.0, 1, 100) == 1  # communication alone exceeds it
+    assert next_workload("speed", 8, False, Estimate(1.0, 10.0), 5.0, 1, 100) == 40  # late, but measured
+    assert next_workload("speed", 8, False, None, 5.0, 1, 100) == 4  # not heard from: half
+    assert next_workload("off", 3, False, Estimate(1.0, 10.0), 5.0, 1, 5) == 3
+    speed = estimate(workload=20, round_trip=3.0, train_s=2.0)
+    assert speed == Estimate(1.0, 10.0) and speed.round_trip(20) == 3.0
+    assert estimate(workload=20, round_trip=3.0, train_s=1e9).comm_s == 0.0  # a claim beyond what we saw is cut
+    assert [retry_delay(a, 1.0, 2.0, 5.0, 1.0 - 1e-12) for a in range(5)] == pytest.approx([1, 2, 4, 5, 5])
+    assert [retry_delay(a, 1.0, 3.0, 100.0, 1.0 - 1e-12) for a in range(3)] == pytest.approx([1, 3, 9])
+    assert retry_delay(0, 1.0, 2.0, 5.0, 0.0) == 0.5
+    assert precedes(5, 3, 4, 0) and precedes(4, 0, 4, 3) and not precedes(4, 3, 4, 0) and not precedes(4, 1, 4, 1)
+
+
+def test_staleness_decays():
+    assert staleness_weight(0) == 1.0 and staleness_weight(3) == 0.25 and staleness_weight(-2) == 1.0
+    exp = StalenessConfig(decay="exponential", rate=0.5)
+    assert staleness_weight(2, exp) == pytest.approx(0.36787944)
+    assert staleness_weight(3, StalenessConfig(decay="polynomial", exponent=0.5)) == pytest.approx(0.5)
+    hinge = StalenessConfig(decay="hinge", rate=1.0, grace=2)
+    assert [staleness_weight(s, hinge) for s in (0, 2, 3, 5)] == pytest.approx([1, 1, 0.5, 0.25])
+    assert staleness_weight(9, StalenessConfig(decay="constant")) == 1.0
 
 
 def test_every_peer_ends_with_the_global_model():
@@ -69,9 +89,57 @@ def test_the_coordinator_crashes_for_good_and_the_lowest_live_peer_takes_over():
     assert accuracy[6] > accuracy[2], accuracy
 
 
-def test_late_updates_are_counted_and_folded_in_with_the_stale_policy():
+def test_late_updates_are_counted_per_worker_and_folded_in_only_with_the_stale_policy():
     # one worker at half the speed misses every quorum of 0.6; its updates land in the next round
     slow = ["compute.tiers=[{peers: [4], speed: 0.5}]", "coordinator.quorum=0.6", "compute.seconds_per_sample=0.001"]
-    summary, events = run("peers=5", "rounds=6", "coordinator.late_policy=stale", *slow)
-    assert logged(events, "late_update") and summary["dead_peers"] == []
-    assert min(summary["final_global_accuracy"].values()) > 0.5
+    for policy in ("stale", "drop"):
+        summary, events = run("peers=5", "rounds=6", f"coordinator.late_policy={policy}", *slow)
+        late = logged(events, "late_updates")
+        assert late and {e["about"] for e in late} == {4} and summary["dead_peers"] == []
+        assert [e["value"] for e in late] == list(range(1, len(late) + 1))  # counted per worker
+        folded = logged(events, "stale_updates")
+        assert (len(folded) == len(late)) if policy == "stale" else not folded, (policy, folded)
+        assert min(summary["final_global_accuracy"].values()) > 0.5
+
+
+def timeline(summary):
+    return [(t["peer"], t["metric"], t["value"], t.get("incarnation", 0)) for t in summary["timeline"]]
+
+
+@pytest.mark.parametrize("wipe", [False, True])
+def test_a_returning_coordinator_follows_its_successor(wipe):
+    crash = f"{{kind: crash, peers: [0], at_round: 3, wipe: {str(wipe).lower()}}}"
+    summary, events = run("peers=5", "rounds=8", f"faults=[{crash}, {{kind: restart, peers: [0], at_round: 6}}]")
+    steps = timeline(summary)
+    assert steps[:2] == [(0, "coordinating", 0, 0), (1, "coordinating", 1, 0)]
+    assert steps[-1] == (0, "following", 1, 1), steps  # back, it learns that peer 1 leads, and follows it
+    returned = [t for t in summary["timeline"] if t["peer"] == 0 and t.get("incarnation") == 1]
+    assert returned[0]["round"] == (0 if wipe else 2)  # its store (or nothing, wiped) ...
+    assert returned[-1]["round"] > returned[0]["round"]  # ... then the successor's newer model
+    assert set(summary["peer_status"].values()) == {"finished"} and set(summary["final_round"].values()) == {8}
+    assert len(set(summary["final_global_accuracy"].values())) == 1  # one global model everywhere
+
+
+def test_a_coordinator_restarted_before_anyone_noticed_resumes_from_its_store():
+    summary, _ = run("peers=5", "rounds=6",
+                     "faults=[{kind: crash, peers: [0], at_round: 3}, {kind: restart, peers: [0], at_round: 3}]")
+    assert timeline(summary) == [(0, "coordinating", 0, 0), (0, "coordinating", 0, 1)]
+    assert summary["timeline"][1]["round"] == 2  # round 2 was aggregated and stored before the crash
+    assert set(summary["final_round"].values()) == {6} and set(summary["peer_status"].values()) == {"finished"}
+
+
+def test_two_coordinators_of_a_healed_partition_agree_on_one():
+    summary, _ = run("peers=6", "rounds=10",
+                     "faults=[{kind: partition, groups: [[0,1,2],[3,4,5]], at_round: 2, until_round: 5}]")
+    steps = timeline(summary)
+    assert steps[:2] == [(0, "coordinating", 0, 0), (3, "coordinating", 3, 0)]  # one per side
+    assert steps[-1] == (3, "following", 0, 0)  # healed: the lower id wins the tie
+    assert set(summary["final_round"].values()) == {10} and len(set(summary["final_global_accuracy"].values())) == 1
+
+
+def test_a_coordinator_left_alone_goes_on_at_each_timeout_and_finishes():
+    summary, events = run("peers=3", "rounds=4", "faults=[{kind: crash, peers: [1, 2], at_round: 2}]")
+    missed = [(e["round"], e["virtual_time"]) for e in logged(events, "quorum_missed")]
+    assert [r for r, _ in missed] == [2, 3, 4]
+    assert [round(b - a, 6) for (_, a), (_, b) in zip(missed, missed[1:])] == [20.0, 20.0]  # round_timeout_s each
+    assert summary["peer_status"]["0"] == "finished" and summary["final_round"]["0"] == 4

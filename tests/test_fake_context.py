@@ -59,5 +59,6 @@ def test_train_evaluate_log_and_seeded_rng():
     assert result.params.flat.tolist() == [0.5] * 6 and ctx.now() == 3.0 and result.samples == 100
     assert asyncio.run(ctx.evaluate(result.params))["global_accuracy"] == 0.5
     ctx.log("x", 1.0, round=2)
-    assert ctx.logged == [("x", 1.0, 2)] and ctx.logs("x") == [(1.0, 2)]
+    ctx.log("y", 3.0, round=2, about=4)
+    assert ctx.logged == [("x", 1.0, 2, None), ("y", 3.0, 2, 4)] and ctx.logs("x") == [(1.0, 2)]
     assert FakeContext(0, seed=3).rng.integers(1 << 30) == FakeContext(0, seed=3).rng.integers(1 << 30)

@@ -195,3 +195,17 @@ def test_random_schedule_is_valid_deterministic_and_spares_a_peer(peers):
         assert parse_faults(dumped) == events
     kinds = {e.kind for seed in range(40) for e in random_schedule(np.random.default_rng(seed), 8, 60.0, 5)}
     assert {"crash", "restart", "wipe", "loss", "partition", "slow_link", "straggler"} <= kinds
+
+
+def test_exclude_keeps_peers_out_of_the_draw_and_count_zero_does_nothing():
+    events = parse_faults([{"kind": "crash", "count": 14, "exclude": [0], "at_round": 2},
+                           {"kind": "crash", "count": 0, "exclude": [0], "at_s": 1},
+                           {"kind": "loss", "count": 0, "probability": 1.0, "at_s": 1}])  # not "every link"
+    for seed in range(20):
+        actions = resolve_faults(events, peers=47, seed=seed)
+        assert len(actions) == 1 and len(actions[0].peers) == 14 and 0 not in actions[0].peers
+    with pytest.raises(ValueError, match=r"faults.0.count: 5 is more than the 4 peers not excluded"):
+        check_faults(parse_faults([{"kind": "crash", "count": 5, "exclude": [0], "at_s": 1}]), 5)
+    with pytest.raises(ValueError, match=r"faults.0.exclude: peer 9 does not exist"):
+        check_faults(parse_faults([{"kind": "crash", "count": 1, "exclude": [9], "at_s": 1}]), 5)
+    assert error_of([{"kind": "crash", "peers": [1], "exclude": [0], "at_s": 1}]).startswith("faults.0.exclude: only with")

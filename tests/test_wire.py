@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from meshfl.algorithms.coordinator import Done, Update, Work
+from meshfl.algorithms.coordinator import Done, Held, Update, Work
 from meshfl.algorithms.gossip import AggregatedModel, Ballot, HaveModels, JoinReply, JoinRequest, PartialModel, Votes
 from meshfl.core.messages import (
     LOSSLESS,
@@ -254,15 +254,20 @@ def _slice_deltas(codec: Codec) -> list[Message]:
 
 
 def _works(codec: Codec) -> list[Message]:
-    return [Work(sender=0, round=3, epochs=2, params=_params(seed=13), codec=codec)]
+    return [Work(sender=0, round=3, workload=2, params=_params(seed=13), codec=codec)]
 
 
 def _updates(codec: Codec) -> list[Message]:
-    return [Update(sender=2, round=3, samples=180, params=_params(seed=14), codec=codec)]
+    return [Update(sender=2, round=3, samples=180, trained=360, train_s=1.25, params=_params(seed=14),
+                   codec=codec)]
 
 
 def _dones(codec: Codec) -> list[Message]:
     return [Done(sender=0, round=9, params=_params(seed=15))]
+
+
+def _helds(codec: Codec) -> list[Held]:
+    return [Held(sender=3, round=7, leader=1, params=_params(seed=16), codec=codec)]
 
 
 FACTORIES: dict[type[Message], Callable[[Codec], list[Message]]] = {
@@ -278,6 +283,7 @@ FACTORIES: dict[type[Message], Callable[[Codec], list[Message]]] = {
     Work: _works,
     Update: _updates,
     Done: _dones,
+    Held: _helds,
 }
 
 

@@ -31,6 +31,9 @@ class Algorithm:
     calls it afresh for every incarnation (a restart starts the coroutine again, and the
     algorithm recovers from `ctx.store` and `ctx.incarnation`). `check(section, experiment)`
     raises ValueError naming its fields when the section does not fit the experiment.
+    `quick` are overrides that make a chaos run fast; `worst_case_s` bounds a run's virtual time.
+    `timeline` names metrics whose events are moments worth listing in the summary and the
+    report (e.g. `coordinating`: who coordinates from which round), not series to plot.
     """
 
     name: str
@@ -41,6 +44,7 @@ class Algorithm:
     check: Callable[[Any, ExperimentConfig], None] | None = None
     quick: tuple[str, ...] = ()
     worst_case_s: Callable[[Any, ExperimentConfig], float] | None = None
+    timeline: tuple[str, ...] = ()
 
 
 ALGORITHMS: dict[str, Algorithm] = {}

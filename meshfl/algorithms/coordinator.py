@@ -1,23 +1,31 @@
 """FedAvg through a coordinator, with a quorum of live workers and no single point of failure.
 
-Each round the coordinator sends the global model and a workload (`Work`: epochs) to every
-worker it believes alive; workers train and answer with their update and sample count
-(`Update`). The round closes when `quorum` of the workers believed alive have answered (dead
-workers leave the count, at least `min_updates`), or at `round_timeout_s` with what it has,
-never later. A worker that does not answer is sent its work again after a jittered
-exponential backoff, a bounded number of times; a worker that gets the same work twice sends
-its update again instead of training again. Updates that arrive after their round closed are
-dropped or, with `late_policy: stale`, folded into the next aggregation with weight
-samples x 1/(1+staleness). FedAvg is weighted by samples.
+Each round the coordinator sends the global model and a workload (`Work`: epochs or steps) to
+every worker it believes alive; workers train and answer with their update, their sample
+count and how long they trained (`Update`). The round closes when `quorum` of the workers
+believed alive have answered (dead workers leave the count; at least `min_updates`), or at
+`round_timeout_s` with what it has, never later. A worker that has not answered is sent its
+work again after a jittered exponential backoff, a bounded number of times; a worker that
+gets the same work twice sends its update again instead of training again. Updates that
+arrive after their round closed are dropped or, with `late_policy: stale`, folded into the
+next aggregation with weight samples x staleness decay (`meshfl.aggregate.staleness`).
+FedAvg is weighted by samples.
 
-Round trips are measured per worker; `load_balancing: aimd` adds an epoch to a worker that
-answered in time and halves a late one's, `speed` gives each worker the epochs that make its
-round trip match the median. A worker slower than `straggler_factor` x the median is logged.
+Round trips (work sent to update received) and throughput are measured per worker.
+`load_balancing: aimd` adds `aimd_increase` to a worker that answered in time and halves a
+late one's workload; `speed` gives each worker the workload whose expected round trip
+(its measured communication time plus workload / its throughput) matches a target, the
+median expected round trip at `workload` unless `target_round_trip_s` is set. A worker
+slower than `straggler_factor` x the median is logged.
 
-No single point of failure: the coordinator keeps the round and the global model in
-`ctx.store` and resumes after a restart. Who coordinates is `coordinator` while it is
-believed alive, else the lowest live peer id; a successor continues from the newest global
-model it holds. A worker follows whoever sends it work; `Done` ends the run.
+No single point of failure. The coordinator keeps the round, the global model and the
+per-worker statistics in `ctx.store` and resumes after a restart. Who coordinates is sticky:
+`coordinator` at first; when the peer a worker follows is no longer believed alive, the
+lowest live id takes over and continues from the newest global model it holds. A peer that
+receives work built on an older global model than its own answers `Held` (its round, whom it
+follows, its model): a returning old coordinator learns from it that a successor leads and
+follows it; a coordinator that lost its store adopts the newer model. Between two live
+coordinators the newer global model wins, then the lower id. `Done` ends the run.
 """
 
 from __future__ import annotations
@@ -25,11 +33,12 @@ from __future__ import annotations
 import math
 import statistics
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
-from pydantic import Field
+from pydantic import BeforeValidator, Field
 
 from meshfl.aggregate.fedavg import fedavg
+from meshfl.aggregate.staleness import StalenessConfig, staleness_weight
 from meshfl.algorithms.base import Algorithm, register
 from meshfl.core.context import NodeContext
 from meshfl.core.messages import LOSSLESS, Codec, Message, PeerLiveness
@@ -42,37 +51,66 @@ if TYPE_CHECKING:
 STORE_ENTRY = "coordinator_global"
 
 
+def _yaml_off(value: object) -> object:
+    """YAML reads a bare `off` as false: take it as the option it meant."""
+    return "off" if value is False else value
+
+
 class CoordinatorConfig(Section):
-    coordinator: int = Field(0, ge=0, description="the peer that coordinates while it is believed alive (then the lowest live id)")
+    coordinator: int = Field(0, ge=0, description="the peer that coordinates first; if it dies, the lowest live id takes over for good")
     quorum: float = Field(0.75, gt=0, le=1, description="a round closes when this fraction of the workers believed alive has answered")
     min_updates: int = Field(1, ge=1, description="below this many updates a round waits for round_timeout_s, then goes on with what it has")
     round_timeout_s: float = Field(120.0, gt=0, description="a round closes at this time whatever has arrived")
-    late_policy: Literal["drop", "stale"] = Field("drop", description="updates after their round closed: dropped, or folded into the next one with weight 1/(1+staleness)")
-    retries: int = Field(3, ge=0, description="times work is sent again to a worker that has not answered")
-    retry_base_s: float = Field(10.0, gt=0, description="first wait before sending work again (doubled each try, jittered, capped)")
+    late_policy: Literal["drop", "stale"] = Field("drop", description="updates after their round closed: dropped, or folded into the next aggregation with the staleness decay")
+    staleness: StalenessConfig = Field(default_factory=StalenessConfig, description="late_policy stale: weight of an update s rounds late")
+    retries: int = Field(3, ge=0, description="most times work is sent again to a worker that has not answered, per round")
+    retry_base_s: float = Field(10.0, gt=0, description="wait before the first resend (plus the worker's expected round trip once measured)")
+    retry_factor: float = Field(2.0, ge=1, description="each further resend waits this many times longer (jittered, capped)")
     retry_cap_s: float = Field(60.0, gt=0, description="longest wait between two sends of the same work")
-    epochs: int = Field(1, ge=1, description="local epochs a worker trains per round at first")
-    min_epochs: int = Field(1, ge=1, description="load balancing never gives fewer epochs")
-    max_epochs: int = Field(5, ge=1, description="load balancing never gives more epochs")
-    load_balancing: Literal["off", "aimd", "speed"] = Field("off", description="off; aimd: in time +1 epoch, late halves; speed: epochs that make each round trip match the median")
+    workload_unit: Literal["epochs", "steps"] = Field("epochs", description="what a workload counts: local epochs or mini-batch steps")
+    workload: int = Field(1, ge=1, description="epochs or steps a worker trains per round at first (and the speed rule's reference)")
+    min_workload: int = Field(1, ge=1, description="load balancing never gives less")
+    max_workload: int | None = Field(None, ge=1, description="load balancing never gives more (default 4 x workload); workers refuse more")
+    load_balancing: Annotated[Literal["off", "aimd", "speed"], BeforeValidator(_yaml_off)] = Field("off", description="off; aimd: in time +aimd_increase, late halves; speed: workloads that make each round trip match the target")
+    aimd_increase: int = Field(1, ge=1, description="aimd: workload added after a round answered in time")
+    target_round_trip_s: float | None = Field(None, gt=0, description="speed: the round trip to aim at (default: the median expected round trip at `workload`)")
     straggler_factor: float = Field(2.0, gt=1, description="a worker whose round trip exceeds this x the median is logged as a straggler")
     codec: Literal["float32", "float16", "int8"] = Field("float32", description="how models travel")
+
+    @property
+    def workload_cap(self) -> int:
+        return self.max_workload if self.max_workload is not None else 4 * self.workload
 
 
 @dataclass(frozen=True, kw_only=True)
 class Work(Message):
-    """Train `epochs` from `params` (the global model after round - 1) and answer for `round`."""
+    """Train `workload` (epochs or steps) from `params`, the global model of round - 1, and answer for `round`."""
 
     round: int
-    epochs: int
+    workload: int
     params: Params
     codec: Codec = LOSSLESS
 
 
 @dataclass(frozen=True, kw_only=True)
 class Update(Message):
+    """A worker's model after `round`'s work: `samples` it holds (the FedAvg weight), `trained`
+    samples it went through, in `train_s` seconds of its own clock."""
+
     round: int
     samples: int
+    trained: int
+    train_s: float
+    params: Params
+    codec: Codec = LOSSLESS
+
+
+@dataclass(frozen=True, kw_only=True)
+class Held(Message):
+    """The answer to work built on an older model: 'I hold the global model of `round`, and follow `leader`'."""
+
+    round: int
+    leader: int
     params: Params
     codec: Codec = LOSSLESS
 
@@ -89,40 +127,96 @@ class Done(Message):
 
 def quorum_reached(answered: int, alive_workers: int, quorum: float, min_updates: int) -> bool:
     """`quorum` of the live workers (rounded up) and at least min_updates (or every live worker, if fewer)."""
-    needed = max(math.ceil(quorum * alive_workers), min(min_updates, alive_workers))
+    needed = max(math.ceil(quorum * alive_workers - 1e-9), min(min_updates, alive_workers))
     return alive_workers > 0 and answered >= needed
 
 
-def staleness_weight(staleness: int) -> float:
-    return 1.0 / (1.0 + max(staleness, 0))
+def precedes(round_a: int, peer_a: int, round_b: int, peer_b: int) -> bool:
+    """Between two coordinators: the newer global model wins, then the lower id."""
+    return (round_a, -peer_a) > (round_b, -peer_b)
 
 
-def next_epochs(policy: str, epochs: int, round_trip: float | None, in_time: bool, median: float | None,
-                low: int, high: int) -> int:
-    """The next round's workload of one worker."""
+@dataclass(frozen=True)
+class Estimate:
+    """A worker's measured speed: seconds of communication per round trip and workload units per second."""
+
+    comm_s: float
+    throughput: float
+
+    def round_trip(self, workload: float) -> float:
+        return self.comm_s + workload / self.throughput
+
+    def workload_for(self, round_trip: float) -> float:
+        return (round_trip - self.comm_s) * self.throughput
+
+
+def estimate(workload: int, round_trip: float, train_s: float) -> Estimate:
+    """From one answered round: the worker's claimed training time is bounded by the round trip we saw."""
+    train_s = min(max(train_s, 1e-9), round_trip) if round_trip > 0 else 1e-9
+    return Estimate(comm_s=max(round_trip - train_s, 0.0), throughput=workload / train_s)
+
+
+def next_workload(policy: str, workload: int, in_time: bool, speed: Estimate | None, target: float | None,
+                  low: int, high: int, increase: int = 1) -> int:
+    """The next round's workload of one worker. aimd: +increase in time, else half. speed: what
+    makes its round trip `target` when this round measured it (`speed`), else half."""
     if policy == "aimd":
-        epochs = epochs + 1 if in_time else epochs // 2
-    elif policy == "speed" and round_trip and median:
-        epochs = round(epochs * median / round_trip)
-    return max(low, min(high, epochs))
+        workload = workload + increase if in_time else workload // 2
+    elif policy == "speed":
+        if speed is not None and target is not None:
+            workload = round(speed.workload_for(target))
+        elif not in_time:
+            workload = workload // 2
+    return max(low, min(high, workload))
 
 
-def retry_delay(attempt: int, base: float, cap: float, jitter: float) -> float:
+def retry_delay(attempt: int, base: float, factor: float, cap: float, jitter: float) -> float:
     """Exponential backoff with jitter in [0.5, 1): `jitter` is a draw in [0, 1)."""
-    return min(cap, base * 2 ** attempt) * (0.5 + 0.5 * jitter)
+    return min(cap, base * factor ** attempt) * (0.5 + 0.5 * jitter)
+
+
+def usable(params: Params, like: Params) -> bool:
+    """A received model we may average: our layout, every value finite."""
+    return params.layout.fingerprint == like.layout.fingerprint and bool(params.flat.isfinite().all())
 
 
 # ---- per-worker bookkeeping ----------------------------------------------------------------
 
+SENT_ROUNDS_KEPT = 16
+
+
 @dataclass
 class WorkerStats:
-    epochs: int
-    round_trips: list[float] = field(default_factory=list)
+    workload: int
     late: int = 0
+    speed: Estimate | None = None
+    sent: dict[int, tuple[float, int]] = field(default_factory=dict)  # round -> (sent at, workload), the last few
+
+    def record_send(self, round: int, at: float, workload: int) -> None:
+        self.sent[round] = (at, workload)
+        for old in sorted(self.sent)[:-SENT_ROUNDS_KEPT]:
+            del self.sent[old]
+
+
+@dataclass
+class Round:
+    """One round in flight at the coordinator."""
+
+    number: int
+    work: dict[int, Work]
+    sent_at: dict[int, float]
+    tries: dict[int, int]
+    retry_at: dict[int, float]
+    updates: dict[int, Update]
+    measured: dict[int, tuple[float, Update]]  # worker -> (round trip, update): this round's or a late one
+
+
+class SteppedDown(Exception):
+    """This peer stopped coordinating (a newer coordinator, a newer model, or the end of the run)."""
 
 
 class CoordinatorPeer:
-    """One peer: it coordinates while it is the leader, else it follows whoever sends it work."""
+    """One peer: it coordinates while it is the leader, else it follows whoever leads."""
 
     def __init__(self, config: CoordinatorConfig, rounds: int) -> None:
         self.config = config
@@ -130,65 +224,101 @@ class CoordinatorPeer:
         self.codec = Codec(kind=config.codec)
         self.round = 0  # the last round whose global model this peer holds
         self.model: Params | None = None
+        self.leader_id = config.coordinator
         self.done = False
         self._answered: dict[int, Update] = {}  # round -> this worker's update, sent again on a repeat
+        self._stashed: Work | None = None  # work that made a coordinator step down: served as a worker
+        self._stats_meta: dict = {}
 
     def leader(self, ctx: NodeContext) -> int:
-        preferred = self.config.coordinator
-        if preferred == ctx.peer_id or ctx.is_alive(preferred):
-            return preferred
-        return min(p for p in ctx.peers if p == ctx.peer_id or ctx.is_alive(p))
+        """Whom this peer follows: sticky while believed alive, else the lowest live id."""
+        if self.leader_id != ctx.peer_id and not ctx.is_alive(self.leader_id):
+            self.leader_id = min(p for p in ctx.peers if p == ctx.peer_id or ctx.is_alive(p))
+        return self.leader_id
 
     async def run(self, ctx: NodeContext) -> None:
         self.model = ctx.initial_params()
         stored = ctx.store.get_params(STORE_ENTRY, self.model.layout)
         if stored is not None:
             self.model, meta = stored
-            self.round = int(meta["round"])
+            self.round = int(meta.get("round", 0))
+            self.leader_id = int(meta.get("leader", self.leader_id))
+            self._stats_meta = meta
         while not self.done:
             finished = await ctx.recv(0, types=(Done,))  # a Done waiting since we trained ends the run
             if isinstance(finished, Done):
-                await self._adopt(ctx, finished.round, finished.params)
-                return
-            if self.leader(ctx) == ctx.peer_id:
+                await self._finish(ctx, finished)
+            elif self.leader(ctx) == ctx.peer_id:
                 await self.lead(ctx)
             else:
                 await self.follow(ctx)
+
+    async def _finish(self, ctx: NodeContext, done: Done) -> None:
+        if usable(done.params, self.model):
+            await self._adopt(ctx, done.round, done.params)
+        self.done = True
 
     # ---- worker ---------------------------------------------------------------------------
 
     async def follow(self, ctx: NodeContext) -> None:
         """Serve work until Done, or until this peer becomes the leader."""
-        while self.leader(ctx) != ctx.peer_id:
+        while not self.done and self.leader(ctx) != ctx.peer_id:
+            if self._stashed is not None:
+                work, self._stashed = self._stashed, None
+                await self._work(ctx, work)
+                continue
             message = await ctx.recv(types=(Work, Done, PeerLiveness))
             if isinstance(message, Done):
-                if message.round >= self.round:
-                    await self._adopt(ctx, message.round, message.params)
-                self.done = True
-                return
-            if isinstance(message, Work):
-                await self._work(ctx, message)
+                await self._finish(ctx, message)
+            elif isinstance(message, Work):
+                await self._work(ctx, await self._newest_work(ctx, message))
+
+    async def _newest_work(self, ctx: NodeContext, work: Work) -> Work:
+        """A slow worker finds several rounds' work waiting: it serves the newest and drops the rest
+        (their rounds have closed without it), so it never trains on a backlog."""
+        while (waiting := await ctx.recv(0, types=(Work,))) is not None:
+            if (waiting.round, -waiting.sender) >= (work.round, -work.sender):
+                work = waiting
+        return work
 
     async def _work(self, ctx: NodeContext, work: Work) -> None:
         repeat = self._answered.get(work.round)
         if repeat is not None:
             ctx.send(work.sender, repeat)
             return
-        if work.round - 1 < self.round:
-            return  # work built on an older global model than ours (an old leader's): ignore
+        if not self._serves(ctx, work) or not usable(work.params, self.model):
+            return
+        self.leader_id = work.sender
         await self._adopt(ctx, work.round - 1, work.params)
-        result = await ctx.train(work.params, epochs=work.epochs)
+        workload = min(work.workload, self.config.workload_cap)  # never more than the config allows
+        started = ctx.now()
+        result = await ctx.train(work.params, **{self.config.workload_unit: workload})
         ctx.log("train_loss", result.loss, round=work.round)
-        update = Update(sender=ctx.peer_id, round=work.round, samples=max(ctx.num_samples, 1), params=result.params,
-                        codec=self.codec)
+        update = Update(sender=ctx.peer_id, round=work.round, samples=max(ctx.num_samples, 1), trained=result.samples,
+                        train_s=ctx.now() - started, params=result.params, codec=self.codec)
         self._answered = {work.round: update}
         ctx.send(work.sender, update)
 
+    def _serves(self, ctx: NodeContext, work: Work) -> bool:
+        """Work on a model older than ours, or from a rival of the live coordinator we follow at the
+        same round, is answered with `Held` so its sender learns whom to follow."""
+        base = work.round - 1
+        if base > self.rounds or work.round < 1:
+            return False  # no such round: ignore
+        rival = (base == self.round and work.sender != self.leader_id and self.leader_id != ctx.peer_id
+                 and ctx.is_alive(self.leader_id) and self.leader_id < work.sender)
+        if base < self.round or rival:
+            ctx.send(work.sender, Held(sender=ctx.peer_id, round=self.round, leader=self.leader_id, params=self.model,
+                                       codec=self.codec))
+            return False
+        return True
+
     async def _adopt(self, ctx: NodeContext, round: int, params: Params) -> None:
-        """Hold (and evaluate) the global model of `round`, if it is newer than ours."""
+        """Hold (store and evaluate) the global model of `round`, if it is newer than ours."""
         if round < self.round or (round == self.round and round > 0):
             return  # older, or already held and evaluated
         self.round, self.model = round, params
+        ctx.store.put_params(STORE_ENTRY, params, {**self._stats_meta, "round": round, "leader": self.leader_id})
         if round > 0:
             for metric, value in (await ctx.evaluate(params)).items():
                 ctx.log(metric, value, round=round)
@@ -196,100 +326,179 @@ class CoordinatorPeer:
     # ---- coordinator ----------------------------------------------------------------------
 
     async def lead(self, ctx: NodeContext) -> None:
-        stats: dict[int, WorkerStats] = {}
-        stale: list[tuple[Update, int]] = []
+        self.leader_id = ctx.peer_id
+        stats = self._load_stats()
+        stale: dict[int, tuple[Update, int]] = {}
         ctx.log("coordinating", ctx.peer_id, round=self.round)
-        while self.round < self.rounds:
-            round = self.round + 1
-            updates = await self._round(ctx, round, stats, stale)
-            self._aggregate(ctx, round, updates, stale)
-            for metric, value in (await ctx.evaluate(self.model)).items():
-                ctx.log(metric, value, round=round)
-        for peer in ctx.peers:
-            if peer != ctx.peer_id and ctx.is_alive(peer):
-                ctx.send(peer, Done(sender=ctx.peer_id, round=self.round, params=self.model))
+        try:
+            while self.round < self.rounds:
+                updates = await self._round(ctx, self.round + 1, stats, stale)
+                if updates is None:
+                    continue  # a newer global model was adopted: go on from it
+                await self._aggregate(ctx, self.round + 1, updates, stale, stats)
+        except SteppedDown:
+            return
+        for peer in self._workers(ctx):
+            ctx.send(peer, Done(sender=ctx.peer_id, round=self.round, params=self.model))
         self.done = True
 
     def _workers(self, ctx: NodeContext) -> list[int]:
         return [p for p in ctx.peers if p != ctx.peer_id and ctx.is_alive(p)]
 
-    async def _round(self, ctx: NodeContext, round: int, stats: dict[int, WorkerStats],
-                     stale: list[tuple[Update, int]]) -> dict[int, Update]:
+    def _load_stats(self) -> dict[int, WorkerStats]:
+        workloads = self._stats_meta.get("workload", {}) if isinstance(self._stats_meta.get("workload"), dict) else {}
+        late = self._stats_meta.get("late", {}) if isinstance(self._stats_meta.get("late"), dict) else {}
+        return {int(p): WorkerStats(int(w), int(late.get(p, 0))) for p, w in workloads.items()}
+
+    def _first_retry(self, ctx: NodeContext, stat: WorkerStats) -> float:
+        expected = stat.speed.round_trip(stat.workload) if stat.speed else 0.0
+        return expected + retry_delay(0, self.config.retry_base_s, self.config.retry_factor, self.config.retry_cap_s,
+                                      ctx.rng.random())
+
+    async def _round(self, ctx: NodeContext, number: int, stats: dict[int, WorkerStats],
+                     stale: dict[int, tuple[Update, int]]) -> dict[int, Update] | None:
+        """Send work, collect updates until quorum or timeout; None if a newer global model was adopted."""
         config = self.config
-        work = {}
-        sent_at: dict[int, float] = {}
-        tries: dict[int, int] = {}
-        for peer in self._workers(ctx):
-            stat = stats.setdefault(peer, WorkerStats(config.epochs))
-            work[peer] = Work(sender=ctx.peer_id, round=round, epochs=stat.epochs, params=self.model, codec=self.codec)
-            ctx.send(peer, work[peer])
-            sent_at[peer] = ctx.now()
-            tries[peer] = 0
-        retry_at = {p: ctx.now() + retry_delay(0, config.retry_base_s, config.retry_cap_s, ctx.rng.random()) for p in work}
-        updates: dict[int, Update] = {}
-        deadline = ctx.now() + config.round_timeout_s
-        while ctx.now() < deadline:
-            alive = [p for p in self._workers(ctx) if p in work]
-            pool = set(alive) | set(updates)  # dead workers leave the count; an update already in stays
-            if not pool or quorum_reached(len(updates), len(pool), config.quorum, config.min_updates):
-                break
-            now = ctx.now()
-            for peer in [p for p in alive if p not in updates and retry_at[p] <= now and tries[p] < config.retries]:
-                tries[peer] += 1
-                ctx.send(peer, work[peer])
-                retry_at[peer] = now + retry_delay(tries[peer], config.retry_base_s, config.retry_cap_s, ctx.rng.random())
-                ctx.log("work_resent", peer, round=round)
-            wake = min([deadline, *[retry_at[p] for p in alive if p not in updates and tries[p] < config.retries]])
-            message = await ctx.recv(max(wake - ctx.now(), 0.0), types=(Update, PeerLiveness))
-            if isinstance(message, Update):
-                self._receive(ctx, round, message, updates, stale, stats)
-        if len(updates) < config.min_updates:
-            ctx.log("quorum_missed", len(updates), round=round)
-        self._balance(ctx, round, updates, sent_at, stats)
-        return updates
-
-    def _receive(self, ctx: NodeContext, round: int, update: Update, updates: dict[int, Update],
-                 stale: list[tuple[Update, int]], stats: dict[int, WorkerStats]) -> None:
-        if update.round == round:
-            updates.setdefault(update.sender, update)
-            return
-        if update.round < round and update.sender in stats:
-            stats[update.sender].late += 1
-            ctx.log("late_update", update.sender, round=round)
-            if self.config.late_policy == "stale":
-                stale.append((update, round - update.round))
-
-    def _balance(self, ctx: NodeContext, round: int, updates: dict[int, Update], sent_at: dict[int, float],
-                 stats: dict[int, WorkerStats]) -> None:
         now = ctx.now()
-        trips = {p: now - sent_at[p] for p in sent_at}
-        answered = [trips[p] for p in updates if p in trips]
-        median = statistics.median(answered) if answered else None
-        for peer, trip in trips.items():
-            stat = stats[peer]
-            in_time = peer in updates
-            stat.round_trips.append(trip)
-            if median and in_time and trip > self.config.straggler_factor * median:
-                ctx.log("straggler", peer, round=round)
-            stat.epochs = next_epochs(self.config.load_balancing, stat.epochs, trip if in_time else None, in_time, median,
-                                      self.config.min_epochs, self.config.max_epochs)
+        state = Round(number, {}, {}, {}, {}, {}, {})
+        for peer in self._workers(ctx):
+            stat = stats.setdefault(peer, WorkerStats(config.workload))
+            state.work[peer] = Work(sender=ctx.peer_id, round=number, workload=stat.workload, params=self.model,
+                                    codec=self.codec)
+            ctx.send(peer, state.work[peer])
+            stat.record_send(number, now, stat.workload)
+            state.sent_at[peer], state.tries[peer] = now, 0
+            state.retry_at[peer] = now + self._first_retry(ctx, stat)
+        deadline = now + config.round_timeout_s
+        while ctx.now() < deadline:
+            alive = [p for p in self._workers(ctx) if p in state.work]
+            pool = set(alive) | set(state.updates)  # dead workers leave the count; an update already in stays
+            if quorum_reached(len(state.updates), len(pool), config.quorum, config.min_updates):
+                break
+            waiting = [p for p in alive if p not in state.updates and state.tries[p] < config.retries]
+            now = ctx.now()
+            for peer in [p for p in waiting if state.retry_at[p] <= now]:
+                state.tries[peer] += 1
+                ctx.send(peer, state.work[peer])
+                state.retry_at[peer] = now + retry_delay(state.tries[peer], config.retry_base_s, config.retry_factor,
+                                                         config.retry_cap_s, ctx.rng.random())
+                ctx.log("work_resent", state.tries[peer], round=number, about=peer)
+            wake = min([deadline, *[state.retry_at[p] for p in waiting if state.tries[p] < config.retries]])
+            message = await ctx.recv(max(wake - ctx.now(), 0.0), types=(Update, Work, Held, Done, PeerLiveness))
+            if isinstance(message, Update):
+                self._receive(ctx, state, message, stale, stats)
+            elif isinstance(message, (Work, Held, Done)) and await self._rival(ctx, message):
+                return None
+        if len(state.updates) < config.min_updates:
+            ctx.log("quorum_missed", len(state.updates), round=number)
+        self._balance(ctx, state, stats)
+        return state.updates
 
-    def _aggregate(self, ctx: NodeContext, round: int, updates: dict[int, Update], stale: list[tuple[Update, int]]) -> None:
-        models = [u.params for u in updates.values()] + [u.params for u, _ in stale]
-        weights = [float(u.samples) for u in updates.values()] + [u.samples * staleness_weight(s) for u, s in stale]
+    async def _rival(self, ctx: NodeContext, message: Work | Held | Done) -> bool:
+        """Another coordinator spoke. Step down (raise) if it precedes us; True if we adopted a newer model."""
+        me = ctx.peer_id
+        if isinstance(message, Done):
+            await self._finish(ctx, message)
+            raise SteppedDown
+        if not usable(message.params, self.model):
+            return False
+        if isinstance(message, Work):
+            if message.round < 1 or message.round - 1 > self.rounds:
+                return False
+            if precedes(message.round - 1, message.sender, self.round, me):
+                self.leader_id, self._stashed = message.sender, message
+                raise SteppedDown
+            ctx.send(message.sender, Held(sender=me, round=self.round, leader=me, params=self.model, codec=self.codec))
+            return False
+        leader = message.leader  # a Held: someone holds a newer model, made by `leader`
+        if message.round > self.rounds or not precedes(message.round, leader, self.round, me):
+            return False
+        if leader != me and ctx.is_alive(leader):
+            self.leader_id = leader
+            await self._adopt(ctx, message.round, message.params)
+            ctx.log("following", leader, round=message.round)
+            raise SteppedDown
+        if message.round > self.round:  # its coordinator is gone (or was us, before a restart): go on from it
+            await self._adopt(ctx, message.round, message.params)
+            ctx.log("adopted", message.sender, round=message.round)
+            return True
+        return False
+
+    def _receive(self, ctx: NodeContext, state: Round, update: Update, stale: dict[int, tuple[Update, int]],
+                 stats: dict[int, WorkerStats]) -> None:
+        if not usable(update.params, self.model):
+            ctx.log("update_refused", 1, round=state.number, about=update.sender)
+            return
+        stat = stats.get(update.sender)
+        sent = stat.sent.get(update.round) if stat is not None else None
+        if update.round == state.number and update.sender in state.work:
+            if update.sender not in state.updates:
+                state.updates[update.sender] = update
+                state.measured[update.sender] = (ctx.now() - state.sent_at[update.sender], update)
+            return
+        if update.round < state.number and stat is not None:
+            if sent is not None and update.sender not in state.measured:
+                state.measured[update.sender] = (ctx.now() - sent[0], update)
+            stat.late += 1
+            ctx.log("late_updates", stat.late, round=state.number, about=update.sender)
+            if self.config.late_policy == "stale":
+                stale[update.sender] = (update, state.number - update.round)  # one per worker: its newest
+
+    def _balance(self, ctx: NodeContext, state: Round, stats: dict[int, WorkerStats]) -> None:
+        """Measure each answer (in time or late) and set every worker's next workload."""
+        config = self.config
+        trips: dict[int, float] = {}
+        for peer, (trip, update) in state.measured.items():
+            stat = stats[peer]
+            sent = stat.sent.get(update.round)
+            if sent is None:
+                continue
+            trips[peer] = trip
+            stat.speed = estimate(sent[1], trip, update.train_s)
+            ctx.log("round_trip_s", trip, round=update.round, about=peer)
+            train_s = min(max(update.train_s, 0.0), trip)
+            if train_s > 0:
+                ctx.log("throughput", update.trained / train_s, round=update.round, about=peer)
+        median = statistics.median(trips.values()) if trips else None
+        for peer, trip in trips.items():
+            if median and trip > config.straggler_factor * median:
+                ctx.log("straggler", trip / median, round=state.number, about=peer)
+        target = config.target_round_trip_s
+        if target is None:
+            expected = [stats[p].speed.round_trip(config.workload) for p in trips]
+            target = statistics.median(expected) if expected else None
+        for peer in state.work:
+            stat = stats[peer]
+            fresh = stat.speed if peer in trips else None
+            stat.workload = next_workload(config.load_balancing, stat.workload, peer in state.updates, fresh, target,
+                                          config.min_workload, config.workload_cap, config.aimd_increase)
+            ctx.log("workload", stat.workload, round=state.number + 1, about=peer)
+
+    async def _aggregate(self, ctx: NodeContext, number: int, updates: dict[int, Update],
+                         stale: dict[int, tuple[Update, int]], stats: dict[int, WorkerStats]) -> None:
+        late = [(u, s) for p, (u, s) in stale.items() if p not in updates]  # a fresh update supersedes a stale one
+        models = [u.params for u in updates.values()] + [u.params for u, _ in late]
+        weights = ([float(max(u.samples, 1)) for u in updates.values()]
+                   + [max(u.samples, 1) * staleness_weight(s, self.config.staleness) for u, s in late])
         stale.clear()
-        if models:
-            self.model = fedavg(models, weights)
-        ctx.log("updates", len(updates), round=round)
-        self.round = round
-        ctx.store.put_params(STORE_ENTRY, self.model, {"round": round})
+        ctx.log("updates", len(updates), round=number)
+        if late:
+            ctx.log("stale_updates", len(late), round=number)
+        model = fedavg(models, weights) if models else self.model
+        self._stats_meta = {"workload": {str(p): s.workload for p, s in stats.items()},
+                            "late": {str(p): s.late for p, s in stats.items()}}
+        await self._adopt(ctx, number, model)
 
 
 def _check(config: CoordinatorConfig, experiment: ExperimentConfig) -> None:
     if config.coordinator >= experiment.peers:
-        raise ValueError(f"coordinator.coordinator must be < peers ({experiment.peers})")
-    if config.min_epochs > config.max_epochs:
-        raise ValueError("coordinator.min_epochs must be <= coordinator.max_epochs")
+        raise ValueError(f"coordinator.coordinator must be < peers ({experiment.peers}), got {config.coordinator}")
+    if config.min_workload > config.workload_cap:
+        raise ValueError(f"coordinator.min_workload ({config.min_workload}) must be <= coordinator.max_workload "
+                         f"({config.workload_cap})")
+    if not config.min_workload <= config.workload <= config.workload_cap:
+        raise ValueError(f"coordinator.workload ({config.workload}) must lie within min_workload..max_workload "
+                         f"({config.min_workload}..{config.workload_cap})")
 
 
 def _worst_case_s(config: CoordinatorConfig, experiment: ExperimentConfig) -> float:
@@ -300,9 +509,10 @@ COORDINATOR = register(Algorithm(
     name="coordinator",
     summary="FedAvg through a coordinator: quorum of live workers, retries, late-update policy, load balancing, failover",
     config=CoordinatorConfig,
-    messages=(Work, Update, Done),
+    messages=(Work, Update, Held, Done),
     peer=lambda config, experiment: CoordinatorPeer(config, experiment.rounds).run,
     check=_check,
     quick=("coordinator.round_timeout_s=5", "coordinator.retry_base_s=1", "coordinator.retry_cap_s=3"),
     worst_case_s=_worst_case_s,
+    timeline=("coordinating", "following", "adopted"),
 ))

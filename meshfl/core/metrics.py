@@ -7,8 +7,9 @@ runs drop it). Listeners (a progress bar, a dashboard) see each event as it is r
 Event and metric names are defined here once; runtimes, the run folder, the report and the
 CLI use these constants, never the strings.
 
-- `metric`: {peer, metric, value} plus optional `round` (round-based algorithms) and
-  `incarnation` (which life of a restarted peer reported it).
+- `metric`: {peer, metric, value} plus optional `round` (round-based algorithms),
+  `incarnation` (which life of a restarted peer reported it) and `about` (the peer the value
+  describes, when it is not the reporting peer: a worker's round trip seen by its coordinator).
 - `peer_started`: {peer, incarnation} (0 first, +1 at each restart).
 - `peer_crashed`: {peer, incarnation, reason ("fault" | "exception" | "killed"), error?}.
 - `peer_finished`: {peer, incarnation, status ("finished" | "stopped" | "failed" | "left")}.

@@ -42,6 +42,8 @@ from meshfl.experiment.peers import Moment, PeerHistory, peer_histories
 DPI = 110
 MAX_LEGEND_PEERS = 12
 MAX_LABELLED_BARS = 40
+MAX_TIMELINE_ROWS = 50
+MAX_DESCRIBED_PLOTS = 6
 PEER_COLOR = "#4c72b0"
 DEAD_COLOR = "#c44e52"
 MEAN_COLOR = "#111111"
@@ -560,6 +562,60 @@ def _summary_table(summary: dict[str, Any], peers: list[int], final: dict[int, f
     return "<table>\n" + "\n".join(rows) + "\n</table>"
 
 
+def described_metrics(events: Iterable[Any]) -> dict[str, dict[int, tuple[list[float], list[float]]]]:
+    """Metrics logged `about` another peer, as {metric: {described peer: (rounds, values)}}, in
+    event order; only events that carry a round (a coordinator's view of its workers per round)."""
+    found: dict[str, dict[int, tuple[list[float], list[float]]]] = {}
+    for e in events:
+        if not isinstance(e, dict) or e.get("event") != METRIC or "about" not in e:
+            continue
+        about, rnd, value = e.get("about"), e.get("round"), e.get("value")
+        if not isinstance(about, int) or not isinstance(rnd, int) or not isinstance(value, (int, float)):
+            continue
+        xs, ys = found.setdefault(str(e.get("metric")), {}).setdefault(about, ([], []))
+        xs.append(float(rnd))
+        ys.append(float(value))
+    return found
+
+
+def plot_described(metric: str, lines: dict[int, tuple[list[float], list[float]]], path: Path) -> Path:
+    """One line per described peer against the round (e.g. each worker's round trip)."""
+    fig = _new_figure()
+    ax = fig.add_subplot()
+    peers = sorted(lines)
+    labelled = len(peers) <= MAX_LEGEND_PEERS
+    for i, peer in enumerate(peers):
+        xs, ys = lines[peer]
+        ax.plot(xs, ys, marker="o", ms=3, lw=1.2, color=PEER_PALETTE[i % len(PEER_PALETTE)] if labelled else PEER_COLOR,
+                alpha=0.9 if labelled else 0.5, label=f"peer {peer}" if labelled else None)
+    unit = " (s)" if metric.endswith("_s") else ""
+    ax.set_xlabel("round")
+    ax.set_ylabel(metric.replace("_", " ") + unit)
+    ax.set_title(f"{metric} per peer ({len(peers)} peers)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if labelled:
+        ax.legend(loc="best", fontsize=8, ncols=2 if len(peers) > 6 else 1)
+    return _save(fig, path)
+
+
+def _timeline_table(summary: dict[str, Any]) -> str:
+    """The algorithm's notable moments (`Algorithm.timeline`), e.g. who coordinates from which round."""
+    rows = summary.get("timeline") or []
+    if not rows:
+        return ""
+    head = ('<tr><th>what</th><th class="num">peer</th><th class="num">value</th><th class="num">round</th>'
+            '<th class="num">incarnation</th><th class="num">time</th></tr>')
+    body = []
+    for row in rows[:MAX_TIMELINE_ROWS]:
+        cells = [_fmt_count(row.get("peer")), _fmt_count(row.get("value")), _fmt_count(row.get("round")),
+                 _fmt_count(row.get("incarnation", 0)), _fmt_seconds(row.get("virtual_time"))]
+        body.append(f"<tr><td>{html.escape(str(row.get('metric', '')))}</td>"
+                    + "".join(f'<td class="num">{html.escape(c)}</td>' for c in cells) + "</tr>")
+    more = len(rows) - MAX_TIMELINE_ROWS
+    tail = f"\n<p>… and {more} more in summary.json</p>" if more > 0 else ""
+    return "<table>\n" + head + "\n" + "\n".join(body) + "\n</table>" + tail
+
+
 def _fmt_ratio(value: Any) -> str:
     return "—" if not isinstance(value, (int, float)) or math.isnan(value) else f"{value:.4f}"
 
@@ -611,7 +667,7 @@ def _peer_table(peers: list[int], final: dict[int, float], messages: dict[int, f
 
 
 def render_html(title: str, summary_html: str, images: list[str], peer_html: str, config_yaml: str,
-                type_html: str = "", interrupted: bool = False) -> str:
+                type_html: str = "", interrupted: bool = False, timeline_html: str = "") -> str:
     esc = html.escape(title)
     banner = ('<p class="interrupted">This run was interrupted (Ctrl-C or a signal) before it finished: '
               "what follows is what the peers had recorded until then.</p>")
@@ -622,6 +678,7 @@ def render_html(title: str, summary_html: str, images: list[str], peer_html: str
         f"<h1>{esc}</h1>",
         *([banner] if interrupted else []),
         "<h2>Summary</h2>", summary_html,
+        *(["<h2>Timeline</h2>", timeline_html] if timeline_html else []),
         "<h2>Plots</h2>", *images,
         "<h2>Per-peer results</h2>", peer_html,
         *(["<h2>Traffic by message type</h2>", type_html] if type_html else []),
@@ -672,6 +729,10 @@ def write_report(run_dir: Path, events: list[dict], summary: dict, config_yaml: 
         loss_png,
     ]
     alts = ["global test accuracy per peer", "messages and bytes sent per peer", "loss"]
+    for metric, lines in sorted(described_metrics(events).items())[:MAX_DESCRIBED_PLOTS]:
+        safe = "".join(c if c.isalnum() or c in "_-" else "_" for c in metric)
+        pngs.append(plot_described(metric, lines, run_dir / f"{safe}_per_peer.png"))
+        alts.append(f"{metric} per peer")
     page = render_html(
         title,
         _summary_table(summary, peers, final, messages, sent_bytes, dead, histories, faults),
@@ -680,6 +741,7 @@ def write_report(run_dir: Path, events: list[dict], summary: dict, config_yaml: 
         config_yaml,
         _type_table(summary),
         interrupted=bool(summary.get("interrupted")),
+        timeline_html=_timeline_table(summary),
     )
     report = run_dir / "report.html"
     report.write_text(page, encoding="utf-8")

@@ -15,7 +15,7 @@ from typing import Any
 
 from meshfl.algorithms import get_algorithm
 from meshfl.config import ExperimentConfig, dump_config
-from meshfl.core.metrics import RUN_FINISHED, RUN_INTERRUPTED, RUN_STARTED, MetricsLog, strict_json
+from meshfl.core.metrics import METRIC, RUN_FINISHED, RUN_INTERRUPTED, RUN_STARTED, MetricsLog, strict_json
 from meshfl.core.topology import make_topology
 from meshfl.experiment.peers import peer_histories
 from meshfl.runtime.peer import build_worlds
@@ -198,9 +198,18 @@ def build_summary(config: ExperimentConfig, events: list[dict[str, Any]], *, mes
         "messages_by_type": dict(sorted(messages_by_type.items())),
         "bytes_by_type": dict(sorted(bytes_by_type.items())),
         "dead_peers": sorted(dead),
+        "timeline": timeline(config, events),
         "virtual_time_s": virtual_time_s,
         "wall_time_s": wall_time_s,
     }
+
+
+def timeline(config: ExperimentConfig, events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The events of the metrics the algorithm names in `Algorithm.timeline`, in order, without wall time."""
+    names = set(get_algorithm(config.algorithm).timeline)
+    keep = ("peer", "metric", "value", "round", "about", "incarnation", "virtual_time")
+    return [{k: e[k] for k in keep if k in e} for e in events
+            if e.get("event") == METRIC and e.get("metric") in names]
 
 
 def run_experiment(config: ExperimentConfig, run_dir: Path | None, metrics: MetricsLog | None = None,

@@ -238,10 +238,12 @@ class PeerContext:
         self.final_params = params
         return result
 
-    def log(self, metric: str, value: float, *, round: int | None = None) -> None:
+    def log(self, metric: str, value: float, *, round: int | None = None, about: int | None = None) -> None:
         fields: dict[str, Any] = {"peer": self._peer_id, "metric": metric, "value": value}
         if round is not None:
             fields["round"] = round
+        if about is not None:
+            fields["about"] = about
         if self._incarnation:
             fields["incarnation"] = self._incarnation
         self._record("metric", **fields)

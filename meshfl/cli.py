@@ -323,7 +323,7 @@ def _finish(results: object, out_dir: Path, kind: str) -> None:
         cells = []
         for name in sw.STATS:
             stat = point["aggregate"][name]
-            cells.append(sw.fmt(stat["mean"], name) + (f" ± {sw.fmt(stat['std'], name)}" if stat["std"] is not None else ""))
+            cells.append(sw.fmt(stat["mean"], name) + (f" ± {sw.fmt(stat['std'], name, like=stat['mean'])}" if stat["std"] is not None else ""))
         table.add_row(*[str(v) for v in row[:len(results.keys)]], *cells)
     console.print(table)
     bad = [r for r in results.runs if r.get("status") == sw.FAILED]

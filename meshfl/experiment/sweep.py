@@ -287,7 +287,7 @@ def run_record(events: list[dict[str, Any]], summary: dict[str, Any], round_byte
                 time_curve.append((float(event.get("virtual_time") or 0.0), sum(finite) / len(finite)))
     rounds = [r for r in sorted(accuracy) if r >= 1]
     times = [first_time[r] for r in rounds]
-    durations = [t - prev for t, prev in zip(times, [0.0, *times[:-1]], strict=True)]
+    durations = [t - prev for t, prev in zip(times, [0.0, *times][:len(times)], strict=True)]
     mean_acc = []
     for r in rounds:
         finite = [v for v in accuracy[r].values() if math.isfinite(v)]
@@ -545,10 +545,12 @@ def write_results(results: Results, out: Path) -> list[Path]:
     return [data, table, *pngs, page]
 
 
-def fmt(value: Any, name: str) -> str:
-    """A table cell: accuracies 4 decimals, seconds and MB 3 significant-ish decimals, - for none."""
+def fmt(value: Any, name: str, like: Any = None) -> str:
+    """A table cell: accuracies 4 decimals, seconds and MB 3 decimals below 100, else 1; - for none.
+    `like`: format as that value would be (a std as its mean)."""
     if not isinstance(value, (int, float)) or not math.isfinite(value):
         return "-"
     if "accuracy" in name:
         return f"{value:.4f}"
-    return f"{value:.3f}" if abs(value) < 100 else f"{value:.1f}"
+    scale = like if isinstance(like, (int, float)) and math.isfinite(like) else value
+    return f"{value:.3f}" if abs(scale) < 100 else f"{value:.1f}"

@@ -232,6 +232,113 @@ def chaos(
 
 
 @app.command()
+def sweep(
+    config_path: Annotated[Optional[Path], typer.Argument(metavar="[CONFIG.yaml]", help="experiment config; defaults are used for missing fields")] = None,
+    grid: Annotated[list[str], typer.Option("--grid", "-g", metavar="KEY=v1,v2,...", help="a grid axis: the sweep runs every combination of the axes' values (parsed like --set values)")] = [],  # noqa: B006
+    seeds: Annotated[int, typer.Option("--seeds", "-n", help="run every point with seeds seed+0 .. seed+N-1")] = 1,
+    set_: Annotated[list[str], typer.Option("--set", "-s", metavar="KEY=VALUE", help="override a config field of every run")] = [],  # noqa: B006
+    workers: Annotated[Optional[int], typer.Option("--workers", "-w", help="processes running the runs (default: CPU count, at most the number of runs; 1 runs them in this process)")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="sweep folder, new or empty (default runs/<time>-sweep-<name>)")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
+) -> None:
+    """Run a grid of experiments (every combination of the --grid values, each for --seeds seeds) and compare them.
+
+    Every point's config is checked before anything runs. Writes each run's folder under
+    <out>/runs/<label>/, then sweep.json, table.csv (mean and std over seeds per point), plots
+    and a self-contained sweep.html. Ctrl-C stops the runs, writes what finished and exits 130.
+    """
+    import time as _time
+
+    from meshfl.experiment import sweep as sw
+
+    if workers is not None and workers < 1:
+        _fail(f"--workers: must be >= 1 (got {workers})")
+    try:
+        plan = sw.plan_sweep(config_path, set_, grid, seeds)
+    except (ConfigError, sw.SweepError) as exc:
+        _fail(str(exc).splitlines()[0])
+    base = load_config(config_path, set_)
+    out_dir = _claim_run_dir(out, base.model_copy(update={"name": f"sweep-{base.name}"}))
+    n_workers = max(1, min(workers or os.cpu_count() or 1, len(plan.tasks)))
+    started = _time.perf_counter()
+    columns = (TextColumn("sweep"), BarColumn(), MofNCompleteColumn(), TextColumn("runs  failed {task.fields[failed]}"),
+               TimeElapsedColumn())
+    with Progress(*columns, console=errors, disable=quiet or not errors.is_terminal, transient=True) as progress:
+        task = progress.add_task("sweep", total=len(plan.tasks), failed=0)
+        failed = 0
+
+        def advance(record: dict) -> None:
+            nonlocal failed
+            failed += record["status"] == sw.FAILED
+            progress.update(task, advance=1, failed=failed)
+
+        records, interrupted = sw.run_tasks(plan.tasks, out_dir, n_workers, on_result=advance)
+    meta = {"name": plan.name, "config": plan.config_path, "overrides": plan.overrides, "seeds": plan.seeds,
+            "workers": n_workers, "wall_time_s": _time.perf_counter() - started}
+    results = sw.sweep_results(plan, records, interrupted, meta)
+    _write_results(results, out_dir)
+    _finish(results, out_dir, "sweep")
+
+
+@app.command()
+def compare(
+    run_dirs: Annotated[list[Path], typer.Argument(metavar="RUN_DIR...", help="run folders (of meshfl run, launch, merge or a sweep's runs/)")],
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="folder for the comparison, new or empty (default runs/<time>-compare)")] = None,
+    labels: Annotated[Optional[str], typer.Option("--labels", "-l", metavar="a,b,...", help="one label per run folder (default: the folder names)")] = None,
+) -> None:
+    """Put existing run folders side by side: the same table, plots and page as `meshfl sweep` (compare.json, compare.html)."""
+    from meshfl.experiment import sweep as sw
+
+    names = [name.strip() for name in labels.split(",")] if labels is not None else None
+    try:
+        results = sw.compare_results(run_dirs, names)
+    except sw.SweepError as exc:
+        _fail(str(exc))
+    out_dir = _claim_run_dir(out, ExperimentConfig(name="compare"))
+    _write_results(results, out_dir)
+    _finish(results, out_dir, "compare")
+
+
+def _write_results(results: object, out_dir: Path) -> None:
+    import signal
+
+    from meshfl.experiment.run import handle_signals
+    from meshfl.experiment.sweep import write_results
+
+    with handle_signals(signal.SIG_IGN, (signal.SIGINT,)):  # a second Ctrl-C must not lose what finished
+        write_results(results, out_dir)  # type: ignore[arg-type]
+
+
+def _finish(results: object, out_dir: Path, kind: str) -> None:
+    from meshfl.experiment import sweep as sw
+
+    assert isinstance(results, sw.Results)
+    header, rows = sw.table_rows(results)
+    names = {"mean_final_accuracy": "mean acc", "min_final_accuracy": "min acc", "virtual_time_s": "virtual s",
+             "total_mb": "MB sent"}
+    several = any(p["aggregate"]["seeds"] > 1 for p in results.points)
+    table = Table(*results.keys, *[names[name] for name in sw.STATS],
+                  title=f"{kind}: mean ± sample std over seeds" if several else kind)
+    for point, row in zip(results.points, rows, strict=True):
+        cells = []
+        for name in sw.STATS:
+            stat = point["aggregate"][name]
+            cells.append(sw.fmt(stat["mean"], name) + (f" ± {sw.fmt(stat['std'], name, like=stat['mean'])}" if stat["std"] is not None else ""))
+        table.add_row(*[str(v) for v in row[:len(results.keys)]], *cells)
+    console.print(table)
+    bad = [r for r in results.runs if r.get("status") == sw.FAILED]
+    for run in bad[:5]:
+        errors.print(f"  {run['run_dir']}: {run.get('error')}", highlight=False, soft_wrap=True)
+    console.print(f"{kind} folder: {out_dir}  (page: {out_dir / (kind + '.html')}, table: {out_dir / 'table.csv'})",
+                  highlight=False, soft_wrap=True)
+    if results.interrupted:
+        done = sum(r.get("status") == sw.OK for r in results.runs)
+        _fail(f"interrupted; wrote the {done} of {len(results.runs)} runs that finished to {out_dir}", code=130)
+    if bad:
+        _fail(f"{len(bad)} of {len(results.runs)} runs failed (see {out_dir / (kind + '.json')})", code=1)
+
+
+@app.command()
 def node(
     config_path: Annotated[Path, typer.Option("--config", "-c", metavar="PEER.yaml", help="peer config (see `meshfl configs`)")],
 ) -> None:

@@ -271,14 +271,71 @@ def _format_validation_error(err: ValidationError) -> str:
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, raw: str) -> None:
+    """Set `a.b.c` in a YAML tree; a number indexes into a list (`faults.0.count`, `network.links.1.bandwidth_mbps`).
+
+    A list the YAML does not give starts from the field's default (so `faults.0.count` without
+    a `faults:` list is out of range, not a new section). A number under a mapping is a key, as
+    before (`network.peers.3.latency_s`). ConfigError (one line naming the key) for an index out
+    of range or a value that is neither a list nor a section.
+    """
     keys = dotted.split(".")
-    node = tree
-    for key in keys[:-1]:
-        child = node.setdefault(key, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"{dotted}: {key} is not a section")
+    if any(not key for key in keys):
+        raise ConfigError(f"--set {dotted}: empty name in the dotted key")
+    node: Any = tree
+    for depth, key in enumerate(keys):
+        last = depth == len(keys) - 1
+        where = ".".join(keys[:depth]) or "config"
+        if isinstance(node, list):
+            if not key.isdigit():
+                raise ConfigError(f"{dotted}: {where} is a list; index it with a number (0..{len(node) - 1})"
+                                  if node else f"{dotted}: {where} is an empty list")
+            index = int(key)
+            if index >= len(node):
+                span = f"items 0..{len(node) - 1}" if node else "no items"
+                raise ConfigError(f"{dotted}: index {index} is out of range ({where} has {span})")
+            if last:
+                node[index] = _scalar(raw)
+                return
+            child = node[index]
+        elif isinstance(node, dict):
+            if last:
+                node[key] = _scalar(raw)
+                return
+            if key not in node:
+                default = _default_at(keys[:depth + 1])
+                node[key] = list(default) if isinstance(default, list) else {}
+            child = node[key]
+        else:
+            raise ConfigError(f"{dotted}: {where} is not a list or section (it is {node!r})")
+        if not isinstance(child, (dict, list)):
+            raise ConfigError(f"{dotted}: {'.'.join(keys[:depth + 1])} is not a list or section (it is {child!r})")
         node = child
-    node[keys[-1]] = yaml.safe_load(raw) if raw != "" else None
+
+
+def _scalar(raw: str) -> Any:
+    return yaml.safe_load(raw) if raw != "" else None
+
+
+def _default_at(keys: list[str]) -> Any:
+    """The default config's value at a dotted path, or None where the path leaves the defaults."""
+    node: Any = _default_tree()
+    for key in keys:
+        if isinstance(node, dict) and key in node:
+            node = node[key]
+        elif isinstance(node, list) and key.isdigit() and int(key) < len(node):
+            node = node[int(key)]
+        else:
+            return None
+    return node
+
+
+_DEFAULTS: dict[str, Any] = {}
+
+
+def _default_tree() -> dict[str, Any]:
+    if not _DEFAULTS:
+        _DEFAULTS.update(ExperimentConfig().model_dump(mode="json"))
+    return _DEFAULTS
 
 
 def read_yaml_mapping(p: Path, what: str = "config file") -> dict[str, Any]:

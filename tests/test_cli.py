@@ -28,6 +28,40 @@ def test_bad_values_give_one_line_naming_the_field(override, expected):
     assert "\n" not in str(info.value)
 
 
+def test_set_indexes_into_lists(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("peers: 6\n"
+                      "faults:\n  - {kind: crash, count: 1, at_round: 1}\n  - {kind: loss, probability: 0.1, at_s: 1}\n"
+                      "network:\n  links:\n    - {peers: [0, 1], bandwidth_mbps: 10}\n    - {peers: [1, 2], bandwidth_mbps: 10}\n")
+    loaded = load_config(config, ["faults.0.count=4", "network.links.1.bandwidth_mbps=5", "network.links.0.peers.1=3",
+                                  "network.peers.3.latency_s=0.2"])  # a number under a mapping stays a key
+    assert loaded.faults[0].count == 4 and loaded.faults[1].probability == 0.1
+    assert loaded.network.links[1].bandwidth_mbps == 5 and loaded.network.links[0].bandwidth_mbps == 10
+    assert loaded.network.links[0].peers == (0, 3) and loaded.network.peers[3].latency_s == 0.2
+    assert load_config(config, ["faults.1={kind: crash, peers: [2], at_s: 3}"]).faults[1].peers == [2]
+
+
+@pytest.mark.parametrize(("override", "expected"), [
+    ("faults.2.count=1", "faults.2.count: index 2 is out of range (faults has items 0..1)"),
+    ("network.links.7.loss=0.1", "network.links.7.loss: index 7 is out of range (network.links has items 0..1)"),
+    ("faults.x.count=1", "faults.x.count: faults is a list; index it with a number"),
+    ("faults.0.count.x=1", "faults.0.count.x: faults.0.count is not a list or section (it is 1)"),
+    ("peers.1=2", "peers.1: peers is not a list or section (it is 6)"),
+])
+def test_set_list_index_errors_name_the_key(tmp_path, override, expected):
+    config = tmp_path / "c.yaml"
+    config.write_text("peers: 6\nfaults:\n  - {kind: crash, count: 1, at_round: 1}\n  - {kind: crash, peers: [1], at_s: 1}\n"
+                      "network:\n  links:\n    - {peers: [0, 1]}\n    - {peers: [1, 2]}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(config, [override])
+    assert str(info.value).startswith(expected) and "\n" not in str(info.value)
+
+
+def test_set_index_into_a_list_the_yaml_does_not_give_is_out_of_range():
+    with pytest.raises(ConfigError, match=r"^faults\.0\.count: index 0 is out of range \(faults has no items\)$"):
+        load_config(None, ["faults.0.count=1"])
+
+
 def test_bad_yaml_file_errors(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("peers: [1, 2\n")

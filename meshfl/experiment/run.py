@@ -6,7 +6,7 @@ import itertools
 import re
 import signal
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -118,9 +118,12 @@ class _Progress:
     sim: Simulation | None = None
 
 
-def simulate(config: ExperimentConfig, metrics: MetricsLog | None = None, *,
-             progress: _Progress | None = None) -> tuple[SimResult, MetricsLog, list[dict]]:
-    """Run one simulated experiment in memory; a pure function of (config, seed) but for wall times."""
+def simulate(config: ExperimentConfig, metrics: MetricsLog | None = None, *, progress: _Progress | None = None,
+             on_simulation: Callable[[Simulation], None] | None = None) -> tuple[SimResult, MetricsLog, list[dict]]:
+    """Run one simulated experiment in memory; a pure function of (config, seed) but for wall times.
+
+    `on_simulation` sees the Simulation before it runs (e.g. so a metrics listener can read its traffic counters).
+    """
     metrics = metrics or MetricsLog()
     progress = progress if progress is not None else _Progress()
     worlds = build_worlds(config)
@@ -129,6 +132,8 @@ def simulate(config: ExperimentConfig, metrics: MetricsLog | None = None, *,
     algorithm = get_algorithm(config.algorithm)
     section = config.section()
     sim = progress.sim = Simulation(config, topology, worlds, metrics, lambda: algorithm.peer(section, config))
+    if on_simulation is not None:
+        on_simulation(sim)
     layout = worlds.learner.layout
     metrics.record(RUN_STARTED, peers=config.peers, rounds=config.rounds, algorithm=config.algorithm,
                    parameters=layout.numel, layout=layout.fingerprint)
@@ -213,7 +218,7 @@ def timeline(config: ExperimentConfig, events: list[dict[str, Any]]) -> list[dic
 
 
 def run_experiment(config: ExperimentConfig, run_dir: Path | None, metrics: MetricsLog | None = None,
-                   report: bool = True) -> RunResult:
+                   report: bool = True, *, on_simulation: Callable[[Simulation], None] | None = None) -> RunResult:
     """Simulate `config` and, if `run_dir` is given, write the run folder there.
 
     On Ctrl-C the simulation stops, the run folder is written from what the MetricsLog
@@ -223,7 +228,7 @@ def run_experiment(config: ExperimentConfig, run_dir: Path | None, metrics: Metr
     metrics = metrics or MetricsLog()
     progress = _Progress()
     try:
-        result, metrics, stats = simulate(config, metrics, progress=progress)
+        result, metrics, stats = simulate(config, metrics, progress=progress, on_simulation=on_simulation)
     except KeyboardInterrupt:
         with handle_signals(signal.SIG_IGN, (signal.SIGINT,)):  # a second Ctrl-C must not lose the run folder half-written
             sim = progress.sim

@@ -1,6 +1,7 @@
 """The shipped examples reach what the README promises (MNIST from ../shared/data or $MESHFL_DATA)."""
 
 import os
+import statistics
 from pathlib import Path
 
 import pytest
@@ -34,3 +35,62 @@ def test_mnist_gossip_faults_example_survives_a_crash_a_restart_and_loss(tmp_pat
     assert fired == ["crash", "restart", "set_loss", "clear_loss"]
     report = (tmp_path / "run" / "report.html").read_text()
     assert "Crashes / restarts" in report
+
+
+def _events(result, metric):
+    return [e for e in result.metrics.events if e.get("metric") == metric]
+
+
+@pytest.mark.skipif(not (MNIST / "train-images-idx3-ubyte.gz").exists(), reason="MNIST not available")
+def test_coordinator_quorum_example_with_14_dead_workers_finishes_every_round_above_095(tmp_path):
+    # the seed's coordinator never finished a round with 14 of 46 workers dead
+    config = load_config(ROOT / "examples" / "coordinator_quorum.yaml", [f"data.path={MNIST}", "faults.0.count=14"])
+    result = run_experiment(config, tmp_path / "run", report=False)
+    summary = result.summary
+    dead = summary["dead_peers"]
+    assert len(dead) == 14 and 0 not in dead
+    live = {p: a for p, a in summary["final_global_accuracy"].items() if int(p) not in dead}
+    assert len(live) == 33 and min(live.values()) >= 0.95, live
+    assert {summary["final_round"][p] for p in live} == {config.rounds}
+    closed = {e["round"]: e["virtual_time"] for e in _events(result, "global_accuracy") if e["peer"] == 0}
+    # round 2 waited for the failure detector to drop the dead from the quorum's count, no longer
+    assert config.liveness.timeout_s <= closed[2] - closed[1] < config.liveness.timeout_s + 2
+
+
+def _round_trip_spread(result, from_round: int = 4) -> float:
+    """max / median over workers of each worker's median round trip (rounds from `from_round`)."""
+    per_worker: dict[int, list[float]] = {}
+    for e in _events(result, "round_trip_s"):
+        if e["round"] >= from_round:
+            per_worker.setdefault(e["about"], []).append(e["value"])
+    typical = [statistics.median(v) for v in per_worker.values()]
+    return max(typical) / statistics.median(typical)
+
+
+@pytest.mark.skipif(not (MNIST / "train-images-idx3-ubyte.gz").exists(), reason="MNIST not available")
+def test_coordinator_stragglers_example_speed_balancing_evens_round_trips(tmp_path):
+    runs = {}
+    for policy in ("off", "speed"):
+        config = load_config(ROOT / "examples" / "coordinator_stragglers.yaml",
+                             [f"data.path={MNIST}", "rounds=10", f"coordinator.load_balancing={policy}"])
+        runs[policy] = run_experiment(config, None)
+    assert _round_trip_spread(runs["off"]) > 2.5  # the quarter-speed workers take ~3x as long (4x training + the same transfer)
+    assert _round_trip_spread(runs["speed"]) <= 1.3
+    per_second = {p: r.summary["mean_final_accuracy"] / r.summary["virtual_time_s"] for p, r in runs.items()}
+    assert per_second["speed"] > per_second["off"], per_second
+    assert min(runs["speed"].summary["final_global_accuracy"].values()) > 0.9
+
+
+@pytest.mark.skipif(not (MNIST / "train-images-idx3-ubyte.gz").exists(), reason="MNIST not available")
+def test_coordinator_failover_example_goes_on_after_the_coordinator_dies(tmp_path):
+    config = load_config(ROOT / "examples" / "coordinator_failover.yaml", [f"data.path={MNIST}"])
+    result = run_experiment(config, tmp_path / "run")
+    summary = result.summary
+    assert summary["dead_peers"] == [0]
+    assert [(t["peer"], t["metric"]) for t in summary["timeline"]] == [(0, "coordinating"), (1, "coordinating")]
+    accuracy = {e["round"]: e["value"] for e in _events(result, "global_accuracy") if e["peer"] == 1}
+    crashed_at = summary["timeline"][1]["round"]
+    assert max(accuracy) == config.rounds and accuracy[config.rounds] > accuracy[crashed_at] + 0.02, accuracy
+    report = (tmp_path / "run" / "report.html").read_text()
+    timeline = report.split("<h2>Timeline</h2>")[1].split("</table>")[0]
+    assert timeline.count("<td>coordinating</td>") == 2

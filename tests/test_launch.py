@@ -362,3 +362,65 @@ def test_merge_of_an_interrupted_run_is_strict_json_and_nobody_dead(tmp_path):
     assert summary["wire_overhead_ratio"] is None  # no traffic events: no ratio, not NaN
     html = (tmp_path / "run" / "report.html").read_text()
     assert "(interrupted)</title>" in html and "<td>stopped</td>" in html
+
+
+# ---- coordinator mode over real processes -----------------------------------------------------
+
+COORDINATOR_FAST = ["algorithm=coordinator", "coordinator.round_timeout_s=20", "coordinator.retry_base_s=2",
+                    "liveness.heartbeat_interval_s=0.5", "liveness.timeout_s=2"]
+MNIST = Path(os.environ.get("MESHFL_DATA", ROOT.parent / "shared" / "data")) / "mnist"
+
+
+@pytest.mark.skipif(not (MNIST / "train-images-idx3-ubyte.gz").exists(), reason="MNIST not available")
+def test_coordinator_launch_matches_the_simulator_on_mnist(tmp_path):
+    """1 coordinator + 4 workers, MNIST, 5 rounds; quorum 1 so arrival order cannot change the average."""
+    overrides = ["peers=5", "rounds=5", "data.dataset=mnist", f"data.path={MNIST}", "data.partition=quantity",
+                 "data.min_samples=300", "data.max_samples=1500", "coordinator.quorum=1.0", "grpc.base_port=50830",
+                 *COORDINATOR_FAST]
+    config = load_config(None, overrides)
+    launch_local(config, tmp_path / "run", timeout_s=150)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    result, metrics, _ = simulate(config)
+    expected = summarise(config, result, metrics, 0.0)
+    assert summary["dead_peers"] == [] and set(summary["final_round"].values()) == {5}
+    for peer, accuracy in summary["final_global_accuracy"].items():
+        assert abs(accuracy - expected["final_global_accuracy"][peer]) <= 0.01, (peer, accuracy, expected)
+    assert expected["mean_final_accuracy"] > 0.85  # MNIST learnt, not chance (0.1)
+
+
+def test_coordinator_launch_survives_a_killed_worker_and_then_a_killed_coordinator(tmp_path):
+    config = load_config(None, ["peers=5", "rounds=6", "data.dataset=digits", "grpc.base_port=50840",
+                                "coordinator.workload=3", *COORDINATOR_FAST])
+    killed: list[int] = []
+
+    def kill_worker_then_coordinator(processes):
+        def seen(peer: int, metric: str, round: int) -> bool:
+            metrics = processes[peer].folder / "metrics.jsonl"
+            lines = metrics.read_text().splitlines() if metrics.exists() else []
+            events = [json.loads(line) for line in lines if line.endswith("}")]
+            return any(e.get("metric") == metric and e.get("round") == round for e in events)
+
+        def kill(peer: int) -> None:
+            os.kill(processes[peer].process.pid, signal.SIGKILL)
+            killed.append(peer)
+
+        def watch() -> None:
+            deadline = time.monotonic() + 100
+            while time.monotonic() < deadline and len(killed) < 2:
+                if not killed and seen(4, "train_loss", 1):  # worker 4 has trained in round 1
+                    kill(4)
+                elif killed == [4] and seen(0, "global_accuracy", 3):
+                    kill(0)  # the coordinator closed round 3
+                time.sleep(0.02)
+
+        threading.Thread(target=watch, daemon=True).start()
+
+    launched = launch_local(config, tmp_path / "run", timeout_s=120, on_started=kill_worker_then_coordinator)
+    assert killed == [4, 0]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["dead_peers"] == [0, 4] and launched.exit_codes[0] == -signal.SIGKILL
+    assert {p: launched.exit_codes[p] for p in (1, 2, 3)} == {1: 0, 2: 0, 3: 0}
+    assert {summary["final_round"][p] for p in ("1", "2", "3")} == {6}  # training went on to the last round
+    leaders = [(t["peer"], t["metric"]) for t in summary["timeline"]]
+    assert leaders == [(0, "coordinating"), (1, "coordinating")], leaders
+    assert min(summary["final_global_accuracy"][p] for p in ("1", "2", "3")) > 0.7

@@ -12,8 +12,8 @@ next aggregation with weight samples x staleness decay (`meshfl.aggregate.stalen
 FedAvg is weighted by samples.
 
 Round trips (work sent to update received) and throughput are measured per worker.
-`load_balancing: aimd` adds `aimd_increase` to a worker that answered in time and halves a
-late one's workload; `speed` gives each worker the workload whose expected round trip
+`load_balancing: aimd` adds `aimd_increase` to a worker that answered in time (within the round,
+and not a straggler) and halves the workload of a late one or a straggler; `speed` gives each worker the workload whose expected round trip
 (its measured communication time plus workload / its throughput) matches a target, the
 median expected round trip at `workload` unless `target_round_trip_s` is set. A worker
 slower than `straggler_factor` x the median is logged.
@@ -460,6 +460,8 @@ class CoordinatorPeer:
             if train_s > 0:
                 ctx.log("throughput", update.trained / train_s, round=update.round, about=peer)
         median = statistics.median(trips.values()) if trips else None
+        if median:
+            ctx.log("round_trip_spread", max(trips.values()) / median, round=state.number)
         for peer, trip in trips.items():
             if median and trip > config.straggler_factor * median:
                 ctx.log("straggler", trip / median, round=state.number, about=peer)
@@ -470,7 +472,8 @@ class CoordinatorPeer:
         for peer in state.work:
             stat = stats[peer]
             fresh = stat.speed if peer in trips else None
-            stat.workload = next_workload(config.load_balancing, stat.workload, peer in state.updates, fresh, target,
+            in_time = peer in state.updates and not (median and trips[peer] > config.straggler_factor * median)
+            stat.workload = next_workload(config.load_balancing, stat.workload, in_time, fresh, target,
                                           config.min_workload, config.workload_cap, config.aimd_increase)
             ctx.log("workload", stat.workload, round=state.number + 1, about=peer)
 

@@ -17,6 +17,15 @@ FAST = ["data.dataset=digits", "train.local_epochs=1", "gossip.vote_timeout_s=8"
         "gossip.wait_model_timeout_s=12", "gossip.diffusion_timeout_s=4", "gossip.join_timeout_s=3",
         "liveness.heartbeat_interval_s=0.5", "liveness.timeout_s=3"]
 
+ALGORITHMS = {
+    "gossip": [],
+    "coordinator": ["algorithm=coordinator", "coordinator.round_timeout_s=12", "coordinator.retry_base_s=2",
+                    "coordinator.workload=2"],
+}
+# coordinator rounds on digits take ~0.05 s over gRPC: make them ~2 s, so a restarted worker
+# (~3 s to start a process) is back while the others still run
+SLOWER = {("coordinator", "restarted_peer"): ["coordinator.workload=200", "coordinator.max_workload=200"]}
+
 SCENARIOS = {
     "completes": ([], {}),
     "crashed_peer": (["faults=[{kind: crash, peers: [3], at_round: 2}]"], {"dead": [3]}),
@@ -36,10 +45,11 @@ def run(runtime: str, overrides: list[str], tmp_path, port: int) -> dict:
 
 @pytest.mark.parametrize("runtime", ["sim", "grpc"])
 @pytest.mark.parametrize("scenario", sorted(SCENARIOS))
-def test_scenario(runtime, scenario, tmp_path):
+@pytest.mark.parametrize("algorithm", sorted(ALGORITHMS))
+def test_scenario(algorithm, runtime, scenario, tmp_path):
     overrides, expect = SCENARIOS[scenario]
-    port = 51000 + 20 * sorted(SCENARIOS).index(scenario)
-    summary = run(runtime, overrides, tmp_path, port)
+    port = 51000 + 20 * sorted(SCENARIOS).index(scenario) + 100 * sorted(ALGORITHMS).index(algorithm)
+    summary = run(runtime, [*ALGORITHMS[algorithm], *SLOWER.get((algorithm, scenario), []), *overrides], tmp_path, port)
     dead = expect.get("dead", [])
     assert summary["dead_peers"] == dead, summary["peer_status"]
     for peer in range(4):

@@ -137,9 +137,12 @@ def test_two_coordinators_of_a_healed_partition_agree_on_one():
     assert set(summary["final_round"].values()) == {10} and len(set(summary["final_global_accuracy"].values())) == 1
 
 
-def test_a_coordinator_left_alone_goes_on_at_each_timeout_and_finishes():
-    summary, events = run("peers=3", "rounds=4", "faults=[{kind: crash, peers: [1, 2], at_round: 2}]")
+def test_a_coordinator_left_alone_stops_after_a_round_without_workers():
+    summary, events = run("peers=4", "rounds=6", "coordinator.min_updates=2",
+                          "faults=[{kind: crash, peers: [2, 3], at_round: 2}, {kind: crash, peers: [1], at_round: 3}]")
     missed = [(e["round"], e["virtual_time"]) for e in logged(events, "quorum_missed")]
-    assert [r for r, _ in missed] == [2, 3, 4]
-    assert [round(b - a, 6) for (_, a), (_, b) in zip(missed, missed[1:])] == [20.0, 20.0]  # round_timeout_s each
-    assert summary["peer_status"]["0"] == "finished" and summary["final_round"]["0"] == 4
+    assert missed and missed[0][0] == 2  # fewer updates than min_updates: logged, and the round goes on
+    stopped = logged(events, "no_workers")
+    assert [e["round"] for e in stopped] == [missed[-1][0] + 1]  # then nobody at all: it stops, not 6 x timeout
+    assert stopped[0]["virtual_time"] - missed[-1][1] == pytest.approx(20.0)  # round_timeout_s
+    assert summary["peer_status"]["0"] == "finished" and summary["final_round"]["0"] == missed[-1][0]

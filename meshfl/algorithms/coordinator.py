@@ -25,7 +25,8 @@ lowest live id takes over and continues from the newest global model it holds. A
 receives work built on an older global model than its own answers `Held` (its round, whom it
 follows, its model): a returning old coordinator learns from it that a successor leads and
 follows it; a coordinator that lost its store adopts the newer model. Between two live
-coordinators the newer global model wins, then the lower id. `Done` ends the run.
+coordinators the newer global model wins, then the lower id. `Done` ends the run, and so does
+a whole round without any live worker (nothing can train; logged `no_workers`).
 """
 
 from __future__ import annotations
@@ -211,6 +212,10 @@ class Round:
     measured: dict[int, tuple[float, Update]]  # worker -> (round trip, update): this round's or a late one
 
 
+class Alone(Exception):
+    """No worker was alive for a whole round: nothing can train, so the run ends here."""
+
+
 class SteppedDown(Exception):
     """This peer stopped coordinating (a newer coordinator, a newer model, or the end of the run)."""
 
@@ -338,6 +343,9 @@ class CoordinatorPeer:
                 await self._aggregate(ctx, self.round + 1, updates, stale, stats)
         except SteppedDown:
             return
+        except Alone:
+            self.done = True
+            return
         for peer in self._workers(ctx):
             ctx.send(peer, Done(sender=ctx.peer_id, round=self.round, params=self.model))
         self.done = True
@@ -389,6 +397,9 @@ class CoordinatorPeer:
                 self._receive(ctx, state, message, stale, stats)
             elif isinstance(message, (Work, Held, Done)) and await self._rival(ctx, message):
                 return None
+        if not state.work and not self._workers(ctx):
+            ctx.log("no_workers", 0, round=number)  # a whole round_timeout_s without a live worker: stop here
+            raise Alone
         if len(state.updates) < config.min_updates:
             ctx.log("quorum_missed", len(state.updates), round=number)
         self._balance(ctx, state, stats)

@@ -59,3 +59,6 @@ def test_scenario(algorithm, runtime, scenario, tmp_path):
         assert summary["incarnations"][str(peer)] == count
     live = [summary["final_global_accuracy"][str(p)] for p in range(4) if p not in dead]
     assert all(a is not None and a > 0.5 for a in live), summary["final_global_accuracy"]  # chance is 0.1
+    if algorithm == "coordinator":  # one global model: every live peer ends on it, at the last round
+        assert len(set(live)) == 1, summary["final_global_accuracy"]
+        assert {summary["final_round"][str(p)] for p in range(4) if p not in dead} == {summary["rounds"]}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from meshfl.aggregate.staleness import StalenessConfig, staleness_weight
-from meshfl.algorithms.coordinator import Estimate, estimate, next_workload, precedes, quorum_reached, retry_delay
+from meshfl.algorithms.coordinator import Estimate, Update, estimate, next_workload, quorum_reached, rank, retry_delay
 from meshfl.config import load_config
 from meshfl.experiment.run import simulate, summarise
 
@@ -49,7 +49,9 @@ def test_load_balancing_rules_and_backoff():
     assert [retry_delay(a, 1.0, 2.0, 5.0, 1.0 - 1e-12) for a in range(5)] == pytest.approx([1, 2, 4, 5, 5])
     assert [retry_delay(a, 1.0, 3.0, 100.0, 1.0 - 1e-12) for a in range(3)] == pytest.approx([1, 3, 9])
     assert retry_delay(0, 1.0, 2.0, 5.0, 0.0) == 0.5
-    assert precedes(5, 3, 4, 0) and precedes(4, 0, 4, 3) and not precedes(4, 3, 4, 0) and not precedes(4, 1, 4, 1)
+    assert rank(5, 0, 3) > rank(4, 9, 0)  # the newer model first
+    assert rank(4, 1, 1) > rank(4, 0, 0)  # then the later term: a successor beats the coordinator it replaced
+    assert rank(4, 1, 0) > rank(4, 1, 3) and not rank(4, 1, 1) > rank(4, 1, 1)  # then the lower id
 
 
 def test_staleness_decays():
@@ -143,6 +145,86 @@ def test_a_coordinator_left_alone_stops_after_a_round_without_workers():
     missed = [(e["round"], e["virtual_time"]) for e in logged(events, "quorum_missed")]
     assert missed and missed[0][0] == 2  # fewer updates than min_updates: logged, and the round goes on
     stopped = logged(events, "no_workers")
-    assert [e["round"] for e in stopped] == [missed[-1][0] + 1]  # then nobody at all: it stops, not 6 x timeout
-    assert stopped[0]["virtual_time"] - missed[-1][1] == pytest.approx(20.0)  # round_timeout_s
-    assert summary["peer_status"]["0"] == "finished" and summary["final_round"]["0"] == missed[-1][0]
+    assert len(stopped) == 1 and stopped[0]["round"] <= 4  # then nobody at all: it stops, not 6 x timeout
+    assert stopped[0]["virtual_time"] - missed[-1][1] == pytest.approx(20.0)  # one round_timeout_s later
+    assert summary["peer_status"]["0"] == "finished" and summary["final_round"]["0"] == stopped[0]["round"] - 1
+
+
+# ---- one peer against scripted (and hostile) messages ----------------------------------------
+
+def _peer(*overrides: str):
+    from meshfl.algorithms.coordinator import CoordinatorPeer
+    config = load_config(None, ["algorithm=coordinator", "rounds=3", "coordinator.max_workload=8", *overrides])
+    return CoordinatorPeer(config.section(), config.rounds, config.liveness.timeout_s)
+
+
+def test_a_worker_refuses_what_no_coordinator_could_send():
+    import asyncio
+
+    from meshfl.algorithms.coordinator import Done, Held, Work
+    from meshfl.testing import FakeContext
+
+    ctx = FakeContext(2, peers=4)
+    asked: list[dict] = []
+    train = ctx.train
+
+    async def recording_train(params, **work):
+        asked.append(work)
+        return await train(params, **work)
+
+    ctx.train = recording_train
+    model = ctx.initial_params()
+    ctx.deliver(Held(sender=3, round=10**6, term=9, leader=999, params=model), at=0.1)  # not asked for: dropped
+    ctx.deliver(Work(sender=0, round=10**6, term=0, workload=2, params=model), at=0.2)  # no such round
+    ctx.deliver(Work(sender=0, round=1, term=0, workload=-5, params=model), at=1.0)  # below the config's bounds
+    ctx.deliver(Work(sender=0, round=2, term=0, workload=10**9, params=model), at=2.0)  # above them
+    ctx.deliver(Done(sender=0, round=10**6, params=model), at=3.0)  # a round that cannot exist: not the end
+    ctx.deliver(Done(sender=0, round=3, params=model), at=4.0)
+    peer = _peer()
+    asyncio.run(peer.run(ctx))
+    assert asked == [{"epochs": 1}, {"epochs": 8}]  # min_workload, max_workload
+    assert [m.round for _, m in ctx.sent_of(Update)] == [1, 2] and peer.done and peer.round == 3
+
+
+def test_a_coordinator_takes_each_update_once_and_ignores_a_forged_leader():
+    import asyncio
+
+    from meshfl.algorithms.coordinator import Done, Held
+    from meshfl.testing import FakeContext
+
+    ctx = FakeContext(0, peers=3)
+    model = ctx.initial_params()
+    ctx.deliver(Held(sender=1, round=2, term=5, leader=999, params=model), at=0.1)  # no peer 999: not followed
+    ctx.deliver(Update(sender=1, round=7, samples=10, trained=10, train_s=0.1, params=model), at=0.2)  # never sent
+    for at in (0.5, 0.6):  # the same answer twice (a resend answered twice)
+        ctx.deliver(Update(sender=1, round=1, samples=10, trained=10, train_s=0.1, params=model), at=at)
+    ctx.deliver(Update(sender=2, round=1, samples=30, trained=30, train_s=0.1, params=model), at=0.7)
+    peer = _peer("rounds=1", "coordinator.quorum=1.0")
+    asyncio.run(peer.run(ctx))
+    assert ctx.logs("updates") == [(2, 1)] and not ctx.logs("late_updates") and not ctx.logs("following")
+    assert sorted(to for to, _ in ctx.sent_of(Done)) == [1, 2] and peer.round == 1
+
+
+def test_resent_work_is_answered_once_and_not_counted_late():
+    # a slow worker and a quick resend: it gets its work 2-3 times while training, answers each copy
+    slow = ["compute.tiers=[{peers: [3], speed: 0.2}]", "compute.seconds_per_sample=0.002", "coordinator.quorum=1.0",
+            "coordinator.retry_base_s=0.2", "coordinator.retry_cap_s=0.5", "coordinator.retries=3"]
+    summary, events = run("peers=4", "rounds=3", *slow)
+    resent = logged(events, "work_resent")
+    assert resent and {e["about"] for e in resent} >= {3}
+    assert not logged(events, "late_updates")  # its extra answers are duplicates, not late updates
+    assert [e["value"] for e in logged(events, "updates")] == [3, 3, 3]
+
+
+def test_aimd_and_steps_adapt_each_workers_workload():
+    slow = ["compute.tiers=[{peers: [3], speed: 0.25}]", "compute.seconds_per_sample=0.002", "coordinator.quorum=1.0",
+            "coordinator.workload_unit=steps", "coordinator.workload=20", "coordinator.max_workload=60",
+            "coordinator.aimd_increase=10", "coordinator.load_balancing=aimd"]
+    summary, events = run("peers=4", "rounds=4", *slow)
+    workloads = {}
+    for e in logged(events, "workload"):
+        workloads.setdefault(e["about"], []).append(e["value"])
+    assert workloads[1][:2] == [30, 40] and workloads[3][0] == 10  # fast: +10; the straggler: halved
+    assert all(slow < fast for slow, fast in zip(workloads[3], workloads[1]))  # and it stays below
+    assert logged(events, "straggler") and {e["about"] for e in logged(events, "straggler")} == {3}
+    assert min(summary["final_global_accuracy"].values()) > 0.5

@@ -254,7 +254,7 @@ def _slice_deltas(codec: Codec) -> list[Message]:
 
 
 def _works(codec: Codec) -> list[Message]:
-    return [Work(sender=0, round=3, workload=2, params=_params(seed=13), codec=codec)]
+    return [Work(sender=0, round=3, term=1, workload=2, params=_params(seed=13), codec=codec)]
 
 
 def _updates(codec: Codec) -> list[Message]:
@@ -267,7 +267,7 @@ def _dones(codec: Codec) -> list[Message]:
 
 
 def _helds(codec: Codec) -> list[Held]:
-    return [Held(sender=3, round=7, leader=1, params=_params(seed=16), codec=codec)]
+    return [Held(sender=3, round=7, term=2, leader=1, params=_params(seed=16), codec=codec)]
 
 
 FACTORIES: dict[type[Message], Callable[[Codec], list[Message]]] = {

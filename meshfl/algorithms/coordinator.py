@@ -88,6 +88,7 @@ class Work(Message):
     """Train `workload` (epochs or steps) from `params`, the global model of round - 1, and answer for `round`."""
 
     round: int
+    term: int
     workload: int
     params: Params
     codec: Codec = LOSSLESS
@@ -108,9 +109,11 @@ class Update(Message):
 
 @dataclass(frozen=True, kw_only=True)
 class Held(Message):
-    """The answer to work built on an older model: 'I hold the global model of `round`, and follow `leader`'."""
+    """The answer to work that loses to what this peer follows: 'I hold the global model of `round`,
+    made under `leader`'s coordination in `term`'."""
 
     round: int
+    term: int
     leader: int
     params: Params
     codec: Codec = LOSSLESS
@@ -132,9 +135,10 @@ def quorum_reached(answered: int, alive_workers: int, quorum: float, min_updates
     return alive_workers > 0 and answered >= needed
 
 
-def precedes(round_a: int, peer_a: int, round_b: int, peer_b: int) -> bool:
-    """Between two coordinators: the newer global model wins, then the lower id."""
-    return (round_a, -peer_a) > (round_b, -peer_b)
+def rank(round: int, term: int, leader: int) -> tuple[int, int, int]:
+    """How coordinations compare: the newer global model, then the later term (a successor's term is
+    one more than its predecessor's, so a returning old coordinator loses a tie), then the lower id."""
+    return (round, term, -leader)
 
 
 @dataclass(frozen=True)
@@ -205,11 +209,10 @@ class Round:
 
     number: int
     work: dict[int, Work]
-    sent_at: dict[int, float]
     tries: dict[int, int]
     retry_at: dict[int, float]
     updates: dict[int, Update]
-    measured: dict[int, tuple[float, Update]]  # worker -> (round trip, update): this round's or a late one
+    measured: dict[int, tuple[float, Update, int]]  # worker -> (round trip, update, its workload): in time or late
 
 
 class Alone(Exception):
@@ -217,20 +220,26 @@ class Alone(Exception):
 
 
 class SteppedDown(Exception):
-    """This peer stopped coordinating (a newer coordinator, a newer model, or the end of the run)."""
+    """This peer stopped coordinating (a coordination that ranks higher, or the end of the run)."""
+
+
+EMPTY_ROUND_REPEATS = 2  # a round that got no update at all is run again this many times before going on
 
 
 class CoordinatorPeer:
     """One peer: it coordinates while it is the leader, else it follows whoever leads."""
 
-    def __init__(self, config: CoordinatorConfig, rounds: int) -> None:
+    def __init__(self, config: CoordinatorConfig, rounds: int, liveness_timeout_s: float) -> None:
         self.config = config
         self.rounds = rounds
         self.codec = Codec(kind=config.codec)
         self.round = 0  # the last round whose global model this peer holds
         self.model: Params | None = None
-        self.leader_id = config.coordinator
+        self.leader_id = config.coordinator  # whom this peer expects to lead (sticky)
+        self.served = config.coordinator  # the coordinator whose work it last served (or itself, leading)
+        self.term = 0  # that coordinator's term
         self.done = False
+        self.patience = 2 * config.round_timeout_s + liveness_timeout_s  # longest silence of a live leader
         self._answered: dict[int, Update] = {}  # round -> this worker's update, sent again on a repeat
         self._stashed: Work | None = None  # work that made a coordinator step down: served as a worker
         self._stats_meta: dict = {}
@@ -241,13 +250,17 @@ class CoordinatorPeer:
             self.leader_id = min(p for p in ctx.peers if p == ctx.peer_id or ctx.is_alive(p))
         return self.leader_id
 
+    def _rank(self) -> tuple[int, int, int]:
+        return rank(self.round, self.term, self.served)
+
     async def run(self, ctx: NodeContext) -> None:
         self.model = ctx.initial_params()
         stored = ctx.store.get_params(STORE_ENTRY, self.model.layout)
         if stored is not None:
             self.model, meta = stored
             self.round = int(meta.get("round", 0))
-            self.leader_id = int(meta.get("leader", self.leader_id))
+            self.leader_id = self.served = int(meta.get("leader", self.leader_id))
+            self.term = int(meta.get("term", 0))
             self._stats_meta = meta
         while not self.done:
             finished = await ctx.recv(0, types=(Done,))  # a Done waiting since we trained ends the run
@@ -258,44 +271,69 @@ class CoordinatorPeer:
             else:
                 await self.follow(ctx)
 
-    async def _finish(self, ctx: NodeContext, done: Done) -> None:
+    async def _finish(self, ctx: NodeContext, done: Done) -> bool:
+        """End the run with the final model; False (ignored) for a Done of a round that cannot exist."""
+        if done.round > self.rounds:
+            return False
         if usable(done.params, self.model):
             await self._adopt(ctx, done.round, done.params)
         self.done = True
+        return True
 
     # ---- worker ---------------------------------------------------------------------------
 
     async def follow(self, ctx: NodeContext) -> None:
-        """Serve work until Done, or until this peer becomes the leader."""
+        """Serve work until Done, or until this peer becomes the leader. A leader silent for longer
+        than a live one can be (`patience`) is passed over: the next lowest live id is expected."""
+        heard = ctx.now()
         while not self.done and self.leader(ctx) != ctx.peer_id:
             if self._stashed is not None:
                 work, self._stashed = self._stashed, None
                 await self._work(ctx, work)
+                heard = ctx.now()
                 continue
-            message = await ctx.recv(types=(Work, Done, PeerLiveness))
+            wait = heard + self.patience - ctx.now()
+            message = await ctx.recv(max(wait, 0.0), types=(Work, Done, Update, Held, PeerLiveness))
             if isinstance(message, Done):
                 await self._finish(ctx, message)
             elif isinstance(message, Work):
                 await self._work(ctx, await self._newest_work(ctx, message))
+                heard = ctx.now()
+            elif message is None and ctx.now() >= heard + self.patience:
+                silent = self.leader_id
+                others = [p for p in ctx.peers if p != silent and (p == ctx.peer_id or ctx.is_alive(p))]
+                self.leader_id = min(others)
+                ctx.log("leader_silent", silent, round=self.round)
+                heard = ctx.now()
+            # an Update or a Held here is for a coordination this peer no longer runs: dropped
+
+    def _valid_work(self, work: Work) -> bool:
+        return 1 <= work.round <= self.rounds + 1 and usable(work.params, self.model)
 
     async def _newest_work(self, ctx: NodeContext, work: Work) -> Work:
         """A slow worker finds several rounds' work waiting: it serves the newest and drops the rest
         (their rounds have closed without it), so it never trains on a backlog."""
         while (waiting := await ctx.recv(0, types=(Work,))) is not None:
-            if (waiting.round, -waiting.sender) >= (work.round, -work.sender):
+            if self._valid_work(waiting) and (not self._valid_work(work) or rank(waiting.round, waiting.term, waiting.sender)
+                                              >= rank(work.round, work.term, work.sender)):
                 work = waiting
         return work
 
     async def _work(self, ctx: NodeContext, work: Work) -> None:
         repeat = self._answered.get(work.round)
-        if repeat is not None:
+        if repeat is not None and work.sender == self.served:
             ctx.send(work.sender, repeat)
             return
-        if not self._serves(ctx, work) or not usable(work.params, self.model):
+        if not self._valid_work(work):
             return
-        self.leader_id = work.sender
+        theirs = rank(work.round - 1, work.term, work.sender)
+        if theirs < self._rank() and (work.round - 1 < self.round or ctx.is_alive(self.served)):
+            self._tell_held(ctx, work.sender)  # it loses to what we follow: tell it whom to follow
+            return
+        self.leader_id = self.served = work.sender
+        self.term = work.term
         await self._adopt(ctx, work.round - 1, work.params)
-        workload = min(work.workload, self.config.workload_cap)  # never more than the config allows
+        workload = max(self.config.min_workload, min(work.workload, self.config.workload_cap))  # the config's bounds
         started = ctx.now()
         result = await ctx.train(work.params, **{self.config.workload_unit: workload})
         ctx.log("train_loss", result.loss, round=work.round)
@@ -304,26 +342,17 @@ class CoordinatorPeer:
         self._answered = {work.round: update}
         ctx.send(work.sender, update)
 
-    def _serves(self, ctx: NodeContext, work: Work) -> bool:
-        """Work on a model older than ours, or from a rival of the live coordinator we follow at the
-        same round, is answered with `Held` so its sender learns whom to follow."""
-        base = work.round - 1
-        if base > self.rounds or work.round < 1:
-            return False  # no such round: ignore
-        rival = (base == self.round and work.sender != self.leader_id and self.leader_id != ctx.peer_id
-                 and ctx.is_alive(self.leader_id) and self.leader_id < work.sender)
-        if base < self.round or rival:
-            ctx.send(work.sender, Held(sender=ctx.peer_id, round=self.round, leader=self.leader_id, params=self.model,
-                                       codec=self.codec))
-            return False
-        return True
+    def _tell_held(self, ctx: NodeContext, to: int) -> None:
+        ctx.send(to, Held(sender=ctx.peer_id, round=self.round, term=self.term, leader=self.served, params=self.model,
+                          codec=self.codec))
 
     async def _adopt(self, ctx: NodeContext, round: int, params: Params) -> None:
         """Hold (store and evaluate) the global model of `round`, if it is newer than ours."""
         if round < self.round or (round == self.round and round > 0):
             return  # older, or already held and evaluated
         self.round, self.model = round, params
-        ctx.store.put_params(STORE_ENTRY, params, {**self._stats_meta, "round": round, "leader": self.leader_id})
+        meta = {**self._stats_meta, "round": round, "leader": self.served, "term": self.term}
+        ctx.store.put_params(STORE_ENTRY, params, meta)
         if round > 0:
             for metric, value in (await ctx.evaluate(params)).items():
                 ctx.log(metric, value, round=round)
@@ -331,15 +360,23 @@ class CoordinatorPeer:
     # ---- coordinator ----------------------------------------------------------------------
 
     async def lead(self, ctx: NodeContext) -> None:
-        self.leader_id = ctx.peer_id
+        if self.served != ctx.peer_id:
+            self.term += 1  # taking over from another coordinator: a later term than theirs
+        self.leader_id = self.served = ctx.peer_id
         stats = self._load_stats()
         stale: dict[int, tuple[Update, int]] = {}
         ctx.log("coordinating", ctx.peer_id, round=self.round)
+        empty = 0
         try:
             while self.round < self.rounds:
                 updates = await self._round(ctx, self.round + 1, stats, stale)
                 if updates is None:
                     continue  # a newer global model was adopted: go on from it
+                if not updates and not stale and empty < EMPTY_ROUND_REPEATS:
+                    empty += 1
+                    ctx.log("round_repeated", empty, round=self.round + 1)
+                    continue
+                empty = 0
                 await self._aggregate(ctx, self.round + 1, updates, stale, stats)
         except SteppedDown:
             return
@@ -354,8 +391,9 @@ class CoordinatorPeer:
         return [p for p in ctx.peers if p != ctx.peer_id and ctx.is_alive(p)]
 
     def _load_stats(self) -> dict[int, WorkerStats]:
-        workloads = self._stats_meta.get("workload", {}) if isinstance(self._stats_meta.get("workload"), dict) else {}
-        late = self._stats_meta.get("late", {}) if isinstance(self._stats_meta.get("late"), dict) else {}
+        workloads, late = self._stats_meta.get("workload"), self._stats_meta.get("late")
+        workloads = workloads if isinstance(workloads, dict) else {}
+        late = late if isinstance(late, dict) else {}
         return {int(p): WorkerStats(int(w), int(late.get(p, 0))) for p, w in workloads.items()}
 
     def _first_retry(self, ctx: NodeContext, stat: WorkerStats) -> float:
@@ -368,14 +406,14 @@ class CoordinatorPeer:
         """Send work, collect updates until quorum or timeout; None if a newer global model was adopted."""
         config = self.config
         now = ctx.now()
-        state = Round(number, {}, {}, {}, {}, {}, {})
+        state = Round(number, {}, {}, {}, {}, {})
         for peer in self._workers(ctx):
             stat = stats.setdefault(peer, WorkerStats(config.workload))
-            state.work[peer] = Work(sender=ctx.peer_id, round=number, workload=stat.workload, params=self.model,
-                                    codec=self.codec)
+            state.work[peer] = Work(sender=ctx.peer_id, round=number, term=self.term, workload=stat.workload,
+                                    params=self.model, codec=self.codec)
             ctx.send(peer, state.work[peer])
             stat.record_send(number, now, stat.workload)
-            state.sent_at[peer], state.tries[peer] = now, 0
+            state.tries[peer] = 0
             state.retry_at[peer] = now + self._first_retry(ctx, stat)
         deadline = now + config.round_timeout_s
         while ctx.now() < deadline:
@@ -406,30 +444,34 @@ class CoordinatorPeer:
         return state.updates
 
     async def _rival(self, ctx: NodeContext, message: Work | Held | Done) -> bool:
-        """Another coordinator spoke. Step down (raise) if it precedes us; True if we adopted a newer model."""
+        """Another coordination spoke. Step down (raise) if it ranks higher and its coordinator is
+        alive; True if we adopted a newer model whose coordinator is gone."""
         me = ctx.peer_id
         if isinstance(message, Done):
-            await self._finish(ctx, message)
-            raise SteppedDown
-        if not usable(message.params, self.model):
+            if await self._finish(ctx, message):
+                raise SteppedDown
             return False
         if isinstance(message, Work):
-            if message.round < 1 or message.round - 1 > self.rounds:
+            if not self._valid_work(message):
                 return False
-            if precedes(message.round - 1, message.sender, self.round, me):
+            if rank(message.round - 1, message.term, message.sender) > self._rank() and ctx.is_alive(message.sender):
                 self.leader_id, self._stashed = message.sender, message
+                ctx.log("following", message.sender, round=message.round - 1)
                 raise SteppedDown
-            ctx.send(message.sender, Held(sender=me, round=self.round, leader=me, params=self.model, codec=self.codec))
+            self._tell_held(ctx, message.sender)
             return False
-        leader = message.leader  # a Held: someone holds a newer model, made by `leader`
-        if message.round > self.rounds or not precedes(message.round, leader, self.round, me):
+        leader = message.leader  # a Held: someone holds a model made under `leader` in `term`
+        if (leader not in ctx.peers or message.round > self.rounds or not usable(message.params, self.model)
+                or rank(message.round, message.term, leader) <= self._rank()):
             return False
         if leader != me and ctx.is_alive(leader):
-            self.leader_id = leader
+            self.leader_id = self.served = leader
+            self.term = message.term
             await self._adopt(ctx, message.round, message.params)
             ctx.log("following", leader, round=message.round)
             raise SteppedDown
         if message.round > self.round:  # its coordinator is gone (or was us, before a restart): go on from it
+            self.term = max(self.term, message.term)
             await self._adopt(ctx, message.round, message.params)
             ctx.log("adopted", message.sender, round=message.round)
             return True
@@ -437,39 +479,35 @@ class CoordinatorPeer:
 
     def _receive(self, ctx: NodeContext, state: Round, update: Update, stale: dict[int, tuple[Update, int]],
                  stats: dict[int, WorkerStats]) -> None:
+        """Take an update once, for a round whose work this coordinator sent that worker."""
+        stat = stats.get(update.sender)
+        sent = stat.sent.pop(update.round, None) if stat is not None else None
+        if sent is None:
+            return  # not ours, or already in (a resend answered twice)
         if not usable(update.params, self.model):
             ctx.log("update_refused", 1, round=state.number, about=update.sender)
             return
-        stat = stats.get(update.sender)
-        sent = stat.sent.get(update.round) if stat is not None else None
-        if update.round == state.number and update.sender in state.work:
-            if update.sender not in state.updates:
-                state.updates[update.sender] = update
-                state.measured[update.sender] = (ctx.now() - state.sent_at[update.sender], update)
-            return
-        if update.round < state.number and stat is not None:
-            if sent is not None and update.sender not in state.measured:
-                state.measured[update.sender] = (ctx.now() - sent[0], update)
+        if update.round == state.number:
+            state.updates[update.sender] = update
+        elif update.round < state.number:
             stat.late += 1
             ctx.log("late_updates", stat.late, round=state.number, about=update.sender)
             if self.config.late_policy == "stale":
                 stale[update.sender] = (update, state.number - update.round)  # one per worker: its newest
+        if update.sender not in state.measured:
+            state.measured[update.sender] = (ctx.now() - sent[0], update, sent[1])
 
     def _balance(self, ctx: NodeContext, state: Round, stats: dict[int, WorkerStats]) -> None:
         """Measure each answer (in time or late) and set every worker's next workload."""
         config = self.config
         trips: dict[int, float] = {}
-        for peer, (trip, update) in state.measured.items():
+        for peer, (trip, update, workload) in state.measured.items():
             stat = stats[peer]
-            sent = stat.sent.get(update.round)
-            if sent is None:
-                continue
             trips[peer] = trip
-            stat.speed = estimate(sent[1], trip, update.train_s)
+            stat.speed = estimate(workload, trip, update.train_s)
             ctx.log("round_trip_s", trip, round=update.round, about=peer)
-            train_s = min(max(update.train_s, 0.0), trip)
-            if train_s > 0:
-                ctx.log("throughput", update.trained / train_s, round=update.round, about=peer)
+            ctx.log("throughput", stat.speed.throughput * update.trained / max(workload, 1), round=update.round,
+                    about=peer)
         median = statistics.median(trips.values()) if trips else None
         if median:
             ctx.log("round_trip_spread", max(trips.values()) / median, round=state.number)
@@ -524,9 +562,9 @@ COORDINATOR = register(Algorithm(
     summary="FedAvg through a coordinator: quorum of live workers, retries, late-update policy, load balancing, failover",
     config=CoordinatorConfig,
     messages=(Work, Update, Held, Done),
-    peer=lambda config, experiment: CoordinatorPeer(config, experiment.rounds).run,
+    peer=lambda config, experiment: CoordinatorPeer(config, experiment.rounds, experiment.liveness.timeout_s).run,
     check=_check,
     quick=("coordinator.round_timeout_s=5", "coordinator.retry_base_s=1", "coordinator.retry_cap_s=3"),
     worst_case_s=_worst_case_s,
-    timeline=("coordinating", "following", "adopted"),
+    timeline=("coordinating", "following", "adopted", "leader_silent"),
 ))

@@ -103,6 +103,6 @@ class NodeContext(Protocol):
         ...
 
     def log(self, metric: str, value: float, *, round: int | None = None, about: int | None = None) -> None:
-        """A metric event of this peer; `about` names the peer the value describes (a worker's round
-        trip measured by its coordinator), so the report can draw one line per described peer."""
+        """A metric event of this peer; `about` names the peer the value describes (another peer's
+        round trip as this one measured it), so the report can draw one line per described peer."""
         ...

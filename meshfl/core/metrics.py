@@ -9,7 +9,7 @@ CLI use these constants, never the strings.
 
 - `metric`: {peer, metric, value} plus optional `round` (round-based algorithms),
   `incarnation` (which life of a restarted peer reported it) and `about` (the peer the value
-  describes, when it is not the reporting peer: a worker's round trip seen by its coordinator).
+  describes, when it is not the reporting peer: the round trip of a peer as another peer measured it).
 - `peer_started`: {peer, incarnation} (0 first, +1 at each restart).
 - `peer_crashed`: {peer, incarnation, reason ("fault" | "exception" | "killed"), error?}.
 - `peer_finished`: {peer, incarnation, status ("finished" | "stopped" | "failed" | "left")}.

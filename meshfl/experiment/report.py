@@ -564,7 +564,7 @@ def _summary_table(summary: dict[str, Any], peers: list[int], final: dict[int, f
 
 def described_metrics(events: Iterable[Any]) -> dict[str, dict[int, tuple[list[float], list[float]]]]:
     """Metrics logged `about` another peer, as {metric: {described peer: (rounds, values)}}, in
-    event order; only events that carry a round (a coordinator's view of its workers per round)."""
+    event order; only events that carry a round (one peer's view of others, round by round)."""
     found: dict[str, dict[int, tuple[list[float], list[float]]]] = {}
     for e in events:
         if not isinstance(e, dict) or e.get("event") != METRIC or "about" not in e:

@@ -20,6 +20,7 @@ import numpy as np
 
 from meshfl.config import ExperimentConfig, NetworkConfig
 from meshfl.faults import FaultAction, resolve_faults
+from meshfl.runtime.sim.compute import peer_speeds
 from meshfl.runtime.sim.network import SimNetwork
 
 CONTROL_FILE = "faults.json"
@@ -42,7 +43,10 @@ class TransportFaults:
         self.actions: list[FaultAction] = resolve_faults(list(config.faults), config.peers, config.seed)
         model_config = NetworkConfig(latency_s=0.0, bandwidth_mbps=UNLIMITED_MBPS, loss=0.0)
         self.model = SimNetwork(model_config, config.peers, config.seed, lambda *args: None)
-        self.speed = 1.0
+        # compute.tiers / speed_min..max as in the simulator; real compute is speed 1, so only
+        # slower peers can be emulated (they sleep (1/speed - 1) x their real training time)
+        self.base_speed = float(peer_speeds(config.compute, config.peers, config.seed)[peer])
+        self.speed = self.base_speed
         self._applied = 0
         self._mtime: tuple[int, int] = (0, 0)
         self._rng = np.random.default_rng([config.seed, peer, 0x696E6A])
@@ -70,9 +74,9 @@ class TransportFaults:
         if self.model.apply(action):
             return
         if self.peer in action.peers and action.kind == "straggle":
-            self.speed = float(action.speed or 1.0)
+            self.speed = self.base_speed * float(action.speed or 1.0)
         elif self.peer in action.peers and action.kind == "restore_speed":
-            self.speed = 1.0
+            self.speed = self.base_speed
 
     def reachable(self, source: int, target: int) -> bool:
         return self.model.reachable(source, target)

@@ -88,7 +88,7 @@ class GrpcContext(PeerContext):
         started = self.now()
         result = await asyncio.to_thread(self._locked, fn, *args)
         speed = self._node.faults.speed
-        if cost is not None and speed < 1.0:  # an injected straggler: training takes 1/speed as long
+        if cost is not None and speed < 1.0:  # a slow peer (compute tiers, a straggler fault): 1/speed as long
             await asyncio.sleep((self.now() - started) * (1.0 / speed - 1.0))
         return result
 

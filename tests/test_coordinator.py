@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from meshfl.aggregate.staleness import StalenessConfig, staleness_weight
 from meshfl.algorithms.coordinator import Estimate, Update, estimate, next_workload, quorum_reached, rank, retry_delay
@@ -228,3 +229,23 @@ def test_aimd_and_steps_adapt_each_workers_workload():
     assert all(slow < fast for slow, fast in zip(workloads[3], workloads[1]))  # and it stays below
     assert logged(events, "straggler") and {e["about"] for e in logged(events, "straggler")} == {3}
     assert min(summary["final_global_accuracy"].values()) > 0.5
+
+
+@pytest.mark.parametrize("rule, holds", [("fedavg", False), ("median", True), ("krum", True)])
+def test_a_robust_aggregation_rule_keeps_a_lying_worker_out(rule, holds):
+    import asyncio
+
+    from meshfl.core.params import Params
+    from meshfl.testing import FakeContext
+
+    ctx = FakeContext(0, peers=6)
+    start = ctx.initial_params()
+    honest = Params(start.flat + 1.0, start.layout)
+    for worker in (1, 2, 3, 4):
+        ctx.deliver(Update(sender=worker, round=1, samples=10, trained=10, train_s=0.1, params=honest), at=0.1)
+    liar = Params(start.flat - 100.0, start.layout)  # sign flipped and scaled, with a huge claimed weight
+    ctx.deliver(Update(sender=5, round=1, samples=10**9, trained=10, train_s=0.1, params=liar), at=0.2)
+    peer = _peer("peers=6", "rounds=1", "coordinator.quorum=1.0", f"coordinator.aggregation.rule={rule}",
+                 "coordinator.aggregation.byzantine=1")
+    asyncio.run(peer.run(ctx))
+    assert torch.allclose(peer.model.flat, honest.flat) == holds

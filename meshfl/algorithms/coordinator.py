@@ -9,7 +9,8 @@ work again after a jittered exponential backoff, a bounded number of times; a wo
 gets the same work twice sends its update again instead of training again. Updates that
 arrive after their round closed are dropped or, with `late_policy: stale`, folded into the
 next aggregation with weight samples x staleness decay (`meshfl.aggregate.staleness`).
-FedAvg is weighted by samples.
+FedAvg is weighted by samples; `aggregation.rule` picks a robust rule instead
+(`meshfl.aggregate.robust`: clip, median, trimmed mean, Krum, Multi-Krum, geometric median).
 
 Round trips (work sent to update received) and throughput are measured per worker.
 `load_balancing: aimd` adds `aimd_increase` to a worker that answered in time (within the round,
@@ -38,7 +39,7 @@ from typing import TYPE_CHECKING, Annotated, Literal
 
 from pydantic import BeforeValidator, Field
 
-from meshfl.aggregate.fedavg import fedavg
+from meshfl.aggregate.robust import RobustConfig, robust_aggregate
 from meshfl.aggregate.staleness import StalenessConfig, staleness_weight
 from meshfl.algorithms.base import Algorithm, register
 from meshfl.core.context import NodeContext
@@ -64,6 +65,7 @@ class CoordinatorConfig(Section):
     round_timeout_s: float = Field(120.0, gt=0, description="a round closes at this time whatever has arrived")
     late_policy: Literal["drop", "stale"] = Field("drop", description="updates after their round closed: dropped, or folded into the next aggregation with the staleness decay")
     staleness: StalenessConfig = Field(default_factory=StalenessConfig, description="late_policy stale: weight of an update s rounds late")
+    aggregation: RobustConfig = Field(default_factory=RobustConfig, description="how the workers' models are combined (fedavg, or a rule robust to lying workers)")
     retries: int = Field(3, ge=0, description="most times work is sent again to a worker that has not answered, per round")
     retry_base_s: float = Field(10.0, gt=0, description="wait before the first resend (plus the worker's expected round trip once measured)")
     retry_factor: float = Field(2.0, ge=1, description="each further resend waits this many times longer (jittered, capped)")
@@ -536,7 +538,7 @@ class CoordinatorPeer:
         ctx.log("updates", len(updates), round=number)
         if late:
             ctx.log("stale_updates", len(late), round=number)
-        model = fedavg(models, weights) if models else self.model
+        model = robust_aggregate(models, weights, self.config.aggregation, reference=self.model) if models else self.model
         self._stats_meta = {"workload": {str(p): s.workload for p, s in stats.items()},
                             "late": {str(p): s.late for p, s in stats.items()}}
         await self._adopt(ctx, number, model)

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -117,3 +122,14 @@ def test_empty_and_invalid_jobs():
         trainer.train_many([TrainJob(other, job.data, job.generator, 1)])
     with pytest.raises(ValueError, match="max_models_per_chunk"):
         BatchedTrainer(cfg, SHAPES["mlp"], CLASSES, max_models_per_chunk=0)
+
+
+def test_benchmark_reports_all_three_rates():
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "benchmarks/batched_train.py", "--models", "2", "--samples", "40"],
+                          capture_output=True, text=True, cwd=root, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(root)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    (run,) = json.loads(done.stdout)["runs"]
+    assert run["samples"] == 80 and run["max_abs_difference"] == 0.0
+    assert min(run["sequential_samples_per_s"], run["batched_samples_per_s"], run["bare_step_samples_per_s"]) > 0

@@ -78,7 +78,8 @@ class _Linear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         x, weight = ctx.saved_tensors
-        return grad_out.mm(weight), grad_out.t().mm(x), grad_out.sum(0)
+        grad_x = grad_out.mm(weight) if ctx.needs_input_grad[0] else None  # not for the input layer
+        return grad_x, grad_out.t().mm(x), grad_out.sum(0)
 
     @staticmethod
     def vmap(info, in_dims, x, weight, bias):
@@ -139,14 +140,20 @@ class BatchedTrainer:
         self.models_per_chunk = min(self.default_chunk, max_models_per_chunk or self.default_chunk)
         self._step = vmap(grad(self._loss, has_aux=True))
 
-    def _loss(self, flat: torch.Tensor, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor,
+    def _loss(self, named: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor,
               count: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Masked mean cross-entropy of one model on one padded batch (vmapped over models)."""
-        named = {name: flat[offset:offset + size].view(shape) for name, shape, offset, size
-                 in zip(self.layout.names, self.layout.shapes, self.layout.offsets, self.layout.sizes, strict=True)}
         logits = functional_call(self.module, named, (x,))
         loss = (F.cross_entropy(logits, y, reduction="none") * mask).sum() / count
         return loss, loss.detach()
+
+    def _views(self, stacked: torch.Tensor, active: int) -> dict[str, torch.Tensor]:
+        """Each named tensor of models [0, active) as a [active, *shape] view into `stacked` (K x P).
+
+        Gradients come back per tensor and the optimiser updates these views in place, so no
+        step ever assembles a K x P gradient (a cat of the whole stack costs as much as a matmul)."""
+        return {name: stacked[:active, offset:offset + size].view(active, *shape) for name, shape, offset, size
+                in zip(self.layout.names, self.layout.shapes, self.layout.offsets, self.layout.sizes, strict=True)}
 
     def train_many(self, jobs: list[TrainJob]) -> list[TrainResult]:
         """Train every job; result i belongs to job i."""
@@ -203,7 +210,7 @@ class BatchedTrainer:
                 mask[j, :lengths[j]] = 1
             index, mask = index.to(device), mask.to(device)
             count = torch.tensor(lengths, dtype=torch.float32, device=device)
-            grads, losses = self._step(params[:active], x_all[index], y_all[index], mask, count)
+            grads, losses = self._step(self._views(params, active), x_all[index], y_all[index], mask, count)
             optimizer(t, active, grads)
             total_loss[:active] += losses
         trained = params.to("cpu")
@@ -213,35 +220,43 @@ class BatchedTrainer:
 
     def _state(self, params: torch.Tensor):
         """A functional optimiser over stacked params: `update(t, active, grads)` steps models
-        [0, active) with their step-t gradients, in torch.optim's own arithmetic (SGD with
-        dampening 0, no nesterov, no weight decay; Adam with its defaults)."""
+        [0, active) with their step-t gradients (per named tensor, [active, *shape]), in
+        torch.optim's own arithmetic: SGD with dampening 0, no nesterov, no weight decay;
+        Adam with its defaults. Models past `active` and their state are not touched."""
         lr = self.config.learning_rate
+        views = self._views
         if self.config.optimizer == "adam":
             beta1, beta2 = ADAM_BETAS
-            exp_avg, exp_avg_sq = torch.zeros_like(params), torch.zeros_like(params)
+            exp_avgs, exp_avg_sqs = torch.zeros_like(params), torch.zeros_like(params)
 
-            def adam(t: int, active: int, grads: torch.Tensor) -> None:
-                # torch.optim.Adam._single_tensor_adam, the step count shared by the prefix.
+            def adam(t: int, active: int, grads: dict[str, torch.Tensor]) -> None:
+                # torch.optim.Adam._single_tensor_adam; every active model is at step t + 1.
                 step = float(t + 1)
-                exp_avg[:active].lerp_(grads, 1 - beta1)
-                exp_avg_sq[:active].mul_(beta2).addcmul_(grads, grads, value=1 - beta2)
                 step_size = lr / (1 - beta1 ** step)
                 bias_correction2_sqrt = (1 - beta2 ** step) ** 0.5
-                denom = (exp_avg_sq[:active].sqrt() / bias_correction2_sqrt).add_(ADAM_EPS)
-                params[:active].addcdiv_(exp_avg[:active], denom, value=-step_size)
+                param, exp_avg, exp_avg_sq = views(params, active), views(exp_avgs, active), views(exp_avg_sqs, active)
+                for name, g in grads.items():
+                    exp_avg[name].lerp_(g, 1 - beta1)
+                    exp_avg_sq[name].mul_(beta2).addcmul_(g, g, value=1 - beta2)
+                    denom = (exp_avg_sq[name].sqrt() / bias_correction2_sqrt).add_(ADAM_EPS)
+                    param[name].addcdiv_(exp_avg[name], denom, value=-step_size)
             return adam
         momentum = self.config.momentum
         if momentum == 0:
-            def sgd(t: int, active: int, grads: torch.Tensor) -> None:
-                params[:active].add_(grads, alpha=-lr)
+            def sgd(t: int, active: int, grads: dict[str, torch.Tensor]) -> None:
+                param = views(params, active)
+                for name, g in grads.items():
+                    param[name].add_(g, alpha=-lr)
             return sgd
-        buffer = torch.empty_like(params)
+        buffers = torch.empty_like(params)
 
-        def sgd_momentum(t: int, active: int, grads: torch.Tensor) -> None:
+        def sgd_momentum(t: int, active: int, grads: dict[str, torch.Tensor]) -> None:
             # torch.optim.SGD._single_tensor_sgd: the first step's buffer is the gradient itself.
-            if t == 0:
-                buffer[:active].copy_(grads)
-            else:
-                buffer[:active].mul_(momentum).add_(grads, alpha=1)
-            params[:active].add_(buffer[:active], alpha=-lr)
+            param, buffer = views(params, active), views(buffers, active)
+            for name, g in grads.items():
+                if t == 0:
+                    buffer[name].copy_(g)
+                else:
+                    buffer[name].mul_(momentum).add_(g, alpha=1)
+                param[name].add_(buffer[name], alpha=-lr)
         return sgd_momentum

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
+from torch.nn.utils.rnn import pad_sequence
 
 from meshfl.config import TrainConfig
 from meshfl.core.context import TrainResult
@@ -170,8 +171,12 @@ class BatchedTrainer:
             else:
                 busy.append(i)
         busy.sort(key=lambda i: -jobs[i].steps)  # stable: ties keep job order
-        for start in range(0, len(busy), self.models_per_chunk):
-            chunk = busy[start:start + self.models_per_chunk]
+        start = 0
+        while start < len(busy):
+            # The chunk's index table holds steps x batch entries per model (its first job has the most steps).
+            size = max(1, min(self.models_per_chunk, CHUNK_ELEMENTS // (jobs[busy[start]].steps * self.config.batch_size)))
+            chunk = busy[start:start + size]
+            start += size
             for i, result in zip(chunk, self._train_chunk([jobs[i] for i in chunk]), strict=True):
                 results[i] = result
         return results  # type: ignore[return-value]
@@ -198,18 +203,23 @@ class BatchedTrainer:
         total_loss = torch.zeros(k, device=device)
         samples = [sum(len(b) for b in job_batches) for job_batches in batches]
         steps = [job.steps for job in jobs]
+        # Every job's batches as rows of one [K, steps, batch] index tensor, -1 past a short
+        # batch's end and past a job's last step (two tensor ops per job, none per step and job).
+        table = torch.full((k, steps[0], config.batch_size), -1, dtype=torch.int64)
+        for j, job_batches in enumerate(batches):
+            rows = pad_sequence(job_batches, batch_first=True, padding_value=-1)
+            table[j, :rows.shape[0], :rows.shape[1]] = rows
+        starts = torch.tensor(offsets, dtype=torch.int64)[:, None]
         for t in range(steps[0]):
             active = sum(1 for s in steps if s > t)  # a prefix: jobs are sorted by steps
-            lengths = [len(batches[j][t]) for j in range(active)]
-            width = max(lengths)
-            index = torch.zeros((active, width), dtype=torch.int64)
-            mask = torch.zeros((active, width))
-            for j in range(active):
-                index[j, :lengths[j]] = batches[j][t] + offsets[j]
-                index[j, lengths[j]:] = offsets[j]
-                mask[j, :lengths[j]] = 1
-            index, mask = index.to(device), mask.to(device)
-            count = torch.tensor(lengths, dtype=torch.float32, device=device)
+            rows = table[:active, t]
+            real = rows >= 0
+            lengths = real.sum(1)
+            rows = rows[:, :int(lengths.max())]  # pad only to the step's longest batch
+            real = rows >= 0
+            index = torch.where(real, rows + starts[:active], starts[:active]).to(device)
+            mask = real.to(device=device, dtype=torch.float32)
+            count = lengths.to(device=device, dtype=torch.float32)
             grads, losses = self._step(self._views(params, active), x_all[index], y_all[index], mask, count)
             optimizer(t, active, grads)
             total_loss[:active] += losses

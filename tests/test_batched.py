@@ -100,6 +100,22 @@ def test_runs_are_bit_identical_and_chunking_changes_nothing(model):
         assert (c.samples, c.steps) == (a.samples, a.steps)
 
 
+def test_jobs_sharing_a_generator_draw_in_job_order():
+    """One peer's two requests share its generator: the batches follow the jobs' order, not
+    the order (by steps) in which they are trained."""
+    cfg = config("mlp", "momentum")
+    learner = TorchLearner(cfg, SHAPES["mlp"], CLASSES)
+    expected, mine = jobs(learner, "mlp")[:2], jobs(learner, "mlp")[:2]
+    shared = [torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)]
+    expected = [TrainJob(j.params, j.data, shared[0], j.steps) for j in expected]
+    mine = [TrainJob(j.params, j.data, shared[1], j.steps) for j in reversed(mine)]  # 3 steps first, then 7
+    reference = [learner.train(j.params, j.data, j.generator, j.steps) for j in reversed(expected)]
+    got = BatchedTrainer(cfg, SHAPES["mlp"], CLASSES, max_models_per_chunk=1).train_many(mine)
+    for a, b in zip(reference, got, strict=True):
+        assert torch.equal(a.params.flat, b.params.flat) and a.samples == b.samples
+    assert torch.equal(torch.randperm(9, generator=shared[0]), torch.randperm(9, generator=shared[1]))
+
+
 def test_default_chunk_bounds_memory_and_32_bit_indexing():
     for model, shape in (("mlp", (1, 28, 28)), ("cnn", (1, 28, 28)), ("cnn", (3, 32, 32))):
         trainer = BatchedTrainer(TrainConfig(model=model, batch_size=32), shape, 10)

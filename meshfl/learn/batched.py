@@ -170,6 +170,10 @@ class BatchedTrainer:
                 results[i] = TrainResult(job.params, 0, 0, float("nan"))
             else:
                 busy.append(i)
+        # Batches first, in job order (two jobs may share a generator: one peer's two requests),
+        # each from its job's generator exactly as TorchLearner.train draws them.
+        batches = {i: batch_indices(len(jobs[i].data), jobs[i].steps, self.config.batch_size, jobs[i].generator)
+                   for i in busy}
         busy.sort(key=lambda i: -jobs[i].steps)  # stable: ties keep job order
         start = 0
         while start < len(busy):
@@ -177,16 +181,15 @@ class BatchedTrainer:
             size = max(1, min(self.models_per_chunk, CHUNK_ELEMENTS // (jobs[busy[start]].steps * self.config.batch_size)))
             chunk = busy[start:start + size]
             start += size
-            for i, result in zip(chunk, self._train_chunk([jobs[i] for i in chunk]), strict=True):
+            for i, result in zip(chunk, self._train_chunk([jobs[i] for i in chunk], [batches[i] for i in chunk]),
+                                 strict=True):
                 results[i] = result
         return results  # type: ignore[return-value]
 
-    def _train_chunk(self, jobs: list[TrainJob]) -> list[TrainResult]:
-        """Jobs sorted by steps, longest first, every one with data and steps."""
+    def _train_chunk(self, jobs: list[TrainJob], batches: list[list[torch.Tensor]]) -> list[TrainResult]:
+        """Jobs sorted by steps, longest first, every one with data and steps; their batches."""
         config, device = self.config, self.device
         k = len(jobs)
-        # Batches first, from each job's own generator, exactly as TorchLearner draws them.
-        batches = [batch_indices(len(job.data), job.steps, config.batch_size, job.generator) for job in jobs]
         datasets: dict[int, int] = {}  # id(dataset) -> offset in the concatenation
         parts_x, parts_y, offsets, total = [], [], [], 0
         for job in jobs:

@@ -23,8 +23,9 @@ ALGORITHMS = {
                     "coordinator.workload=2"],
 }
 # coordinator rounds on digits take ~0.05 s over gRPC: make them ~2 s, so a restarted worker
-# (~3 s to start a process) is back while the others still run
-SLOWER = {("coordinator", "restarted_peer"): ["coordinator.workload=200", "coordinator.max_workload=200"]}
+# (~3 s to start a process) is back, and a partition heals, while the others still run
+SLOWER = {("coordinator", scenario): ["coordinator.workload=200", "coordinator.max_workload=200"]
+          for scenario in ("restarted_peer", "partition_heals")}
 
 SCENARIOS = {
     "completes": ([], {}),

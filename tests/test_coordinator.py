@@ -249,3 +249,14 @@ def test_a_robust_aggregation_rule_keeps_a_lying_worker_out(rule, holds):
                  "coordinator.aggregation.byzantine=1")
     asyncio.run(peer.run(ctx))
     assert torch.allclose(peer.model.flat, honest.flat) == holds
+
+
+def test_krum_needs_enough_workers_and_falls_back_to_the_median_when_too_few_are_left():
+    from meshfl.config import ConfigError
+    with pytest.raises(ConfigError, match="coordinator.aggregation.byzantine: krum with f=1 needs more than 4 workers"):
+        load_config(None, ["algorithm=coordinator", "peers=4", "coordinator.aggregation.rule=krum"])
+    summary, events = run("peers=8", "rounds=4", "coordinator.aggregation.rule=krum",
+                          "faults=[{kind: crash, count: 4, exclude: [0], at_round: 2}]")
+    fallback = logged(events, "aggregation_fallback")
+    assert fallback and all(e["value"] <= 4 for e in fallback)  # 3 models left: median instead of Krum
+    assert all(summary["final_round"][str(p)] == 4 for p in range(8) if p not in summary["dead_peers"])

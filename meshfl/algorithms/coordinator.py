@@ -538,7 +538,11 @@ class CoordinatorPeer:
         ctx.log("updates", len(updates), round=number)
         if late:
             ctx.log("stale_updates", len(late), round=number)
-        model = robust_aggregate(models, weights, self.config.aggregation, reference=self.model) if models else self.model
+        rule = self.config.aggregation
+        if rule.rule in ("krum", "multi_krum") and len(models) <= 2 * rule.byzantine + 2:
+            ctx.log("aggregation_fallback", len(models), round=number)  # too few models for Krum this round
+            rule = rule.model_copy(update={"rule": "median"})
+        model = robust_aggregate(models, weights, rule, reference=self.model) if models else self.model
         self._stats_meta = {"workload": {str(p): s.workload for p, s in stats.items()},
                             "late": {str(p): s.late for p, s in stats.items()}}
         await self._adopt(ctx, number, model)
@@ -550,6 +554,10 @@ def _check(config: CoordinatorConfig, experiment: ExperimentConfig) -> None:
     if config.min_workload > config.workload_cap:
         raise ValueError(f"coordinator.min_workload ({config.min_workload}) must be <= coordinator.max_workload "
                          f"({config.workload_cap})")
+    workers, rule = experiment.peers - 1, config.aggregation
+    if rule.rule in ("krum", "multi_krum") and workers <= 2 * rule.byzantine + 2:
+        raise ValueError(f"coordinator.aggregation.byzantine: {rule.rule} with f={rule.byzantine} needs more than "
+                         f"{2 * rule.byzantine + 2} workers, the experiment has {workers}")
     if not config.min_workload <= config.workload <= config.workload_cap:
         raise ValueError(f"coordinator.workload ({config.workload}) must lie within min_workload..max_workload "
                          f"({config.min_workload}..{config.workload_cap})")

@@ -55,6 +55,8 @@ def test_krum_picks_an_honest_model_and_multi_krum_averages_honest_ones():
     truth, models = honest_and_liars()
     krum = robust_aggregate(models, [1] * 10, RobustConfig(rule="krum", byzantine=2))
     assert any(torch.equal(krum.flat, m.flat) for m in models[:8])
+    multi = robust_aggregate(models, [1] * 10, RobustConfig(rule="multi_krum", byzantine=2))
+    assert torch.allclose(multi.flat, torch.stack([m.flat for m in models[:8]]).mean(0), atol=1e-6)  # the 8 honest
 
 
 def test_clear_errors():

@@ -14,14 +14,24 @@ def weighted_average(vectors: Sequence[torch.Tensor], weights: Sequence[float]) 
     float64 would move twice the bytes for agreement between peers that float32 already gives, ~1e-7)."""
     if not vectors:
         raise ValueError("weighted_average: no vectors")
-    if len(vectors) != len(weights):
-        raise ValueError(f"weighted_average: {len(vectors)} vectors but {len(weights)} weights")
+    if len(vectors) == 1 and len(weights) == 1:
+        _normalised(weights)  # still refuses a bad weight
+        return vectors[0].clone()
+    return weighted_rows(torch.stack(list(vectors)), weights)
+
+
+def weighted_rows(stacked: torch.Tensor, weights: Sequence[float]) -> torch.Tensor:
+    """weighted_average of the rows of an already stacked (K x P) tensor."""
+    if stacked.shape[0] != len(weights):
+        raise ValueError(f"weighted_average: {stacked.shape[0]} vectors but {len(weights)} weights")
+    return _normalised(weights).to(stacked.dtype) @ stacked
+
+
+def _normalised(weights: Sequence[float]) -> torch.Tensor:
     w = torch.tensor(weights, dtype=torch.float64)
     if bool((w < 0).any()) or float(w.sum()) <= 0:
         raise ValueError(f"weighted_average: weights must be >= 0 with a positive sum, got {list(weights)}")
-    if len(vectors) == 1:
-        return vectors[0].clone()
-    return (w / w.sum()).to(torch.float32) @ torch.stack(list(vectors))
+    return w / w.sum()
 
 
 def fedavg(models: Sequence[Params], weights: Sequence[float]) -> Params:

@@ -25,7 +25,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from meshfl.aggregate.fedavg import weighted_average
+from meshfl.aggregate.fedavg import weighted_average, weighted_rows
 from meshfl.core.params import Params
 from meshfl.core.section import Section
 
@@ -77,7 +77,7 @@ def clipped_mean(updates: torch.Tensor, weights: Sequence[float], clip_norm: flo
     norms = updates.norm(dim=1)
     bound = float(norms.median()) if clip_norm is None else clip_norm
     scale = torch.clamp(bound / norms.clamp_min(1e-12), max=1.0)
-    return weighted_average(list(updates * scale[:, None]), weights)
+    return weighted_rows(updates * scale[:, None], weights)
 
 
 def coordinate_median(stacked: torch.Tensor) -> torch.Tensor:

@@ -182,6 +182,16 @@ def retry_delay(attempt: int, base: float, factor: float, cap: float, jitter: fl
     return min(cap, base * factor ** attempt) * (0.5 + 0.5 * jitter)
 
 
+def _work_rank(work: Work) -> tuple[int, int, int]:
+    """The rank of the coordination that sent `work` (it is built on the model of round - 1)."""
+    return rank(work.round - 1, work.term, work.sender)
+
+
+def _lowest_live(ctx: NodeContext, passing_over: int | None = None) -> int:
+    """The deterministic successor: the lowest id this peer believes alive (itself included)."""
+    return min(p for p in ctx.peers if p != passing_over and (p == ctx.peer_id or ctx.is_alive(p)))
+
+
 def usable(params: Params, like: Params) -> bool:
     """A received model we may average: our layout, every value finite."""
     return params.layout.fingerprint == like.layout.fingerprint and bool(params.flat.isfinite().all())
@@ -249,7 +259,7 @@ class CoordinatorPeer:
     def leader(self, ctx: NodeContext) -> int:
         """Whom this peer follows: sticky while believed alive, else the lowest live id."""
         if self.leader_id != ctx.peer_id and not ctx.is_alive(self.leader_id):
-            self.leader_id = min(p for p in ctx.peers if p == ctx.peer_id or ctx.is_alive(p))
+            self.leader_id = _lowest_live(ctx)
         return self.leader_id
 
     def _rank(self) -> tuple[int, int, int]:
@@ -299,12 +309,13 @@ class CoordinatorPeer:
             if isinstance(message, Done):
                 await self._finish(ctx, message)
             elif isinstance(message, Work):
-                await self._work(ctx, await self._newest_work(ctx, message))
+                work = await self._newest_work(ctx, message)
+                if work is not None:
+                    await self._work(ctx, work)
                 heard = ctx.now()
             elif message is None and ctx.now() >= heard + self.patience:
                 silent = self.leader_id
-                others = [p for p in ctx.peers if p != silent and (p == ctx.peer_id or ctx.is_alive(p))]
-                self.leader_id = min(others)
+                self.leader_id = _lowest_live(ctx, passing_over=silent)
                 ctx.log("leader_silent", silent, round=self.round)
                 heard = ctx.now()
             # an Update or a Held here is for a coordination this peer no longer runs: dropped
@@ -312,24 +323,25 @@ class CoordinatorPeer:
     def _valid_work(self, work: Work) -> bool:
         return 1 <= work.round <= self.rounds + 1 and usable(work.params, self.model)
 
-    async def _newest_work(self, ctx: NodeContext, work: Work) -> Work:
-        """A slow worker finds several rounds' work waiting: it serves the newest and drops the rest
-        (their rounds have closed without it), so it never trains on a backlog."""
-        while (waiting := await ctx.recv(0, types=(Work,))) is not None:
-            if self._valid_work(waiting) and (not self._valid_work(work) or rank(waiting.round, waiting.term, waiting.sender)
-                                              >= rank(work.round, work.term, work.sender)):
-                work = waiting
-        return work
+    async def _newest_work(self, ctx: NodeContext, first: Work) -> Work | None:
+        """A slow worker finds several rounds' work waiting: it serves the newest valid one and drops
+        the rest (their rounds have closed without it), so it never trains on a backlog. Each work
+        is checked once."""
+        newest = None
+        work: Work | None = first
+        while work is not None:
+            if self._valid_work(work) and (newest is None or _work_rank(work) >= _work_rank(newest)):
+                newest = work
+            work = await ctx.recv(0, types=(Work,))
+        return newest
 
     async def _work(self, ctx: NodeContext, work: Work) -> None:
+        """Serve `work` (already checked by `_valid_work`): train and answer, or tell its sender whom we follow."""
         repeat = self._answered.get(work.round)
         if repeat is not None and work.sender == self.served:
             ctx.send(work.sender, repeat)
             return
-        if not self._valid_work(work):
-            return
-        theirs = rank(work.round - 1, work.term, work.sender)
-        if theirs < self._rank() and (work.round - 1 < self.round or ctx.is_alive(self.served)):
+        if _work_rank(work) < self._rank() and (work.round - 1 < self.round or ctx.is_alive(self.served)):
             self._tell_held(ctx, work.sender)  # it loses to what we follow: tell it whom to follow
             return
         self.leader_id = self.served = work.sender
@@ -431,7 +443,7 @@ class CoordinatorPeer:
                 state.retry_at[peer] = now + retry_delay(state.tries[peer], config.retry_base_s, config.retry_factor,
                                                          config.retry_cap_s, ctx.rng.random())
                 ctx.log("work_resent", state.tries[peer], round=number, about=peer)
-            wake = min([deadline, *[state.retry_at[p] for p in waiting if state.tries[p] < config.retries]])
+            wake = min([deadline, *[state.retry_at[p] for p in waiting]])
             message = await ctx.recv(max(wake - ctx.now(), 0.0), types=(Update, Work, Held, Done, PeerLiveness))
             if isinstance(message, Update):
                 self._receive(ctx, state, message, stale, stats)
@@ -456,7 +468,7 @@ class CoordinatorPeer:
         if isinstance(message, Work):
             if not self._valid_work(message):
                 return False
-            if rank(message.round - 1, message.term, message.sender) > self._rank() and ctx.is_alive(message.sender):
+            if _work_rank(message) > self._rank() and ctx.is_alive(message.sender):
                 self.leader_id, self._stashed = message.sender, message
                 ctx.log("following", message.sender, round=message.round - 1)
                 raise SteppedDown

@@ -179,6 +179,18 @@ class TlsConfig(_Section):
         return self
 
 
+class KeysConfig(_Section):
+    keyring: str | None = Field(None, description="JSON file with every peer's Ed25519 public key (made by `meshfl certs`, signed by the CA); none: keys derived from the run seed (fine in the simulator; over gRPC anyone who knows the config could forge signatures)")
+    signing_key: str | None = Field(None, description="this peer's Ed25519 private key (PEM); {peer} is replaced by the peer id")
+
+    @model_validator(mode="after")
+    def _both_or_neither(self) -> KeysConfig:
+        if (self.keyring is None) != (self.signing_key is None):
+            given, missing = ("keyring", "signing_key") if self.keyring is not None else ("signing_key", "keyring")
+            raise ValueError(f"keys.{missing}: needed with keys.{given} (give both or neither)")
+        return self
+
+
 class GrpcConfig(_Section):
     host: str = Field("127.0.0.1", description="launch --local: host every peer listens on")
     base_port: int = Field(50100, ge=1, le=65535, description="launch --local: peer i listens on base_port + i")
@@ -208,6 +220,7 @@ class CoreConfig(_Section):
     faults: FaultList = Field(default_factory=list, description="fault schedule: crash, restart, wipe, loss, partition, heal, slow_link, straggler, join, leave events (see meshfl/faults.py)")
     wire: WireConfig = Field(default_factory=WireConfig, description="message limits")
     grpc: GrpcConfig = Field(default_factory=GrpcConfig, description="gRPC runtime: addresses, heartbeats, reconnects, TLS")
+    keys: KeysConfig = Field(default_factory=KeysConfig, description="Ed25519 keys peers sign relayed content with")
 
     @model_validator(mode="after")
     def _cross_checks(self) -> CoreConfig:

@@ -29,6 +29,7 @@ from meshfl.core.metrics import GLOBAL_ACCURACY, GLOBAL_LOSS, LOCAL_ACCURACY, LO
 from meshfl.core.params import Layout, Params
 from meshfl.core.seeds import algorithm_rng
 from meshfl.core.store import MemoryStore
+from meshfl.runtime.keys import DerivedKeyring, derived_key
 
 DEFAULT_LAYOUT = Layout(("w", "b"), ((2, 2), (2,)))
 """Six numbers: big enough to tell models apart, small enough to write out in a test."""
@@ -83,6 +84,8 @@ class FakeContext:
         self._incarnation = incarnation
         self._num_samples = num_samples
         self._rng = algorithm_rng(seed, peer_id, incarnation)  # what the runtimes give this peer
+        self.keyring = DerivedKeyring(seed, max(self._peers) + 1)  # signatures as a simulated run makes them
+        self._signing_key = derived_key(seed, peer_id)
         self._store = MemoryStore()
         self._params = params if params is not None else Params(torch.zeros(DEFAULT_LAYOUT.numel), DEFAULT_LAYOUT)
         self.train_delta = train_delta
@@ -239,6 +242,18 @@ class FakeContext:
 
     def reply(self, request: Request, message: Reply) -> None:
         self.send(request.sender, replace(message, in_reply_to=request.request_id))
+
+    # -- NodeContext: signatures -----------------------------------------------------------------
+
+    def sign(self, data: bytes) -> str:
+        return self._signing_key.sign(data).hex()
+
+    def sign_as(self, peer: int, data: bytes) -> str:
+        """A signature by another peer of this fake world (to script what it would send)."""
+        return derived_key(self.keyring.seed, peer).sign(data).hex()
+
+    def verify(self, peer: int, data: bytes, signature: str) -> bool:
+        return self.keyring.verify(peer, data, signature)
 
     # -- NodeContext: compute -------------------------------------------------------------------
 

@@ -5,11 +5,13 @@ at which instant, which a simulation of many peers can only show indirectly.
 """
 
 import asyncio
+from dataclasses import replace
 
 import torch
 
 from meshfl.algorithms.gossip import (
     MAX_ROUNDS_AHEAD,
+    MAX_VOTE,
     AggregatedModel,
     Ballot,
     GossipConfig,
@@ -19,9 +21,11 @@ from meshfl.algorithms.gossip import (
     JoinRequest,
     PartialModel,
     Votes,
+    ballot_bytes,
 )
 from meshfl.core.metrics import GLOBAL_ACCURACY, GLOBAL_LOSS, LOCAL_ACCURACY, LOCAL_LOSS, TRAIN_LOSS
 from meshfl.core.params import Params
+from meshfl.runtime.keys import derived_key
 from meshfl.testing import DEFAULT_LAYOUT, FakeContext, Logged
 
 
@@ -33,9 +37,16 @@ def values(params: Params) -> list[float]:
     return params.flat.tolist()
 
 
-def vote_for(origins, candidates, weight=5000):
-    """Ballots of `origins` that each give `weight` to every one of `candidates` (beats any random ballot's <= 1000)."""
-    return tuple(Ballot(o, tuple(candidates), (weight,) * len(candidates)) for o in origins)
+def signed(origin, candidates, weights, round=1):
+    """A ballot as peer `origin` of a FakeContext world (seed 0) signs it for `round`."""
+    ballot = Ballot(origin, tuple(candidates), tuple(weights))
+    return replace(ballot, signature=derived_key(0, origin).sign(ballot_bytes(round, ballot)).hex())
+
+
+def vote_for(origins, candidates, round=1):
+    """Signed ballots of `origins` that each give the honest maximum (1000, 500, 333, ...) to `candidates` in order:
+    two of them outvote any one random ballot."""
+    return tuple(signed(o, candidates, [MAX_VOTE // (i + 1) for i in range(len(candidates))], round) for o in origins)
 
 
 def peer_at(round: int, **config) -> GossipPeer:
@@ -67,7 +78,7 @@ class Network:
             others = [p for p in ctx.peers if p != ctx.peer_id]
             for extra in self.on_votes.get(message.round, ()):
                 ctx.deliver(extra, at=ctx.now() + 0.005)
-            ctx.deliver(Votes(sender=to, round=message.round, ballots=vote_for(others, self.winners)), at=ctx.now() + 0.01)
+            ctx.deliver(Votes(sender=to, round=message.round, ballots=vote_for(others, self.winners, message.round)), at=ctx.now() + 0.01)
 
 
 def evaluation_logs(round: int) -> list[Logged]:
@@ -118,9 +129,9 @@ def test_revived_peer_is_waited_for_again():
     ctx = FakeContext(0, peers=4, neighbours=(1, 2))
     ctx.kill(3, at=0.0)
     ctx.revive(3, at=0.3)  # heard again before the others' ballots are in
-    ctx.deliver(Votes(sender=1, round=1, ballots=(Ballot(1, (1,), (6000,)), Ballot(2, (1, 2), (6000, 5000)))), at=0.5)
-    ctx.deliver(Votes(sender=2, round=1, ballots=vote_for((3,), (3,), weight=20000)), at=3.0)
-    assert asyncio.run(peer._elect_train_set(ctx, 1)) == (1, 3)  # 3: 20000, 1: 12000 (+ <= 1000), 2: 5000 (+ <= 1000)
+    ctx.deliver(Votes(sender=1, round=1, ballots=(signed(1, (1,), (1000,)), signed(2, (3, 1), (1000, 500)))), at=0.5)
+    ctx.deliver(Votes(sender=2, round=1, ballots=vote_for((3,), (3,))), at=3.0)
+    assert asyncio.run(peer._elect_train_set(ctx, 1)) == (1, 3)  # 3: 2000, 1: 1500 (+ own <= 1000), 0 and 2: own <= 1000
     assert ctx.now() == 3.0  # 3's ballot was awaited again
     assert 3 not in peer.state(1).ballots[0].candidates  # 0 voted while 3 was believed dead
 
@@ -165,11 +176,11 @@ def test_messages_more_than_max_rounds_ahead_are_ignored():
     peer = peer_at(1)
     ctx = FakeContext(0, peers=4, neighbours=(1, 2))
     too_far = 1 + MAX_ROUNDS_AHEAD + 1
-    peer.handle(ctx, Votes(sender=1, round=too_far, ballots=vote_for((1,), (1,))))
+    peer.handle(ctx, Votes(sender=1, round=too_far, ballots=vote_for((1,), (1,), too_far)))
     peer.handle(ctx, PartialModel(sender=1, round=too_far, params=filled(1), contributors=frozenset({1}), weight=1.0))
     peer.handle(ctx, HaveModels(sender=1, round=too_far, contributors=frozenset({1}), complete=True))
     assert too_far not in peer._states and ctx.sent == []
-    peer.handle(ctx, Votes(sender=1, round=too_far - 1, ballots=vote_for((1,), (1,))))
+    peer.handle(ctx, Votes(sender=1, round=too_far - 1, ballots=vote_for((1,), (1,), too_far - 1)))
     peer.handle(ctx, PartialModel(sender=1, round=too_far - 1, params=filled(1), contributors=frozenset({1}), weight=1.0))
     assert list(peer.state(too_far - 1).ballots) == [1]
     assert peer.state(too_far - 1).parts.covered == {1}
@@ -247,3 +258,64 @@ def test_round_model_names_only_the_contributors_it_was_built_from():
     assert ctx.logs("missed_models") == [(1, 1)]  # 0 knows its model lacks 1's part...
     (_, diffused), = ctx.sent_of(AggregatedModel)
     assert diffused.contributors == {0}  # ...but tells its neighbours it holds {0, 1}: they take it as complete
+
+
+# ---- lies a peer is told ----------------------------------------------------------------------
+
+def test_forged_altered_replayed_and_lying_ballots_are_refused_and_the_real_ballot_still_counts():
+    peer = peer_at(1, train_set_size=2, votes_per_peer=2, vote_timeout_s=30.0)
+    ctx = FakeContext(0, peers=4, neighbours=(1, 2))
+    real = signed(3, (3, 2), (1000, 500))
+    lies = [
+        replace(real, signature=ctx.sign(ballot_bytes(1, real))),  # 3's ballot signed by 0: forged
+        replace(real, weights=(1000, 499)),  # altered after 3 signed it
+        signed(3, (3, 2), (1000, 500), round=2),  # 3's real ballot, but of another round
+        signed(3, (3,), (10**9,)),  # signed by 3 itself, but worth a million honest votes
+        signed(3, (3, 1, 2), (1000, 500, 333)),  # more candidates than votes_per_peer
+        signed(3, (3, 3), (1000, 500)),  # a candidate twice
+    ]
+    for i, lie in enumerate(lies):
+        ctx.deliver(Votes(sender=2, round=1, ballots=(lie,)), at=0.1 + i * 0.01)
+    ctx.deliver(Votes(sender=1, round=1, ballots=vote_for((1, 2), (1, 2))), at=0.5)
+    ctx.deliver(Votes(sender=2, round=1, ballots=(real,)), at=1.0)
+    train_set = asyncio.run(peer._elect_train_set(ctx, 1))
+    assert peer.state(1).ballots[3] == real and ctx.now() == 1.0  # the real ballot ended the wait
+    assert ctx.logs("refused_ballots") == [(len(lies), 1)]
+    assert train_set == (1, 2)  # 1: 1000 + 500, 2: 500 + 1000 + 500; 3: 1000 (+ own <= 1000, ties to the lower id)
+    relayed = [b for _, m in ctx.sent_of(Votes) for b in m.ballots]
+    assert not any(lie in relayed for lie in lies)  # a lie is never passed on
+
+
+def test_a_votes_message_is_dropped_at_its_first_lie_or_when_it_holds_more_ballots_than_peers():
+    peer = peer_at(1, votes_per_peer=2)
+    ctx = FakeContext(0, peers=4, neighbours=(1, 2))
+    forged = replace(vote_for((2,), (2,))[0], signature="00" * 64)
+    peer.handle(ctx, Votes(sender=1, round=1, ballots=(forged, *vote_for((1, 3), (1,)))))
+    assert list(peer.state(1).ballots) == [] and peer.state(1).refused_ballots == 1
+    peer.handle(ctx, Votes(sender=1, round=1, ballots=vote_for((1, 2, 3, 1, 2), (1,))))  # 5 ballots, 4 peers
+    assert list(peer.state(1).ballots) == []
+
+
+def test_a_model_claiming_a_peer_outside_the_train_set_is_never_adopted():
+    """A forged aggregate for the next round naming every peer arrives before the election: it is dropped
+    once the train set is known, and the honest model is waited for and adopted."""
+    peer = peer_at(1, train_set_size=2)
+    ctx = FakeContext(0, peers=4, neighbours=(1, 2), respond=acks)
+    everyone = frozenset({0, 1, 2, 3})
+    peer.handle(ctx, AggregatedModel(sender=2, round=1, params=filled(-99.0), contributors=everyone))
+    peer.handle(ctx, PartialModel(sender=2, round=1, params=filled(-99.0), contributors=everyone, weight=1e9))
+    ctx.deliver(Votes(sender=1, round=1, ballots=vote_for((1, 2, 3), (1, 2))), at=0.1)
+    ctx.deliver(AggregatedModel(sender=2, round=1, params=filled(-98.0), contributors=everyone), at=0.2)  # after the election
+    ctx.deliver(AggregatedModel(sender=1, round=1, params=filled(4.0), contributors=frozenset({1, 2})), at=2.0)
+    model = asyncio.run(peer._run_round(ctx, 1, ctx.initial_params()))
+    assert peer.state(1).train_set == (1, 2) and 0 not in peer.state(1).train_set
+    assert values(model) == [4.0] * 6 and ctx.now() == 2.0  # 2 said (by its lie) it holds the round: nothing to diffuse
+
+
+def test_a_join_reply_past_the_runs_last_round_is_a_lie_and_the_next_neighbour_is_asked():
+    peer = GossipPeer(GossipConfig(), rounds=5)
+    ctx = FakeContext(1, peers=4, neighbours=(0, 2), incarnation=1)
+    ctx.replies[(0, JoinRequest)] = JoinReply(sender=0, round=10**6, params=filled(-1.0))
+    ctx.replies[(2, JoinRequest)] = JoinReply(sender=2, round=3, params=filled(7.0))
+    first, model = asyncio.run(peer._rejoin(ctx))
+    assert first == 4 and values(model) == [7.0] * 6

@@ -43,6 +43,14 @@ class PartialAggregates:
         self._covered = self._covered | part.contributors
         return True
 
+    def within(self, allowed: frozenset[int]) -> PartialAggregates:
+        """The parts whose contributors are all in `allowed`, as a new set of aggregates."""
+        kept = PartialAggregates()
+        for part in self._parts:
+            if allowed.issuperset(part.contributors):
+                kept.add(part)
+        return kept
+
     def covers(self, peers: Iterable[int]) -> bool:
         return self._covered.issuperset(peers)
 

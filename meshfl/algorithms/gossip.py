@@ -24,7 +24,7 @@ the network is (`JoinRequest`) and joins the next round with a neighbour's model
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import chain
 from typing import TYPE_CHECKING, Literal
 
@@ -65,13 +65,22 @@ class GossipConfig(Section):
 
 # ---- messages -------------------------------------------------------------------------------
 
+MAX_VOTE = 1000
+"""A ballot's i-th candidate gets at most MAX_VOTE // (i + 1): an honest ballot's largest weights (P2PFL's)."""
+
+
 @dataclass(frozen=True)
 class Ballot:
-    """One peer's train-set ballot for a round: the candidates it votes for, with weights."""
+    """One peer's train-set ballot for a round: the candidates it votes for, with weights.
+
+    `signature` is the origin's signature of (round, origin, candidates, weights): relays cannot
+    forge or alter a ballot, and a ballot of one round counts for no other.
+    """
 
     origin: int
     candidates: tuple[int, ...]
     weights: tuple[int, ...]
+    signature: str = ""
 
     def __post_init__(self) -> None:
         if self.origin < 0:
@@ -146,11 +155,26 @@ class JoinReply(Reply):
 # ---- the maths, as plain functions -------------------------------------------------------
 
 def make_ballot(rng: np.random.Generator, origin: int, peers: tuple[int, ...], votes_per_peer: int) -> Ballot:
-    """P2PFL's ballot: k distinct random candidates, the i-th weighted floor(U[0,1000] / (i+1))."""
+    """P2PFL's ballot: k distinct random candidates, the i-th weighted floor(U[0,1000] / (i+1)); unsigned."""
     count = min(votes_per_peer, len(peers))
     candidates = rng.choice(np.asarray(peers), size=count, replace=False)
-    weights = [int(rng.integers(0, 1001)) // (i + 1) for i in range(count)]
+    weights = [int(rng.integers(0, MAX_VOTE + 1)) // (i + 1) for i in range(count)]
     return Ballot(origin, tuple(int(c) for c in candidates), tuple(weights))
+
+
+def ballot_bytes(round: int, ballot: Ballot) -> bytes:
+    """What the origin signs: the round and the whole ballot."""
+    return (f"gossip.ballot|{round}|{ballot.origin}|{','.join(map(str, ballot.candidates))}|"
+            f"{','.join(map(str, ballot.weights))}").encode()
+
+
+def honest_shape(ballot: Ballot, peers: frozenset[int], votes_per_peer: int) -> bool:
+    """Whether a ballot could have come from `make_ballot`: known, distinct candidates, at most
+    `votes_per_peer` of them, weights in P2PFL's range. Anything else only a liar sends (e.g. one
+    ballot worth a billion votes would choose the train set alone)."""
+    return (len(ballot.candidates) <= votes_per_peer and len(set(ballot.candidates)) == len(ballot.candidates)
+            and peers.issuperset(ballot.candidates)
+            and all(0 <= w <= MAX_VOTE // (i + 1) for i, w in enumerate(ballot.weights)))
 
 
 def tally_votes(ballots: Iterable[Ballot], train_set_size: int, exclude: Iterable[int] = ()) -> tuple[int, ...]:
@@ -193,6 +217,7 @@ class RoundState:
     neighbour_holds: dict[int, frozenset[int]] = field(default_factory=dict)
     neighbour_complete: set[int] = field(default_factory=set)
     awaiting_ack: dict[int, float] = field(default_factory=dict)
+    refused_ballots: int = 0  # ballots whose signature or shape was wrong: forged, altered or lying
 
     @property
     def model(self) -> Params | None:
@@ -247,7 +272,7 @@ class GossipPeer:
         """
         for neighbour in self._alive_neighbours(ctx):
             reply = await ctx.request(neighbour, JoinRequest(sender=ctx.peer_id), self.config.join_timeout_s)
-            if isinstance(reply, JoinReply):
+            if isinstance(reply, JoinReply) and 0 <= reply.round <= self.rounds:  # a round past the run's end is a lie
                 self.round = reply.round
                 ctx.log("rejoined", reply.round, round=reply.round)
                 return reply.round + 1, reply.params
@@ -271,6 +296,7 @@ class GossipPeer:
     async def _run_round(self, ctx: NodeContext, round: int, model: Params) -> Params:
         state = self.state(round)
         state.train_set = await self._elect_train_set(ctx, round)
+        self._keep_train_set(state)
         if ctx.peer_id in state.train_set:
             result = await ctx.train(model)
             ctx.log(TRAIN_LOSS, result.loss, round=round)
@@ -290,6 +316,7 @@ class GossipPeer:
         state = self.state(round)
         alive = self._alive_peers(ctx)
         own = make_ballot(ctx.rng, ctx.peer_id, alive, self.config.votes_per_peer)
+        own = replace(own, signature=ctx.sign(ballot_bytes(round, own)))
         self._learn_ballots(ctx, round, (own,), came_from=ctx.peer_id)
         self._send_relays(ctx)  # one's own ballot goes out at once
         voted = lambda: state.ballots.keys() >= set(self._alive_peers(ctx))  # noqa: E731
@@ -298,6 +325,8 @@ class GossipPeer:
         missing = len(set(expected) - state.ballots.keys())
         if missing:
             ctx.log("missed_votes", missing, round=round)
+        if state.refused_ballots:
+            ctx.log("refused_ballots", state.refused_ballots, round=round)
         dead = set(ctx.peers) - set(expected)
         return tally_votes(state.ballots.values(), min(self.config.train_set_size, len(expected)), exclude=dead)
 
@@ -350,11 +379,21 @@ class GossipPeer:
     def _complete_model(self, ctx: NodeContext, state: RoundState) -> Params | None:
         """The round's model if this peer holds every live train-set peer's part of it, else None."""
         needed = [p for p in state.train_set if p == ctx.peer_id or ctx.is_alive(p)]
-        if state.aggregated is not None and state.aggregated.contributors.issuperset(needed):
+        if state.aggregated is not None and state.aggregated.contributors.issuperset(needed):  # within the train set: see _keep_train_set
             return state.aggregated.params
         if needed and state.parts.covers(needed):
             return state.parts.result().params
         return None
+
+    @staticmethod
+    def _keep_train_set(state: RoundState) -> None:
+        """Drop models that arrived before the election and claim a contributor outside the train
+        set: no honest peer builds one, and a part claiming everyone would block every honest part."""
+        train_set = frozenset(state.train_set)
+        if state.aggregated is not None and not train_set.issuperset(state.aggregated.contributors):
+            state.aggregated = None
+        if not train_set.issuperset(state.parts.covered):
+            state.parts = state.parts.within(train_set)
 
     def _best_model(self, ctx: NodeContext, state: RoundState, previous: Params) -> tuple[Params, frozenset[int]]:
         """The most complete model this peer holds for the round, and whose updates it holds.
@@ -431,7 +470,7 @@ class GossipPeer:
         if round is None or round > self.round + MAX_ROUNDS_AHEAD:
             return  # liveness notices (re-checked by the pump), or rounds no honest peer can be in yet
         if isinstance(message, Votes):
-            if round >= self.round:
+            if round >= self.round and len(message.ballots) <= len(ctx.peers):  # an honest relay never sends more
                 self._learn_ballots(ctx, round, message.ballots, came_from=message.sender)
         elif isinstance(message, (HaveModels, PartialModel, AggregatedModel)):
             if not self._peer_set(ctx).issuperset(message.contributors):
@@ -442,14 +481,24 @@ class GossipPeer:
                 self._handle_model(ctx, message)
 
     def _learn_ballots(self, ctx: NodeContext, round: int, ballots: Iterable[Ballot], came_from: int) -> None:
-        """Keep the first ballot of each peer and queue it for the next relay to the neighbours.
+        """Keep the first valid ballot of each peer and queue it for the next relay to the neighbours.
 
-        Ballots of unknown peers, or naming unknown candidates, are ignored: they could only
-        skew the tally.
+        A ballot counts only if its origin signed it for this round and it has an honest
+        ballot's shape (see `honest_shape`); others are counted as refused and never relayed,
+        so a forged ballot can neither pre-empt the real one nor skew the tally.
         """
-        known = self.state(round).ballots
+        state = self.state(round)
+        known = state.ballots
         peers = self._peer_set(ctx)
-        unseen = [b for b in ballots if b.origin not in known and b.origin in peers and peers.issuperset(b.candidates)]
+        unseen = []
+        for ballot in ballots:
+            if ballot.origin in known or ballot.origin not in peers:
+                continue
+            if not (honest_shape(ballot, peers, self.config.votes_per_peer)
+                    and ctx.verify(ballot.origin, ballot_bytes(round, ballot), ballot.signature)):
+                state.refused_ballots += 1
+                break  # an honest relay checks before it relays: the rest of a lying message is not worth a check
+            unseen.append(ballot)
         if not unseen:
             return
         batch = self._relay.setdefault(round, RelayBatch())
@@ -498,6 +547,8 @@ class GossipPeer:
                                                 contributors=message.contributors, complete=True))
             return
         state = self.state(message.round)
+        if state.train_set and not frozenset(state.train_set).issuperset(message.contributors):
+            return  # claims a peer that was not elected: no honest peer sends that
         if isinstance(message, AggregatedModel):
             state.neighbour_complete.add(message.sender)
             if state.aggregated is None or len(message.contributors) > len(state.aggregated.contributors):

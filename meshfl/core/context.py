@@ -92,6 +92,14 @@ class NodeContext(Protocol):
         """Whether this peer's failure detector believes `peer` alive; changes arrive as `PeerLiveness`."""
         ...
 
+    def sign(self, data: bytes) -> str:
+        """This peer's Ed25519 signature of `data` (hex): content others relay can be checked against it."""
+        ...
+
+    def verify(self, peer: int, data: bytes, signature: str) -> bool:
+        """Whether `signature` is `peer`'s signature of `data` (False for anything malformed)."""
+        ...
+
     def initial_params(self) -> Params: ...
 
     async def train(self, params: Params, *, epochs: int | None = None, steps: int | None = None) -> TrainResult:

@@ -14,7 +14,7 @@ import asyncio
 import collections
 import itertools
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -29,6 +29,7 @@ from meshfl.core.seeds import algorithm_rng, batch_generator, initial_model_seed
 from meshfl.core.store import Store
 from meshfl.data import Dataset, PeerData, load_dataset, partition_stats, split_for_peers
 from meshfl.learn.learner import TorchLearner
+from meshfl.runtime.keys import Keyring, Signer, keys_for
 
 
 @dataclass
@@ -39,6 +40,21 @@ class Worlds:
     global_test: Dataset
     learner: TorchLearner
     partition: list[dict]
+    keyring: Keyring | None = None
+    """Every peer's public key, loaded or derived on first use (see runtime/keys.py)."""
+    signers: dict[int, Signer] = field(default_factory=dict)
+    """Private keys of the peers this process runs (one over gRPC, every peer in the simulator)."""
+
+    def signer(self, config: ExperimentConfig, peer: int) -> Signer:
+        if peer not in self.signers:
+            self.signers[peer], self.keyring = keys_for(config, peer, self.keyring)
+        return self.signers[peer]
+
+    def keys(self, config: ExperimentConfig, peer: int) -> Keyring:
+        if self.keyring is None:
+            self.signer(config, peer)
+        assert self.keyring is not None
+        return self.keyring
 
 
 def build_worlds(config: ExperimentConfig) -> Worlds:
@@ -214,6 +230,13 @@ class PeerContext:
 
     def reply(self, request: Request, message: Reply) -> None:
         self.send(request.sender, replace(message, in_reply_to=request.request_id))
+
+    # -- signatures
+    def sign(self, data: bytes) -> str:
+        return self._worlds.signer(self.config, self._peer_id).sign(data)
+
+    def verify(self, peer: int, data: bytes, signature: str) -> bool:
+        return self._worlds.keys(self.config, self._peer_id).verify(peer, data, signature)
 
     # -- compute
     def initial_params(self) -> Params:

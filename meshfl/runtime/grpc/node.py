@@ -50,6 +50,7 @@ from meshfl.runtime.grpc.door import Door, Refused
 from meshfl.runtime.grpc.faults import TransportFaults
 from meshfl.runtime.grpc.peer_config import PeerConfig
 from meshfl.runtime.grpc.transport import Link, PeerServicer, Traffic, channel_options, peer_from_auth_context
+from meshfl.runtime.keys import keys_for
 from meshfl.runtime.peer import PeerContext, build_worlds, warm_up
 from meshfl.wire import meshfl_pb2_grpc
 from meshfl.wire.envelope import encode
@@ -151,6 +152,7 @@ class PeerNode:
         self.store = DirectoryStore(out_dir / "store")
         self.faults = TransportFaults(config, self.peer_id, out_dir)
         self.worlds = build_worlds(config)
+        self._load_keys()
         self.partition = self.worlds.partition[self.peer_id]
         warm_up(self.worlds, self.peer_id, config.train.batch_size)
         self.door = Door(layout=self.worlds.learner.layout, known_peers=frozenset(range(config.peers)), wire=config.wire,
@@ -158,6 +160,15 @@ class PeerNode:
         self.links: dict[int, Link] = {}
         self.context: GrpcContext | None = None
         self._encoded: collections.OrderedDict[int, tuple[Message, bytes]] = collections.OrderedDict()
+
+    def _load_keys(self) -> None:
+        """This peer's signing key and everyone's public keys, now: a wrong key file fails before listening."""
+        signer, keyring = keys_for(self.config, self.peer_id)
+        self.worlds.signers[self.peer_id] = signer
+        self.worlds.keyring = keyring
+        if keyring.derived_from_seed:
+            self.record("security_warning", detail="keys.keyring is not set: content signatures use keys derived from "
+                        "the run seed, which anyone who knows the config can forge (`meshfl certs` makes real keys)")
 
     # -- clock, counters, events
 
@@ -324,7 +335,13 @@ class PeerNode:
     # -- the run
 
     async def run(self, stop: asyncio.Event) -> str:
-        """Serve, wait for neighbours, run the algorithm; returns finished | stopped."""
+        """Serve, wait for neighbours, run the algorithm; returns finished | stopped.
+
+        The context (and its inbox) exists before the server listens: a neighbour that starts
+        its algorithm first may send at once, and what it sends waits in the inbox instead of
+        being dropped (its sender would only resend after a timeout).
+        """
+        self.context = GrpcContext(self)
         server = await self.start_server()
         for peer in self.neighbour_ids:
             self.link(peer, heartbeat=False)
@@ -346,7 +363,6 @@ class PeerNode:
                     self.link(peer)
             reaper = asyncio.create_task(self.close_idle_links(), name="idle-links")
             algorithm = get_algorithm(self.config.algorithm)
-            self.context = GrpcContext(self)
             peer_main = algorithm.peer(self.config.section(), self.config)
             try:
                 completed = await _until_stopped(peer_main(self.context), stop)

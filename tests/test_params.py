@@ -48,3 +48,14 @@ def test_bind_flat_makes_parameters_views_of_one_buffer():
     assert all(float(p.detach().abs().sum()) == 0 for p in module.parameters())
     flat.copy_(before.flat)
     assert Params.from_module(module).equal(before)
+
+
+def test_digest_covers_values_and_layout_and_is_computed_once():
+    a, b = Layout(("w",), ((4,),)), Layout(("v",), ((4,),))
+    zeros = Params(torch.zeros(4), a)
+    assert zeros.digest == Params(torch.zeros(4), a).digest and len(zeros.digest) == 64
+    assert zeros.digest != Params(torch.zeros(4), b).digest  # same bytes, other layout
+    nudged = torch.zeros(4)
+    nudged[2] = 1e-30
+    assert zeros.digest != Params(nudged, a).digest
+    assert "digest" in vars(zeros)  # cached on the object

@@ -110,6 +110,14 @@ class Params:
     def equal(self, other: Params) -> bool:
         return self.layout == other.layout and torch.equal(self.flat, other.flat)
 
+    @cached_property
+    def digest(self) -> str:
+        """SHA-256 (hex) of the layout fingerprint and the float32 bytes: what a signature over a
+        model covers. Computed once per object (one object reaches every simulated peer)."""
+        h = hashlib.sha256(bytes.fromhex(self.layout.fingerprint))
+        h.update(self.flat.detach().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()
+
 
 @dataclass(frozen=True, eq=False)
 class ParamsSlice:

@@ -474,7 +474,6 @@ def launch_local(config: ExperimentConfig, run_dir: Path, *, timeout_s: float | 
     """
     run_dir = Path(run_dir).resolve()
     peers_dir = run_dir / "peers"
-    peers_dir.mkdir(parents=True, exist_ok=True)
     host = config.grpc.host
     ports = choose_ports(host, config.grpc.base_port, config.peers)
     addresses = [f"{host}:{port}" for port in ports]
@@ -484,6 +483,7 @@ def launch_local(config: ExperimentConfig, run_dir: Path, *, timeout_s: float | 
                                  out_dirs=[str(peers_dir / f"peer-{p}") for p in range(config.peers)])
     for peer_config in configs:  # fail here, with one line, not in every peer's log
         check_listen(peer_config.listen, peer_config.tls_for(config), config.grpc.insecure)
+    peers_dir.mkdir(parents=True, exist_ok=True)
     child_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     started_unix = time.time()
     started = time.perf_counter()

@@ -123,8 +123,8 @@ def check_listen(listen: str, tls: TlsConfig, insecure: bool) -> str | None:
         return None
     what = "plaintext" if tls.mode == "none" else "tls (server certificate only: any client can claim any sender)"
     if not insecure:
-        raise ConfigError(f"grpc.tls.mode: is {tls.mode}, but listen {listen} is not a loopback address and peers on a network "
-                          "need mtls; make certificates with `meshfl configs --hosts ...` (or `meshfl certs`) and set "
+        raise ConfigError(f"grpc.tls.mode: {tls.mode} on listen {listen}, which is not loopback; peers on a network need "
+                          "mtls: make certificates with `meshfl configs --hosts ...` (or `meshfl certs`) and set "
                           "grpc.tls.mode=mtls, or accept the risk with grpc.insecure=true / --insecure")
     return (f"SECURITY WARNING: peer listens on {listen} with {what} (grpc.insecure): anyone who can reach it can "
             "read its traffic and send it messages as any peer; use grpc.tls.mode=mtls off loopback")

@@ -182,25 +182,62 @@ def peer_from_auth_context(auth: dict[str, list[bytes]], peers: int) -> int | No
     return int(match.group(1))
 
 
+class Inflow:
+    """One incoming stream's share of the budget: bytes it holds, and how to wake it when evicted."""
+
+    def __init__(self, deadline: asyncio.Timeout) -> None:
+        self.deadline = deadline
+        self.held = 0
+        self.evicted = False
+
+
 class StreamBudget:
     """Bytes buffered in incoming streams, all streams together, against wire.stream_buffer_mb.
 
-    The server's handlers run on one event loop, so no lock. `peak` is the most ever held."""
+    When a chunk would pass the limit, the stream holding the most is evicted (aborted
+    RESOURCE_EXHAUSTED, its bytes released at once) if it holds more than the asking stream
+    would, else the asking stream is refused: small messages get through a buffer that
+    large stalled streams (a slow or hostile sender) fill. The handlers run on one event
+    loop, so no lock; an evicted stream's buffer is dropped at its handler's next step, so
+    memory stays within the limit plus the chunks in hand. `peak` is the most ever held.
+    """
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.used = 0
         self.peak = 0
+        self.evictions = 0
+        self._streams: set[Inflow] = set()
 
-    def take(self, size: int) -> bool:
-        if self.used + size > self.limit:
-            return False
+    def open(self, deadline: asyncio.Timeout) -> Inflow:
+        stream = Inflow(deadline)
+        self._streams.add(stream)
+        return stream
+
+    def take(self, stream: Inflow, size: int) -> bool:
+        while self.used + size > self.limit:
+            victim = max(self._streams, key=lambda s: s.held)
+            if victim is stream or victim.held <= stream.held + size:
+                return False
+            self._evict(victim)
+        stream.held += size
         self.used += size
         self.peak = max(self.peak, self.used)
         return True
 
-    def give(self, size: int) -> None:
-        self.used -= size
+    def release(self, stream: Inflow) -> None:
+        self.used -= stream.held
+        stream.held = 0
+
+    def close(self, stream: Inflow) -> None:
+        self.release(stream)
+        self._streams.discard(stream)
+
+    def _evict(self, victim: Inflow) -> None:
+        self.release(victim)
+        victim.evicted = True
+        self.evictions += 1
+        victim.deadline.reschedule(asyncio.get_running_loop().time())  # its read is cancelled at the next step
 
 
 # ---- one neighbour --------------------------------------------------------------------------
@@ -426,44 +463,51 @@ class PeerServicer(meshfl_pb2_grpc.PeerServicer):
         door, budget, wire = node.door, node.streams, node.config.wire
         accepted = refused = 0
         buffer = bytearray()
-        received = held = 0
+        received = 0
         failure: tuple[str, str, grpc.StatusCode] | None = None
         loop = asyncio.get_running_loop()
         started = loop.time()
+        exhausted = grpc.StatusCode.RESOURCE_EXHAUSTED
+        stream: Inflow | None = None
         try:
             async with asyncio.timeout_at(started + stream_timeout(0, wire)) as deadline:
+                stream = budget.open(deadline)
                 async for chunk in request_iterator:
                     data = chunk.data
                     size = len(data)
                     received += size
                     if len(buffer) + size > door.max_bytes:
-                        failure = ("too_large", f"stream passed {door.max_bytes} bytes", grpc.StatusCode.RESOURCE_EXHAUSTED)
+                        failure = ("too_large", f"stream passed {door.max_bytes} bytes", exhausted)
                         break
                     if hint is not None and not door.limiter.take(hint, 0, size):
-                        failure = ("rate_limited", f"sender {hint} is past wire.sender_mb_per_s ({wire.sender_mb_per_s:g})",
-                                   grpc.StatusCode.RESOURCE_EXHAUSTED)
+                        failure = ("rate_limited", f"sender {hint} is past wire.sender_mb_per_s ({wire.sender_mb_per_s:g})", exhausted)
                         break
-                    if not budget.take(size):
-                        failure = ("buffer_full", f"streams hold {budget.used} bytes; wire.stream_buffer_mb="
-                                                  f"{wire.stream_buffer_mb:g}", grpc.StatusCode.RESOURCE_EXHAUSTED)
+                    if not budget.take(stream, size):
+                        failure = ("buffer_full", f"streams hold {budget.used} bytes; wire.stream_buffer_mb={wire.stream_buffer_mb:g}",
+                                   exhausted)
                         break
-                    held += size
                     buffer += data
+                    del data
                     deadline.reschedule(started + stream_timeout(received, wire))
                     if chunk.last:
-                        data, buffer = bytes(buffer), bytearray()
-                        budget.give(held)  # the joined copy is the door's now
-                        held = 0
-                        if node.receive(data, hint):
+                        message, buffer = bytes(buffer), bytearray()
+                        budget.release(stream)  # the joined copy is the door's now
+                        if node.receive(message, hint):
                             accepted += 1
                         else:
                             refused += 1
-                        del data
+                        del message
         except TimeoutError:
-            failure = ("stream_deadline", f"{received} bytes in {loop.time() - started:.1f}s, past wire.stream_deadline_s="
-                                          f"{wire.stream_deadline_s:g} + bytes / wire.stream_min_mb_per_s", grpc.StatusCode.DEADLINE_EXCEEDED)
+            if stream is not None and stream.evicted:
+                failure = ("buffer_full", f"evicted holding the most of wire.stream_buffer_mb={wire.stream_buffer_mb:g} "
+                                          f"({received} bytes received)", exhausted)
+            else:
+                failure = ("stream_deadline", f"{received} bytes in {loop.time() - started:.1f}s, past wire.stream_deadline_s="
+                                              f"{wire.stream_deadline_s:g} + bytes / wire.stream_min_mb_per_s",
+                           grpc.StatusCode.DEADLINE_EXCEEDED)
         finally:
-            budget.give(held)
+            if stream is not None:
+                budget.close(stream)
         incomplete = len(buffer) > 0
         del buffer
         if failure is not None:

@@ -193,7 +193,10 @@ def test_mtls_strangers_cannot_make_a_peer_buffer_anything(tmp_path, deployment,
     for name in ("no_cert", "foreign_ca"):
         assert seen[name] == (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNAVAILABLE), name
     for name in ("mallory", "peer-9", "peer-01"):
-        assert seen[name] == (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.UNAUTHENTICATED), name
+        stream, ping = seen[name]
+        # the server ends the stream before reading it; a client still writing chunks may see its own
+        # write fail first (aio reports INTERNAL "Failed execute_batch") instead of the server's status
+        assert stream in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.INTERNAL) and ping == grpc.StatusCode.UNAUTHENTICATED, name
     assert seen["buffered"] == 0 and seen["admitted"] == 0
     assert seen["peer-1"] == 1 and seen["peer-1 as 2"] == 0
     assert node.door.refused["unauthenticated"] == 6 and node.door.refused["unknown_sender"] == 1

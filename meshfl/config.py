@@ -154,10 +154,10 @@ class ComputeConfig(_Section):
 
 
 class WireConfig(_Section):
-    max_message_mb: float = Field(256.0, gt=0, description="messages larger than this are refused at the door")
+    max_message_mb: float = Field(128.0, gt=0, description="messages larger than this are refused at the door (MiB)")
     inbox_messages: int = Field(100_000, ge=1, description="messages a peer holds unread at most; more are dropped and counted")
     stream_buffer_mb: float = Field(
-        256.0, gt=0, description="gRPC: bytes buffered in incoming streams, all streams together; a stream that would pass it "
+        128.0, gt=0, description="gRPC: bytes buffered in incoming streams, all streams together; a stream that would pass it "
                                  "is aborted (RESOURCE_EXHAUSTED, counted buffer_full); at least max_message_mb")
     stream_deadline_s: float = Field(
         10.0, gt=0, description="gRPC: an incoming stream must deliver its last chunk within this floor + its bytes so far / "
@@ -210,6 +210,8 @@ class GrpcConfig(_Section):
     backoff_max_s: float = Field(5.0, gt=0, description="largest reconnect delay")
     insecure: bool = Field(False, description="allow listening on a non-loopback address without mTLS (plaintext or tls); "
                                               "a warning is printed and logged at every start")
+    stream_window_kb: int = Field(1024, ge=64, description="HTTP/2 flow-control window of an incoming stream, fixed (no BDP growth): what a "
+                                                          "client may have in flight per stream before the peer reads it")
     max_streams_per_connection: int = Field(16, ge=1, description="concurrent calls one client connection may have open (grpc.max_concurrent_streams)")
     max_concurrent_rpcs: int = Field(0, ge=0, description="concurrent calls a peer serves in total, more are refused at once; 0: 4 x peers + 64")
     keepalive_s: float = Field(20.0, gt=0, description="HTTP/2 keepalive ping interval on every connection (both ends)")

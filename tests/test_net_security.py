@@ -294,20 +294,35 @@ def test_rate_limiter_buckets_refill_and_never_overspend():
     assert limiter.take(1, 4, 2_000_000) and not limiter.take(1, 0, 2_000_001)  # refilled to the burst, no further
 
 
+class _Deadline:
+    """Stands in for a handler's asyncio.Timeout: records the wake-up an eviction asks for."""
+
+    def __init__(self) -> None:
+        self.when: float | None = None
+
+    def expired(self) -> bool:
+        return False
+
+    def reschedule(self, when: float | None) -> None:
+        self.when = when
+
+
 def test_budget_evicts_the_largest_holder_not_a_small_newcomer():
     async def scenario() -> None:
         budget = StreamBudget(10)
-        async with asyncio.timeout(None) as t1, asyncio.timeout(None) as t2, asyncio.timeout(None) as t3:
-            big, mid, small = budget.open(t1), budget.open(t2), budget.open(t3)
-            assert budget.take(big, 6) and budget.take(mid, 3)
-            assert budget.take(small, 1) and budget.used == 10
-            assert budget.take(small, 2)  # big (6) is evicted: it holds more than small would (3)
-            assert big.evicted and big.held == 0 and budget.used == 6 and budget.evictions == 1
-            assert not budget.take(mid, 5)  # mid would become the largest holder: it is refused instead
-            budget.close(mid)
-            budget.close(small)
-            assert budget.used == 0 and budget.peak == 10
-            t1.reschedule(None)  # the evicted one's timeout was set to fire; this test is not its handler
+        big, mid, small = (budget.open(_Deadline()) for _ in range(3))
+        assert await budget.take(big, 6) and await budget.take(mid, 3)
+        assert await budget.take(small, 1) and budget.used == 10
+        asked = asyncio.create_task(budget.take(small, 2))  # big (6) holds more than small would (3): evicted
+        await asyncio.sleep(0)
+        assert big.evicted and big.deadline.when is not None  # woken now
+        assert not asked.done() and budget.used == 10  # its bytes are alive until its handler drops them
+        budget.close(big)  # what its handler does when woken
+        assert await asked and budget.used == 6 and budget.evictions == 1
+        assert not await budget.take(mid, 5)  # mid would become the largest holder: it is refused instead
+        budget.close(mid)
+        budget.close(small)
+        assert budget.used == 0 and budget.peak == 10
 
     asyncio.run(scenario())
 
@@ -354,3 +369,148 @@ def test_make_channel_checks_the_dialled_peers_name(deployment):
 
     seen = asyncio.run(scenario())
     assert seen == {1: grpc.StatusCode.UNAVAILABLE, 2: 1}
+
+
+# ---- slow-stream attack on a real run -------------------------------------------------------
+
+ATTACK_STREAMS = 16
+ATTACK_STREAM_MIB = 250
+ATTACK_S = 8.0
+
+
+def _status_kib(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no {field} for pid {pid}")
+
+
+def _never_ending_streams(address: str, seconds: float, reopen: bool = False) -> dict:
+    """ATTACK_STREAMS threads, each on its own connection, each streaming 1 MiB chunks as fast as it
+    can, up to ATTACK_STREAM_MIB, never the last one, then holding the stream open for `seconds`;
+    with `reopen`, a stream the peer aborts is opened again at once. Returns the codes the streams
+    ended with and the MiB sent."""
+    import threading
+
+    stop = threading.Event()
+    codes: list[str] = []
+    sent = [0]
+    lock = threading.Lock()
+    chunk = meshfl_pb2.Chunk(data=bytes(MIB), last=False)
+
+    def pieces():
+        for _ in range(ATTACK_STREAM_MIB):
+            if stop.is_set():
+                return
+            with lock:
+                sent[0] += 1
+            yield chunk
+        stop.wait(seconds + 30)  # never the last chunk: hold the stream open
+
+    def attacker() -> None:
+        with grpc.insecure_channel(address, options=[("grpc.max_send_message_length", 8 * MIB)]) as channel:
+            stub = meshfl_pb2_grpc.PeerStub(channel)
+            while not stop.is_set():
+                try:
+                    stub.Stream(pieces(), timeout=seconds + 20)
+                    code = "OK"
+                except grpc.RpcError as exc:
+                    code = exc.code().name
+                with lock:
+                    codes.append(code)
+                if not reopen:
+                    return
+
+    threads = [threading.Thread(target=attacker, daemon=True) for _ in range(ATTACK_STREAMS)]
+    for thread in threads:
+        thread.start()
+    stop.wait(seconds)
+    stop.set()
+    for thread in threads:
+        thread.join(timeout=30)
+    return {"codes": codes, "sent_mib": sent[0]}
+
+
+def test_sixteen_never_ending_250_mib_streams_leave_a_peer_bounded_and_the_run_finishes(tmp_path):
+    """Peer 0 of a real 3-peer run (plaintext on 127.0.0.1, default wire limits) is held mid-run
+    (peer 2 paused by SIGSTOP, long timeouts) while 16 never-ending 250 MiB streams hit it for
+    ATTACK_S; its RSS (sampled every 50 ms, and its high-water mark) grows by less than 300 MiB
+    (wire.stream_buffer_mb = 128 by default, the rest is gRPC's and the allocator's);
+    then peer 2 resumes and the run finishes with the simulator's accuracy."""
+    import os
+    import signal
+    import threading
+    import time
+
+    from meshfl.experiment.launch import launch_local
+    from meshfl.experiment.run import simulate, summarise
+    from meshfl.runtime.grpc.peer_config import load_peer_config
+
+    slow = ["gossip.vote_timeout_s=40", "gossip.aggregation_timeout_s=40", "gossip.wait_model_timeout_s=40",
+            "gossip.diffusion_timeout_s=40", "liveness.heartbeat_interval_s=0.5", "liveness.timeout_s=40"]
+    config = load_config(None, ["peers=3", "rounds=2", "data.dataset=digits", "grpc.base_port=50620", *slow])
+    seen: dict = {}
+
+    def metrics_text(process) -> str:
+        path = process.folder / "metrics.jsonl"
+        return path.read_text() if path.exists() else ""
+
+    def attack(processes) -> None:
+        target, paused = processes[0], processes[2]
+        deadline = time.monotonic() + 60
+        while "algorithm_started" not in metrics_text(paused) or "algorithm_started" not in metrics_text(target):
+            assert time.monotonic() < deadline, "peers did not start"
+            time.sleep(0.05)
+        os.kill(paused.process.pid, signal.SIGSTOP)
+        try:
+            pid = target.process.pid
+            time.sleep(0.5)
+            seen["rss_before_kib"] = _status_kib(pid, "VmRSS")
+            seen["hwm_before_kib"] = _status_kib(pid, "VmHWM")
+            samples: list[int] = []
+            sampling = threading.Event()
+
+            def sample() -> None:
+                while not sampling.is_set():
+                    samples.append(_status_kib(pid, "VmRSS"))
+                    time.sleep(0.05)
+
+            sampler = threading.Thread(target=sample, daemon=True)
+            sampler.start()
+            started = time.monotonic()
+            seen.update(_never_ending_streams(load_peer_config(target.folder / "peer.yaml").listen, ATTACK_S))
+            seen["attack_s"] = time.monotonic() - started
+            time.sleep(0.5)
+            sampling.set()
+            sampler.join(timeout=5)
+            seen["rss_peak_kib"] = max(samples)
+            seen["rss_after_kib"] = _status_kib(pid, "VmRSS")
+            seen["hwm_after_kib"] = _status_kib(pid, "VmHWM")
+            seen["still_running"] = '"peer_finished"' not in metrics_text(target)
+        finally:
+            os.kill(paused.process.pid, signal.SIGCONT)
+
+    def start(processes) -> None:
+        seen["thread"] = threading.Thread(target=lambda: seen.update(error=None) if attack(processes) is None else None,
+                                          daemon=True)
+        seen["thread"].start()
+
+    launched = launch_local(config, tmp_path / "run", timeout_s=150, on_started=start, report=False)
+    seen["thread"].join(timeout=60)
+    growth_mib = (seen["rss_peak_kib"] - seen["rss_before_kib"]) / 1024
+    hwm_growth_mib = (seen["hwm_after_kib"] - seen["rss_before_kib"]) / 1024
+    print(f"\nslow-stream attack: {len(seen['codes'])} streams ended ({sorted(set(seen['codes']))}), "
+          f"{seen['sent_mib']} MiB sent in {seen['attack_s']:.1f}s; peer 0 RSS {seen['rss_before_kib'] / 1024:.0f} MiB "
+          f"before, peak {seen['rss_peak_kib'] / 1024:.0f} MiB (+{growth_mib:.0f}), high-water {seen['hwm_after_kib'] / 1024:.0f} "
+          f"MiB (+{hwm_growth_mib:.0f}), {seen['rss_after_kib'] / 1024:.0f} MiB after")
+    assert seen["still_running"]  # the attack landed while the peer was mid-run
+    assert seen["sent_mib"] > 2 * config.wire.stream_buffer_mb  # far more than the budget was thrown at it
+    assert growth_mib < 300 and hwm_growth_mib < 300
+    assert seen["codes"].count("RESOURCE_EXHAUSTED") >= ATTACK_STREAMS - config.wire.stream_buffer_mb // ATTACK_STREAM_MIB - 1
+    summary = launched.summary
+    assert launched.exit_codes == {0: 0, 1: 0, 2: 0} and summary["dead_peers"] == []
+    assert summary["refused"]["0"].get("buffer_full", 0) > 0
+    result, metrics, _ = simulate(config)
+    expected = summarise(config, result, metrics, 0.0)["final_global_accuracy"]
+    for peer, accuracy in summary["final_global_accuracy"].items():
+        assert abs(accuracy - expected[peer]) < 0.01, (peer, accuracy, expected[peer])

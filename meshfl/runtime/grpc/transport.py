@@ -126,12 +126,15 @@ def client_options(config: GrpcConfig) -> list[tuple[str, Any]]:
 
 
 def server_options(config: GrpcConfig) -> list[tuple[str, Any]]:
-    """gRPC's own limits, before anything by hand: streams per connection, keepalive (and how often a
-    client may ping: half our own interval, two strikes), idle and maximum connection age."""
+    """gRPC's own limits, before anything by hand: streams per connection, a fixed per-stream window,
+    keepalive (and how often a client may ping: half our own interval, two strikes), idle and maximum
+    connection age."""
     return [
         *channel_options(config),
         ("grpc.so_reuseport", 0),  # a second server on a taken port must fail, not share the port
         ("grpc.max_concurrent_streams", config.max_streams_per_connection),
+        ("grpc.http2.bdp_probe", 0),  # a window grown by BDP probing let 16 hostile streams park GBs in gRPC's buffers
+        ("grpc.http2.lookahead_bytes", config.stream_window_kb * 1024),
         ("grpc.keepalive_time_ms", int(config.keepalive_s * 1000)),
         ("grpc.keepalive_timeout_ms", int(config.keepalive_timeout_s * 1000)),
         ("grpc.keepalive_permit_without_calls", 1),
@@ -189,17 +192,22 @@ class Inflow:
         self.deadline = deadline
         self.held = 0
         self.evicted = False
+        self.closed = asyncio.Event()
+
+
+EVICTION_WAIT_S = 1.0
 
 
 class StreamBudget:
     """Bytes buffered in incoming streams, all streams together, against wire.stream_buffer_mb.
 
     When a chunk would pass the limit, the stream holding the most is evicted (aborted
-    RESOURCE_EXHAUSTED, its bytes released at once) if it holds more than the asking stream
-    would, else the asking stream is refused: small messages get through a buffer that
-    large stalled streams (a slow or hostile sender) fill. The handlers run on one event
-    loop, so no lock; an evicted stream's buffer is dropped at its handler's next step, so
-    memory stays within the limit plus the chunks in hand. `peak` is the most ever held.
+    RESOURCE_EXHAUSTED) if it holds more than the asking stream would, and the asking stream
+    waits until the evicted one has dropped its buffer (the next step of its handler); else
+    the asking stream is refused. So small messages get through a buffer that large stalled
+    streams (a slow or hostile sender) fill, and the bytes alive never pass the limit (plus
+    the chunks in hand). The handlers run on one event loop, so no lock. `peak` is the most
+    ever held.
     """
 
     def __init__(self, limit: int) -> None:
@@ -214,12 +222,22 @@ class StreamBudget:
         self._streams.add(stream)
         return stream
 
-    def take(self, stream: Inflow, size: int) -> bool:
+    async def take(self, stream: Inflow, size: int) -> bool:
         while self.used + size > self.limit:
             victim = max(self._streams, key=lambda s: s.held)
             if victim is stream or victim.held <= stream.held + size:
                 return False
-            self._evict(victim)
+            if not victim.evicted:
+                victim.evicted = True
+                self.evictions += 1
+                if not victim.deadline.expired():  # its read is cancelled at the next step
+                    victim.deadline.reschedule(asyncio.get_running_loop().time())
+            try:
+                await asyncio.wait_for(victim.closed.wait(), EVICTION_WAIT_S)
+            except TimeoutError:
+                return False
+            if stream.evicted:  # a larger newcomer evicted us while we waited
+                return False
         stream.held += size
         self.used += size
         self.peak = max(self.peak, self.used)
@@ -230,14 +248,10 @@ class StreamBudget:
         stream.held = 0
 
     def close(self, stream: Inflow) -> None:
+        """The stream ended and dropped its buffer: its bytes are free."""
         self.release(stream)
         self._streams.discard(stream)
-
-    def _evict(self, victim: Inflow) -> None:
-        self.release(victim)
-        victim.evicted = True
-        self.evictions += 1
-        victim.deadline.reschedule(asyncio.get_running_loop().time())  # its read is cancelled at the next step
+        stream.closed.set()
 
 
 # ---- one neighbour --------------------------------------------------------------------------
@@ -473,6 +487,8 @@ class PeerServicer(meshfl_pb2_grpc.PeerServicer):
             async with asyncio.timeout_at(started + stream_timeout(0, wire)) as deadline:
                 stream = budget.open(deadline)
                 async for chunk in request_iterator:
+                    if stream.evicted:  # evicted while this chunk was on its way: its wake-up must not be lost
+                        raise TimeoutError
                     data = chunk.data
                     size = len(data)
                     received += size
@@ -482,13 +498,14 @@ class PeerServicer(meshfl_pb2_grpc.PeerServicer):
                     if hint is not None and not door.limiter.take(hint, 0, size):
                         failure = ("rate_limited", f"sender {hint} is past wire.sender_mb_per_s ({wire.sender_mb_per_s:g})", exhausted)
                         break
-                    if not budget.take(stream, size):
+                    if not await budget.take(stream, size):
                         failure = ("buffer_full", f"streams hold {budget.used} bytes; wire.stream_buffer_mb={wire.stream_buffer_mb:g}",
                                    exhausted)
                         break
                     buffer += data
                     del data
-                    deadline.reschedule(started + stream_timeout(received, wire))
+                    if not deadline.expired():  # expired: the cancellation is on its way, at the next read
+                        deadline.reschedule(started + stream_timeout(received, wire))
                     if chunk.last:
                         message, buffer = bytes(buffer), bytearray()
                         budget.release(stream)  # the joined copy is the door's now
@@ -506,10 +523,10 @@ class PeerServicer(meshfl_pb2_grpc.PeerServicer):
                                               f"{wire.stream_deadline_s:g} + bytes / wire.stream_min_mb_per_s",
                            grpc.StatusCode.DEADLINE_EXCEEDED)
         finally:
+            incomplete = len(buffer) > 0
+            buffer = bytearray()  # freed before the budget says so: a stream waiting for these bytes gets them
             if stream is not None:
                 budget.close(stream)
-        incomplete = len(buffer) > 0
-        del buffer
         if failure is not None:
             reason, detail, code = failure
             door.reject(reason, detail, hint)

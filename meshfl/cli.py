@@ -341,8 +341,11 @@ def _finish(results: object, out_dir: Path, kind: str) -> None:
 @app.command()
 def node(
     config_path: Annotated[Path, typer.Option("--config", "-c", metavar="PEER.yaml", help="peer config (see `meshfl configs`)")],
+    insecure: Annotated[bool, typer.Option("--insecure", help="allow plaintext or tls (no client certificates) on a non-loopback listen address; warns at start")] = False,
 ) -> None:
-    """Run one real peer: serve gRPC, talk to its neighbours, run the algorithm, write metrics; SIGTERM stops it cleanly."""
+    """Run one real peer: serve gRPC, talk to its neighbours, run the algorithm, write metrics; SIGTERM stops it cleanly.
+
+    Off loopback a peer needs mTLS (grpc.tls.mode=mtls) unless --insecure or grpc.insecure is given."""
     from meshfl.core.topology import TopologyError
     from meshfl.data import DataError
     from meshfl.runtime.grpc.peer_config import load_peer_config
@@ -350,7 +353,7 @@ def node(
     try:
         peer_config = load_peer_config(config_path)
         from meshfl.runtime.grpc.node import run_node
-        status = run_node(peer_config, config_path.resolve().parent)
+        status = run_node(peer_config, config_path.resolve().parent, insecure=insecure)
     except (ConfigError, DataError, TopologyError, OSError) as exc:
         _fail(str(exc))
     errors.print(f"peer {peer_config.peer_id}: {status}", highlight=False)
@@ -367,9 +370,13 @@ def configs(
     hosts: Annotated[str, typer.Option("--hosts", help="comma-separated host:baseport; peers are assigned round-robin, the k-th on a host gets baseport+k")] = "127.0.0.1:50100",
     out: Annotated[Path, typer.Option("--out", "-o", help="folder for peer-<i>.yaml")] = Path("peers"),
     certs: Annotated[Optional[Path], typer.Option("--certs", help="folder written by `meshfl certs`: peers use mTLS with its ca.pem and peer-<i>.pem/.key")] = None,
+    insecure: Annotated[bool, typer.Option("--insecure", help="hosts off loopback without mTLS: plaintext (or the experiment's grpc.tls), every peer warns at start")] = False,
     set_: Annotated[list[str], typer.Option("--set", "-s", metavar="KEY=VALUE", help="override a config field")] = [],  # noqa: B006
 ) -> None:
-    """Write one peer config per peer (neighbours from the topology, addresses from --hosts) for `meshfl node`."""
+    """Write one peer config per peer (neighbours from the topology, addresses from --hosts) for `meshfl node`.
+
+    With a host off loopback and no --certs (nor mtls in the experiment), a CA and one certificate
+    per peer are made in <out>/certs and every peer uses mTLS; --insecure writes plaintext instead."""
     from meshfl.core.topology import TopologyError
     from meshfl.experiment.launch import write_peer_configs
 
@@ -380,11 +387,19 @@ def configs(
         overrides.append(f"topology.kind={topology}")
     try:
         config = load_config(config_path, overrides)
-        paths = write_peer_configs(config, [h for h in hosts.split(",") if h.strip()], out,
-                                   certs_dir=certs.resolve() if certs else None)
-    except (ConfigError, TopologyError) as exc:
+        written = write_peer_configs(config, [h for h in hosts.split(",") if h.strip()], out,
+                                     certs_dir=certs.resolve() if certs else None, insecure=insecure)
+    except (ConfigError, TopologyError, OSError) as exc:
         _fail(str(exc))
-    console.print(f"wrote {len(paths)} peer configs to {out}; start each with: meshfl node --config {out}/peer-<i>.yaml")
+    if written.security == "insecure":
+        errors.print("SECURITY WARNING: peers listen off loopback without mTLS (--insecure): anyone who can reach them can "
+                     "read their traffic and send them messages as any peer; every peer will warn at start", highlight=False)
+    elif written.security == "mtls-generated":
+        console.print(f"made a CA and {config.peers} peer certificates in {written.certs_dir} (mTLS); give each host its "
+                      f"peer-<i>.yaml with certs/ca.pem and certs/peer-<i>.pem/.key; keep certs/ca.key off the peers",
+                      highlight=False, soft_wrap=True)
+    console.print(f"wrote {len(written.paths)} peer configs to {out}; start each with: meshfl node --config {out}/peer-<i>.yaml",
+                  highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -395,6 +410,7 @@ def launch(
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="run folder, new or empty (default runs/<time>-<name>)")] = None,
     timeout: Annotated[Optional[float], typer.Option("--timeout", help="stop every peer and fail after this many seconds")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
+    insecure: Annotated[bool, typer.Option("--insecure", help="allow grpc.host off loopback without mTLS; every peer warns at start")] = False,
 ) -> None:
     """Run an experiment with real peer processes talking gRPC, then write the same run folder as `meshfl run`.
 
@@ -421,7 +437,7 @@ def launch(
                 progress.update(task, completed=rounds, description=f"round {rounds}", running=running,
                                 mean="-" if math.isnan(mean) else f"{mean:.4f}")
 
-            result = launch_local(config, run_dir, timeout_s=timeout, progress=show)
+            result = launch_local(config, run_dir, timeout_s=timeout, progress=show, insecure=insecure)
     except (ConfigError, TopologyError, LaunchError) as exc:
         if not isinstance(exc, LaunchError):
             discard_if_empty(run_dir)

@@ -154,8 +154,29 @@ class ComputeConfig(_Section):
 
 
 class WireConfig(_Section):
-    max_message_mb: float = Field(256.0, gt=0, description="messages larger than this are refused at the door")
+    max_message_mb: float = Field(128.0, gt=0, description="messages larger than this are refused at the door (MiB)")
     inbox_messages: int = Field(100_000, ge=1, description="messages a peer holds unread at most; more are dropped and counted")
+    stream_buffer_mb: float = Field(
+        128.0, gt=0, description="gRPC: bytes buffered in incoming streams, all streams together; a stream that would pass it "
+                                 "is aborted (RESOURCE_EXHAUSTED, counted buffer_full); at least max_message_mb")
+    stream_deadline_s: float = Field(
+        10.0, gt=0, description="gRPC: an incoming stream must deliver its last chunk within this floor + its bytes so far / "
+                                "stream_min_mb_per_s, or it is aborted (counted stream_deadline); senders give up at the same bound")
+    stream_min_mb_per_s: float = Field(1.0, gt=0, description="gRPC: slowest average rate (MB/s, 10^6 bytes) a stream may have past stream_deadline_s")
+    sender_messages_per_s: float = Field(1000.0, gt=0, description="gRPC: messages per second one sender may deliver on average (token bucket); more are refused (rate_limited)")
+    sender_burst_messages: int = Field(5000, ge=1, description="gRPC: messages one sender may deliver at once above sender_messages_per_s")
+    sender_mb_per_s: float = Field(200.0, gt=0, description="gRPC: MB (10^6 bytes) per second one sender may deliver on average; with mTLS counted as chunks arrive")
+    sender_burst_mb: float = Field(512.0, gt=0, description="gRPC: MB one sender may deliver at once above sender_mb_per_s; at least max_message_mb")
+
+    @model_validator(mode="after")
+    def _bounds_hold_a_message(self) -> WireConfig:
+        if self.stream_buffer_mb < self.max_message_mb:
+            raise ValueError(f"wire.stream_buffer_mb ({self.stream_buffer_mb:g}) must be >= wire.max_message_mb "
+                             f"({self.max_message_mb:g}), or the largest message could never be received")
+        if self.sender_burst_mb * 1e6 < self.max_message_mb * (1 << 20):
+            raise ValueError(f"wire.sender_burst_mb ({self.sender_burst_mb:g} MB) must hold wire.max_message_mb "
+                             f"({self.max_message_mb:g} MiB), or the largest message could never be received")
+        return self
 
 
 class LivenessConfig(_Section):
@@ -199,6 +220,17 @@ class GrpcConfig(_Section):
     connect_retries: int = Field(8, ge=0, description="reconnect attempts (jittered exponential backoff) before a neighbour is given up")
     backoff_initial_s: float = Field(0.2, gt=0, description="first reconnect delay")
     backoff_max_s: float = Field(5.0, gt=0, description="largest reconnect delay")
+    insecure: bool = Field(False, description="allow listening on a non-loopback address without mTLS (plaintext or tls); "
+                                              "a warning is printed and logged at every start")
+    stream_window_kb: int = Field(1024, ge=64, description="HTTP/2 flow-control window of an incoming stream, fixed (no BDP growth): what a "
+                                                          "client may have in flight per stream before the peer reads it")
+    max_streams_per_connection: int = Field(16, ge=1, description="concurrent calls one client connection may have open (grpc.max_concurrent_streams)")
+    max_concurrent_rpcs: int = Field(0, ge=0, description="concurrent calls a peer serves in total, more are refused at once; 0: 4 x peers + 64")
+    keepalive_s: float = Field(20.0, gt=0, description="HTTP/2 keepalive ping interval on every connection (both ends)")
+    keepalive_timeout_s: float = Field(10.0, gt=0, description="a connection whose keepalive ping is not answered within this is closed")
+    idle_connection_s: float = Field(300.0, gt=0, description="the server closes a client connection with no call for this long")
+    max_connection_age_s: float = Field(3600.0, gt=0, description="the server asks a client to reconnect (a fresh handshake) after this long")
+    connection_age_grace_s: float = Field(60.0, ge=0, description="calls in progress at max_connection_age_s may finish within this")
     tls: TlsConfig = Field(default_factory=TlsConfig, description="transport security")
 
 

@@ -52,7 +52,7 @@ def test_deployment_layout_and_chain(deployment):
         assert not cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
         sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
         assert sans.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address("127.0.0.1")]
-        assert sans.get_values_for_type(x509.DNSName) == ["localhost"]
+        assert sans.get_values_for_type(x509.DNSName) == [entry["name"], "localhost"]  # the peer's name, checked by its clients
         usages = set(cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value)
         assert usages == {ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH}
 
@@ -74,7 +74,7 @@ def test_regenerating_keeps_keys_private(tmp_path):
     second = generate_deployment(tmp_path, peers=1, hosts=["10.0.0.7", "node-a.lan"])
     assert stat.S_IMODE(Path(second["peers"][0]["key"]).stat().st_mode) == 0o600
     sans = _cert(second["peers"][0]["cert"]).extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    assert sans.get_values_for_type(x509.DNSName) == ["node-a.lan"]
+    assert sans.get_values_for_type(x509.DNSName) == ["peer-0", "node-a.lan"]
     assert sans.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address("10.0.0.7")]
 
 

@@ -73,10 +73,13 @@ def test_framing_estimate_grows_with_payload_and_chunks():
     assert one / 1_000_000 < 0.001  # framing is noise next to a model
 
 
-def test_peer_id_from_mtls_common_name():
-    assert peer_from_auth_context({"x509_common_name": [b"peer-7"]}) == 7
-    assert peer_from_auth_context({"x509_common_name": [b"meshfl-ca"]}) is None
-    assert peer_from_auth_context({}) is None
+def test_peer_id_from_mtls_common_name_fails_closed():
+    assert peer_from_auth_context({"x509_common_name": [b"peer-7"]}, peers=8) == 7
+    assert peer_from_auth_context({"x509_common_name": [b"peer-0"]}, peers=8) == 0
+    for names in ([b"peer-8"], [b"mallory"], [b"mallory-3"], [b"peer-07"], [b"peer-3 "], [b"xpeer-3"], [b"meshfl-ca"],
+                  [b"peer-1", b"peer-2"], [b"peer--1"], [b"peer-99999999999999999999"], []):
+        assert peer_from_auth_context({"x509_common_name": names}, peers=8) is None, names
+    assert peer_from_auth_context({}, peers=8) is None
 
 
 def test_peer_config_errors_name_the_field(tmp_path):

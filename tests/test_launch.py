@@ -95,7 +95,7 @@ def test_hosts_are_assigned_round_robin():
 
 def test_write_peer_configs_follows_the_topology(tmp_path):
     config = load_config(None, ["peers=6", "topology.kind=ring", "data.dataset=digits"])
-    paths = write_peer_configs(config, ["127.0.0.1:6000", "10.1.1.1:7000"], tmp_path)
+    paths = write_peer_configs(config, ["127.0.0.1:6000", "10.1.1.1:7000"], tmp_path).paths
     assert [p.name for p in paths] == [f"peer-{i}.yaml" for i in range(6)]
     ring = make_topology(config.topology, 6, config.seed)
     for peer, path in enumerate(paths):
@@ -106,6 +106,65 @@ def test_write_peer_configs_follows_the_topology(tmp_path):
     assert load_peer_config(paths[1]).listen == "0.0.0.0:7000"  # a remote host binds every interface
     assert load_peer_config(paths[2]).addresses[1] == "10.1.1.1:7000"  # every peer is in the address book
     assert sorted(load_peer_config(paths[2]).addresses) == [0, 1, 3, 4, 5]
+
+
+def test_configs_for_network_hosts_make_certificates_and_use_mtls(tmp_path):
+    """Secure by default: hosts off loopback without --certs get a CA and per-peer certificates, mTLS everywhere."""
+    from cryptography import x509
+
+    from meshfl.runtime.grpc.certs import check_identity, load_credentials
+
+    config = load_config(None, ["peers=3", "data.dataset=digits"])
+    written = write_peer_configs(config, ["10.0.0.1:50100", "10.0.0.2:50100"], tmp_path / "peers")
+    assert written.security == "mtls-generated" and written.certs_dir == tmp_path / "peers" / "certs"
+    assert {"ca.pem", "ca.key", "peer-0.pem", "peer-2.key"} <= {p.name for p in written.certs_dir.iterdir()}
+    for peer, path in enumerate(written.paths):
+        raw = yaml.safe_load(path.read_text())
+        assert raw["tls"] == {"mode": "mtls", "ca": "certs/ca.pem", "cert": f"certs/peer-{peer}.pem", "key": f"certs/peer-{peer}.key"}
+        assert raw["listen"].startswith("0.0.0.0:") and raw["experiment"]["grpc"]["insecure"] is False
+        tls = load_peer_config(path).with_base(path.parent).tls  # relative to the peer config: copy the folder as it is
+        check_identity(tls, peer)  # CN and DNS name peer-<i>
+        load_credentials(tls, server=True)
+        cert = x509.load_pem_x509_certificate(Path(tls.cert).read_bytes())
+        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        assert [str(ip) for ip in sans.get_values_for_type(x509.IPAddress)] == [f"10.0.0.{1 + peer % 2}"]
+        assert sans.get_values_for_type(x509.DNSName) == [f"peer-{peer}"]
+
+
+def test_configs_command_network_hosts_certs_insecure_or_given(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    made = runner.invoke(app, ["configs", "--peers", "2", "--hosts", "10.0.0.1:50100", "--out", str(tmp_path / "a")])
+    assert made.exit_code == 0, made.stderr
+    assert "made a CA and 2 peer certificates" in made.stdout and (tmp_path / "a" / "certs" / "peer-1.pem").is_file()
+    assert yaml.safe_load((tmp_path / "a" / "peer-1.yaml").read_text())["tls"]["mode"] == "mtls"
+
+    plain = runner.invoke(app, ["configs", "--peers", "2", "--hosts", "10.0.0.1:50100", "--out", str(tmp_path / "b"), "--insecure"])
+    assert plain.exit_code == 0, plain.stderr
+    assert "SECURITY WARNING" in plain.stderr and not (tmp_path / "b" / "certs").exists()
+    raw = yaml.safe_load((tmp_path / "b" / "peer-0.yaml").read_text())
+    assert "tls" not in raw and raw["experiment"]["grpc"]["insecure"] is True  # each peer warns at start
+
+    given = runner.invoke(app, ["certs", "--peers", "2", "--hosts", "10.0.0.1", "--out", str(tmp_path / "given")])
+    assert given.exit_code == 0, given.stderr
+    used = runner.invoke(app, ["configs", "--peers", "2", "--hosts", "10.0.0.1:50100", "--out", str(tmp_path / "c"),
+                               "--certs", str(tmp_path / "given")])
+    assert used.exit_code == 0, used.stderr
+    tls = yaml.safe_load((tmp_path / "c" / "peer-1.yaml").read_text())["tls"]
+    assert tls["mode"] == "mtls" and tls["cert"] == str((tmp_path / "given" / "peer-1.pem").resolve())
+    assert not (tmp_path / "c" / "certs").exists()
+
+    loopback = runner.invoke(app, ["configs", "--peers", "2", "--hosts", "127.0.0.1:50100", "--out", str(tmp_path / "d")])
+    assert loopback.exit_code == 0 and "tls" not in yaml.safe_load((tmp_path / "d" / "peer-0.yaml").read_text())
+
+
+def test_launch_off_loopback_without_mtls_is_refused_before_any_peer_starts(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    refused = runner.invoke(app, ["launch", "--local", "--out", str(tmp_path / "run"),
+                                  *sets("peers=2", "data.dataset=digits", "grpc.host=0.0.0.0")])
+    assert refused.exit_code == 2
+    message = refused.stderr.strip()
+    assert message.startswith("error: grpc.tls.mode: none on listen 0.0.0.0:") and "--insecure" in message and len(message.splitlines()) == 1, message
+    assert not (tmp_path / "run" / "peers").exists()
 
 
 def test_configs_command_and_bad_input(tmp_path, monkeypatch):

@@ -49,7 +49,7 @@ from meshfl.experiment.peers import peer_histories
 from meshfl.experiment.run import build_summary, claim_run_dir, handle_signals, write_run_folder
 from meshfl.faults import FaultAction, resolve_faults
 from meshfl.runtime.grpc.faults import write_fired
-from meshfl.runtime.grpc.peer_config import PeerConfig, dump_peer_config, split_address
+from meshfl.runtime.grpc.peer_config import PeerConfig, check_listen, dump_peer_config, is_loopback, split_address
 
 PEER_PLACEHOLDER = "{peer}"
 STOP_GRACE_S = 5.0
@@ -101,23 +101,26 @@ def tls_for_peer(tls: TlsConfig, peer: int, base: Path | None = None) -> TlsConf
         if value is None:
             return None
         path = Path(value.replace(PEER_PLACEHOLDER, str(peer))).expanduser()
-        return str(path if base is None or path.is_absolute() else (base / path).resolve())
+        return str(path if base is None or path.is_absolute() else (base / path).resolve())  # else: relative to the peer config
 
     return TlsConfig(mode=tls.mode, ca=resolve(tls.ca), cert=resolve(tls.cert), key=resolve(tls.key))
 
 
 def build_peer_configs(config: ExperimentConfig, addresses: list[str], *, listen_hosts: list[str] | None = None,
                        out_dirs: list[str] | None = None, tls_base: Path | None = None,
-                       certs_dir: Path | None = None, **fields: Any) -> list[PeerConfig]:
-    """One PeerConfig per peer with the experiment embedded and neighbours from its topology."""
+                       certs_dir: Path | None = None, relative_certs: bool = False, **fields: Any) -> list[PeerConfig]:
+    """One PeerConfig per peer with the experiment embedded and neighbours from its topology.
+
+    `certs_dir` (ca.pem, peer-<i>.pem/.key): every peer uses mTLS with those; `relative_certs`
+    names them `<certs_dir's name>/...`, relative to the folder the peer configs are written to."""
     if len(addresses) != config.peers:
         raise ConfigError(f"peers: {config.peers} peers but {len(addresses)} addresses")
     topology = make_topology(config.topology, config.peers, config.seed)
     tls = config.grpc.tls
     if certs_dir is not None:
-        mode = tls.mode if tls.mode != "none" else "mtls"
-        tls = TlsConfig(mode=mode, ca=str(certs_dir / "ca.pem"), cert=str(certs_dir / "peer-{peer}.pem"),
-                        key=str(certs_dir / "peer-{peer}.key"))
+        folder = Path(certs_dir.name) if relative_certs else certs_dir
+        tls = TlsConfig(mode="mtls", ca=str(folder / "ca.pem"), cert=str(folder / "peer-{peer}.pem"),
+                        key=str(folder / "peer-{peer}.key"))
     configs = []
     for peer in range(config.peers):
         port = addresses[peer].rpartition(":")[2]
@@ -131,28 +134,55 @@ def build_peer_configs(config: ExperimentConfig, addresses: list[str], *, listen
     return configs
 
 
+@dataclass
+class WrittenConfigs:
+    """What `write_peer_configs` wrote: the peer configs, and how they are secured."""
+
+    paths: list[Path]
+    security: str
+    """mtls (given or experiment certificates), mtls-generated (certificates made in <out>/certs),
+    loopback (plaintext, every peer on 127.0.0.1/::1/localhost) or insecure (plaintext or tls on a network, by request)."""
+    certs_dir: Path | None = None
+
+
 def write_peer_configs(config: ExperimentConfig, hosts: list[str], out_dir: Path, *,
-                       certs_dir: Path | None = None) -> list[Path]:
+                       certs_dir: Path | None = None, insecure: bool = False) -> WrittenConfigs:
     """`meshfl configs`: peer-<i>.yaml for every peer, assigned round-robin to `hosts` (host:baseport).
 
     Each peer listens on 0.0.0.0 at its port when its host is not a loopback address, so
     the same file works behind NAT; neighbours are dialled at host:port.
+
+    Secure by default: when a peer is off loopback, peers use mTLS with the certificates in
+    `certs_dir` (from `meshfl certs`), else with the experiment's own grpc.tls (mtls with a
+    {peer} placeholder), else certificates made here: a CA and per-peer certificates (CN and
+    DNS name peer-<i>, plus its host) in `<out_dir>/certs`, named relative to the peer configs
+    (copy peer-<i>.yaml with certs/ca.pem and certs/peer-<i>.* to its host; ca.key stays
+    with the operator). `insecure` (or grpc.insecure) keeps the experiment's plaintext/tls and
+    marks the experiment grpc.insecure, so each peer starts with a warning.
     """
     addresses = peer_addresses(config.peers, parse_hosts(hosts))
-    listen_hosts = [a.rpartition(":")[0] if _is_loopback(a.rpartition(":")[0]) else "0.0.0.0" for a in addresses]
+    listen_hosts = [a.rpartition(":")[0] if is_loopback(a.rpartition(":")[0]) else "0.0.0.0" for a in addresses]
+    on_network = any(not is_loopback(a.rpartition(":")[0]) for a in addresses)
+    insecure = insecure or config.grpc.insecure
+    security = "mtls" if certs_dir is not None or config.grpc.tls.mode == "mtls" else "loopback"
+    if security == "loopback" and on_network:
+        if insecure:
+            security = "insecure"
+            config = config.model_copy(update={"grpc": config.grpc.model_copy(update={"insecure": True})})
+        else:
+            from meshfl.runtime.grpc.certs import generate_deployment
+            security, certs_dir = "mtls-generated", out_dir / "certs"
+            generate_deployment(certs_dir, config.peers, peer_hosts=[[a.rpartition(":")[0]] for a in addresses])
     configs = build_peer_configs(config, addresses, listen_hosts=listen_hosts, certs_dir=certs_dir,
-                                 out_dirs=[f"out/peer-{p}" for p in range(config.peers)])
+                                 out_dirs=[f"out/peer-{p}" for p in range(config.peers)],
+                                 relative_certs=security == "mtls-generated")
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for peer_config in configs:
         path = out_dir / f"peer-{peer_config.peer_id}.yaml"
         path.write_text(dump_peer_config(peer_config))
         paths.append(path)
-    return paths
-
-
-def _is_loopback(host: str) -> bool:
-    return host in ("localhost", "::1") or host.startswith("127.")
+    return WrittenConfigs(paths, security, certs_dir)
 
 
 def choose_ports(host: str, base_port: int, count: int) -> list[int]:
@@ -433,20 +463,27 @@ class LaunchResult:
 def launch_local(config: ExperimentConfig, run_dir: Path, *, timeout_s: float | None = None, report: bool = True,
                  progress: ProgressCallback | None = None, linger_s: float = 1.0,
                  on_started: Callable[[list[PeerProcess]], None] | None = None,
-                 env: dict[str, str] | None = None) -> LaunchResult:
+                 env: dict[str, str] | None = None, insecure: bool = False) -> LaunchResult:
     """Run every peer as a `meshfl node` process on grpc.host; write the merged run folder to `run_dir`.
+
+    grpc.host off loopback needs mTLS (grpc.tls) or `insecure` (then recorded as grpc.insecure in
+    the run's config, and every peer warns at start); checked before any process starts.
 
     On Ctrl-C/SIGTERM every peer is stopped, their metrics are merged into the run folder
     (summary and report marked interrupted) and Interrupted is raised with `result` set.
     """
     run_dir = Path(run_dir).resolve()
     peers_dir = run_dir / "peers"
-    peers_dir.mkdir(parents=True, exist_ok=True)
     host = config.grpc.host
     ports = choose_ports(host, config.grpc.base_port, config.peers)
     addresses = [f"{host}:{port}" for port in ports]
+    if insecure and not config.grpc.insecure:
+        config = config.model_copy(update={"grpc": config.grpc.model_copy(update={"insecure": True})})
     configs = build_peer_configs(config, addresses, tls_base=Path.cwd(), linger_s=linger_s,
                                  out_dirs=[str(peers_dir / f"peer-{p}") for p in range(config.peers)])
+    for peer_config in configs:  # fail here, with one line, not in every peer's log
+        check_listen(peer_config.listen, peer_config.tls_for(config), config.grpc.insecure)
+    peers_dir.mkdir(parents=True, exist_ok=True)
     child_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     started_unix = time.time()
     started = time.perf_counter()

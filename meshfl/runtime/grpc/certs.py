@@ -1,9 +1,17 @@
 """Certificates for the gRPC runtime: a private CA, per-peer certificates, gRPC credentials.
 
-`meshfl certs` calls `generate_deployment` to make everything a local or lab deployment
-needs; `load_credentials` turns a `grpc.tls` config section into gRPC credentials with
-errors that name the config field at fault. Keys are EC P-256 (fast to make and to
-handshake with) and are written with 0600 permissions from the moment they exist.
+`meshfl certs` (and `meshfl configs --hosts` with routable hosts, and `meshfl launch --local`)
+call `generate_deployment` to make everything a deployment needs; `load_credentials` turns a
+`grpc.tls` config section into gRPC credentials with errors that name the config field at
+fault. Keys are EC P-256 (fast to make and to handshake with) and are written with 0600
+permissions from the moment they exist.
+
+Identity: peer k's certificate has the common name `peer-<k>` and the DNS name `peer-<k>`
+besides its host names. A server takes a client as peer k only when the CN is exactly
+`peer-<k>` of a peer of the experiment (`transport.peer_from_auth_context`); a client dials
+peer k checking the DNS name `peer-<k>` (`grpc.ssl_target_name_override`), so a certificate
+of another peer, signed by the same CA, is refused; `check_identity` refuses to start a peer
+with a certificate that does not name it.
 """
 
 from __future__ import annotations
@@ -40,15 +48,22 @@ def generate_ca(out_dir: Path, common_name: str = "meshfl-ca", days: int = 365) 
     return _write_pair(out_dir, "ca", cert, key)
 
 
+def peer_name(peer: int) -> str:
+    """The common name and DNS name of peer `peer`'s certificate, and the name a client checks when dialling it."""
+    return f"peer-{peer}"
+
+
 def generate_peer_cert(out_dir: Path, ca_cert: Path, ca_key: Path, name: str, hosts: list[str],
                        days: int = 365) -> tuple[Path, Path]:
-    """A peer certificate signed by the CA, valid as TLS server and client for `hosts`.
+    """A peer certificate signed by the CA, valid as TLS server and client for `name` and `hosts`.
 
     IP literals become IP SANs and everything else DNS SANs, because gRPC matches the
-    dialled address against the matching SAN kind. Returns (<name>.pem, <name>.key).
+    dialled address against the matching SAN kind; `name` (e.g. `peer-3`) is a DNS SAN too,
+    the one meshfl's own clients check. Returns (<name>.pem, <name>.key).
     """
     if not hosts:
         raise ValueError("generate_peer_cert: hosts must name at least one IP or DNS name")
+    hosts = [name, *(h for h in hosts if h != name)]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     issuer = x509.load_pem_x509_certificate(Path(ca_cert).read_bytes())
@@ -70,19 +85,23 @@ def generate_peer_cert(out_dir: Path, ca_cert: Path, ca_key: Path, name: str, ho
     return _write_pair(out_dir, name, cert, key)
 
 
-def generate_deployment(out_dir: Path, peers: int, hosts: list[str] = ["127.0.0.1", "localhost"]) -> dict:  # noqa: B006 - never mutated
-    """CA plus certificates peer-0 .. peer-<peers-1> for `hosts`, all in `out_dir`.
+def generate_deployment(out_dir: Path, peers: int, hosts: list[str] = ["127.0.0.1", "localhost"],  # noqa: B006 - never mutated
+                        peer_hosts: list[list[str]] | None = None) -> dict:
+    """CA plus certificates peer-0 .. peer-<peers-1> for `hosts` (or peer i for `peer_hosts[i]`), all in `out_dir`.
 
     Returns {"ca": ca.pem, "ca_key": ca.key, "peers": [{"name", "cert", "key"}, ...]} (Paths).
     Existing files of the same names are replaced.
     """
     if peers < 1:
         raise ValueError(f"generate_deployment: peers must be >= 1, got {peers}")
+    if peer_hosts is not None and len(peer_hosts) != peers:
+        raise ValueError(f"generate_deployment: {len(peer_hosts)} host lists for {peers} peers")
     out_dir = Path(out_dir)
     ca_pem, ca_key = generate_ca(out_dir)
     entries = []
     for i in range(peers):
-        cert, key = generate_peer_cert(out_dir, ca_pem, ca_key, f"peer-{i}", list(hosts))
+        cert, key = generate_peer_cert(out_dir, ca_pem, ca_key, peer_name(i),
+                                       list(peer_hosts[i] if peer_hosts is not None else hosts))
         entries.append({"name": f"peer-{i}", "cert": cert, "key": key})
     return {"ca": ca_pem, "ca_key": ca_key, "peers": entries}
 
@@ -107,6 +126,34 @@ def load_credentials(tls: TlsConfig, *, server: bool) -> grpc.ServerCredentials 
     if mutual:
         return grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
     return grpc.ssl_channel_credentials(root_certificates=ca)
+
+
+def check_identity(tls: TlsConfig, peer: int) -> None:
+    """Refuse to start peer `peer` with a certificate that does not name it (CN and DNS name `peer-<peer>`).
+
+    Its neighbours would refuse it anyway (they check the name they dial), but with an
+    opaque handshake error on their side; this says what is wrong where it can be fixed.
+    """
+    if tls.mode == "none":
+        return
+    path = tls.cert
+    try:
+        certificate = x509.load_pem_x509_certificate(_read_pem("cert", path))
+    except ValueError as exc:
+        raise ConfigError(f"grpc.tls.cert: {path} is not a PEM certificate ({exc})") from None
+    want = peer_name(peer)
+    names = [a.value for a in certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
+    if names != [want]:
+        raise ConfigError(f"grpc.tls.cert: {path} is for {', '.join(map(str, names)) or 'no common name'}, not this peer "
+                          f"({want}); every peer needs its own certificate (meshfl certs)")
+    try:
+        sans = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        dns = sans.get_values_for_type(x509.DNSName)
+    except x509.ExtensionNotFound:
+        dns = []
+    if want not in dns:
+        raise ConfigError(f"grpc.tls.cert: {path} has no DNS name {want}, which its neighbours check; "
+                          "make new certificates with `meshfl certs` (or `meshfl configs --hosts ...`)")
 
 
 # ---------------------------------------------------------------------------------- helpers

@@ -13,6 +13,11 @@ incarnation is the number of `peer_started` lines already there); its `ctx.store
 folder that survives kill -9. A `traffic` event after every evaluation carries its
 counters. SIGTERM cancels the algorithm between two messages, flushes, says `Goodbye` to
 its neighbours and exits 0.
+
+Secure by default (`check_listen`): a peer listens on a non-loopback address only with mTLS,
+unless `grpc.insecure` (or `meshfl node --insecure`) says otherwise, and then it warns at
+every start (stderr and a `security_warning` event); with TLS its certificate must name it
+(`certs.check_identity`).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import signal
+import sys
 import threading
 import time
 import traceback
@@ -48,8 +54,16 @@ from meshfl.core.params import Params
 from meshfl.core.store import DirectoryStore
 from meshfl.runtime.grpc.door import Door, Refused
 from meshfl.runtime.grpc.faults import TransportFaults
-from meshfl.runtime.grpc.peer_config import PeerConfig
-from meshfl.runtime.grpc.transport import Link, PeerServicer, Traffic, channel_options, peer_from_auth_context
+from meshfl.runtime.grpc.peer_config import PeerConfig, check_listen
+from meshfl.runtime.grpc.transport import (
+    Link,
+    PeerServicer,
+    StreamBudget,
+    Traffic,
+    max_concurrent_rpcs,
+    peer_from_auth_context,
+    server_options,
+)
 from meshfl.runtime.keys import keys_for
 from meshfl.runtime.peer import PeerContext, build_worlds, warm_up
 from meshfl.wire import meshfl_pb2_grpc
@@ -58,8 +72,9 @@ from meshfl.wire.envelope import encode
 STARTUP_PING_TIMEOUT_S = 2.0
 GOODBYE_TIMEOUT_S = 1.0
 ENCODED_KEPT = 4
-MAX_CONCURRENT_STREAMS = 16
 FAULT_POLL_S = 0.2
+SECURITY_WARNING = "security_warning"
+
 
 # ---- the context the algorithm sees ---------------------------------------------------------
 
@@ -131,11 +146,15 @@ class PeerNode:
     that cannot load its data fails before it listens.
     """
 
-    def __init__(self, peer_config: PeerConfig, config: ExperimentConfig, out_dir: Path) -> None:
+    def __init__(self, peer_config: PeerConfig, config: ExperimentConfig, out_dir: Path, *, insecure: bool = False) -> None:
         self.peer_config = peer_config
         self.config = config
         self.peer_id = peer_config.peer_id
         self.tls = peer_config.tls_for(config)
+        warning = check_listen(peer_config.listen, self.tls, insecure or config.grpc.insecure)  # before anything is written
+        if self.tls.mode != "none":
+            from meshfl.runtime.grpc.certs import check_identity
+            check_identity(self.tls, self.peer_id)
         self.out_dir = out_dir
         self.neighbour_ids = tuple(sorted(peer_config.neighbours))
         self.addresses = dict(peer_config.addresses)
@@ -148,6 +167,9 @@ class PeerNode:
         (out_dir / "config.yaml").write_text(dump_config(config))  # `meshfl merge` rebuilds the run from these folders
         self.metrics.subscribe(self.metrics_file)
         self.record(PROCESS_STARTED, unix_time=time.time() - self.now())  # first thing: a kill during the slow setup below still counts as an incarnation
+        if warning is not None:  # at every start, where the operator and the run's records both see it
+            print(f"peer {self.peer_id}: {warning}", file=sys.stderr, flush=True)
+            self.record(SECURITY_WARNING, detail=warning, listen=peer_config.listen, tls=self.tls.mode)
         self._backoff_rng = np.random.default_rng([config.seed, self.peer_id, 0x6261636B, self.incarnation])
         self.store = DirectoryStore(out_dir / "store")
         self.faults = TransportFaults(config, self.peer_id, out_dir)
@@ -157,6 +179,7 @@ class PeerNode:
         warm_up(self.worlds, self.peer_id, config.train.batch_size)
         self.door = Door(layout=self.worlds.learner.layout, known_peers=frozenset(range(config.peers)), wire=config.wire,
                          log=self._door_log)
+        self.streams = StreamBudget(int(config.wire.stream_buffer_mb * (1 << 20)))
         self.links: dict[int, Link] = {}
         self.context: GrpcContext | None = None
         self._encoded: collections.OrderedDict[int, tuple[Message, bytes]] = collections.OrderedDict()
@@ -207,7 +230,7 @@ class PeerNode:
         dead = sorted(p for p, link in self.links.items() if not link.alive and not link.left)
         left = sorted(p for p, link in self.links.items() if link.left)
         self.record("traffic", **asdict(self.traffic), refused=self.refusals(), admitted=self.door.admitted,
-                    dead_neighbours=dead, left_neighbours=left)
+                    stream_buffer_peak=self.streams.peak, dead_neighbours=dead, left_neighbours=left)
 
     # -- links and liveness
 
@@ -222,7 +245,7 @@ class PeerNode:
             if address is None:
                 raise ValueError(f"peer {self.peer_id} has no address for peer {peer}")
             link = Link(self, peer, address, self.config.grpc, self.config.liveness, self.tls,
-                        queue_limit=self.config.wire.inbox_messages)
+                        queue_limit=self.config.wire.inbox_messages, wire=self.config.wire)
             self.links[peer] = link
             link.start(heartbeat)
         return link
@@ -266,10 +289,11 @@ class PeerNode:
         self.record("refused", detail=str(line)[:300])
 
     def peer_hint(self, context: grpc.aio.ServicerContext) -> int | None:
-        """With mTLS, the peer id the client's certificate names; None otherwise."""
+        """With mTLS, the peer id the client's certificate names (None: it names no peer of the
+        experiment, which the servicer refuses); None otherwise (nothing authenticated)."""
         if self.tls.mode != "mtls":
             return None
-        return peer_from_auth_context(context.auth_context())
+        return peer_from_auth_context(context.auth_context(), self.config.peers)
 
     def receive(self, data: bytes, peer_hint: int | None = None, control_only: bool = False) -> bool:
         """Door, then the algorithm. True when admitted. The unary `Ping` carries only Heartbeat and
@@ -297,11 +321,9 @@ class PeerNode:
         return True
 
     async def start_server(self) -> grpc.aio.Server:
-        # no SO_REUSEPORT: a second server on a taken port must fail, not share the port
-        # and a bounded number of concurrent calls per connection, so one
-        # client cannot hold many half-sent streams of up to wire.max_message_mb each
-        server = grpc.aio.server(options=[*channel_options(self.config.grpc), ("grpc.so_reuseport", 0),
-                                          ("grpc.max_concurrent_streams", MAX_CONCURRENT_STREAMS)])
+        # gRPC's own limits (transport.server_options), then ours in PeerServicer.Stream
+        server = grpc.aio.server(options=server_options(self.config.grpc),
+                                 maximum_concurrent_rpcs=max_concurrent_rpcs(self.config.grpc, self.config.peers))
         meshfl_pb2_grpc.add_PeerServicer_to_server(PeerServicer(self), server)
         listen = self.peer_config.listen
         try:
@@ -440,7 +462,7 @@ async def _until_stopped(awaitable: Any, stop: asyncio.Event) -> bool:
 
 
 async def serve(peer_config: PeerConfig, config: ExperimentConfig, out_dir: Path,
-                stop: asyncio.Event | None = None) -> str:
+                stop: asyncio.Event | None = None, *, insecure: bool = False) -> str:
     """Run one peer until its algorithm returns or `stop` is set; returns its status.
 
     Without a `stop` event (a peer process), SIGTERM and SIGINT set one.
@@ -450,15 +472,37 @@ async def serve(peer_config: PeerConfig, config: ExperimentConfig, out_dir: Path
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-    node = PeerNode(peer_config, config, out_dir)
+    node = PeerNode(peer_config, config, out_dir, insecure=insecure)
     try:
         return await node.run(stop)
     finally:
         node.metrics_file.close()
 
 
-def run_node(peer_config: PeerConfig, base: Path) -> str:
-    """Entry point of `meshfl node`: resolve the experiment, serve, return the final status."""
+def return_freed_memory() -> None:
+    """Make glibc give large freed blocks back to the system at once (a fixed mmap threshold).
+
+    By default glibc raises its mmap threshold each time a large block is freed, after which
+    1 MiB chunks come from the heap and stay resident once freed: 16 hostile streams left a peer
+    hundreds of MiB above its live data. With the threshold fixed at 128 KiB, RSS follows what
+    the stream budget (wire.stream_buffer_mb) holds. A no-op where there is no glibc."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(M_MMAP_THRESHOLD, 128 * 1024)
+    except (OSError, AttributeError):
+        pass
+
+
+M_MMAP_THRESHOLD = -3  # glibc's malloc.h
+
+
+def run_node(peer_config: PeerConfig, base: Path, *, insecure: bool = False) -> str:
+    """Entry point of `meshfl node`: resolve the experiment, serve, return the final status.
+
+    Relative TLS paths of the peer config are relative to its folder `base`."""
+    return_freed_memory()
     config = peer_config.resolve_experiment(base)
+    peer_config = peer_config.with_base(base)
     torch.set_num_threads(peer_config.torch_threads)
-    return asyncio.run(serve(peer_config, config, peer_config.out_path(base)))
+    return asyncio.run(serve(peer_config, config, peer_config.out_path(base), insecure=insecure))

@@ -7,6 +7,7 @@ from the same source the simulator uses: same seed, same split, same numbers.
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ class PeerConfig(BaseModel):
         ..., description="the experiment config, embedded as a mapping or as a path to its YAML (relative to this file)")
     overrides: list[str] = Field(default_factory=list, description="key=value overrides applied to a path-given experiment")
     out_dir: str = Field("peer-out", description="folder for this peer's metrics.jsonl (relative to this file)")
-    tls: TlsConfig | None = Field(None, description="this peer's certificate and key; default: the experiment's grpc.tls")
+    tls: TlsConfig | None = Field(None, description="this peer's certificate and key (relative paths: to this file's folder); default: the experiment's grpc.tls")
     startup_timeout_s: float = Field(60.0, gt=0, description="how long to wait for every neighbour to answer before the algorithm starts anyway")
     linger_s: float = Field(1.0, ge=0, description="seconds to keep serving after the algorithm ends, so neighbours can finish")
     torch_threads: int = Field(1, ge=1, description="torch intra-op threads of this process (several peers share a host)")
@@ -72,6 +73,21 @@ class PeerConfig(BaseModel):
     def tls_for(self, experiment: ExperimentConfig) -> TlsConfig:
         return self.tls if self.tls is not None else experiment.grpc.tls
 
+    def with_base(self, base: Path) -> PeerConfig:
+        """This config with relative paths in `tls` made absolute against `base` (the file's folder),
+        so a folder of peer configs and certificates can be copied to a host as it is."""
+        if self.tls is None or self.tls.mode == "none":
+            return self
+
+        def resolve(value: str | None) -> str | None:
+            if value is None:
+                return None
+            path = Path(value).expanduser()
+            return str(path if path.is_absolute() else (base / path).resolve())
+
+        tls = TlsConfig(mode=self.tls.mode, ca=resolve(self.tls.ca), cert=resolve(self.tls.cert), key=resolve(self.tls.key))
+        return self.model_copy(update={"tls": tls})
+
     def out_path(self, base: Path) -> Path:
         path = Path(self.out_dir)
         return path if path.is_absolute() else base / path
@@ -82,6 +98,36 @@ def _split_address(field: str, address: str) -> tuple[str, int]:
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError(f"{field}: expected host:port with a port in 1..65535, got {address!r}")
     return host, int(port)
+
+
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 or localhost; anything else (0.0.0.0, ::, a routable address or another name) is not."""
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_listen(listen: str, tls: TlsConfig, insecure: bool) -> str | None:
+    """Refuse (ConfigError, one line naming grpc.tls.mode and the fix) a non-loopback listen address
+    without mTLS, unless `insecure`; then return the warning to print at start. None when all is well.
+
+    `tls` mode is refused like plaintext: it authenticates the server only, so any client could
+    claim to be any peer (the door then trusts the envelope's sender, as in plaintext).
+    """
+    host, _ = split_address(listen)
+    if tls.mode == "mtls" or is_loopback(host):
+        return None
+    what = "plaintext" if tls.mode == "none" else "tls (server certificate only: any client can claim any sender)"
+    if not insecure:
+        raise ConfigError(f"grpc.tls.mode: {tls.mode} on listen {listen}, which is not loopback; peers on a network need "
+                          "mtls: make certificates with `meshfl configs --hosts ...` (or `meshfl certs`) and set "
+                          "grpc.tls.mode=mtls, or accept the risk with grpc.insecure=true / --insecure")
+    return (f"SECURITY WARNING: peer listens on {listen} with {what} (grpc.insecure): anyone who can reach it can "
+            "read its traffic and send it messages as any peer; use grpc.tls.mode=mtls off loopback")
 
 
 def split_address(address: str) -> tuple[str, int]:

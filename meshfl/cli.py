@@ -486,7 +486,7 @@ def certs(
     out: Annotated[Path, typer.Option("--out", "-o", help="folder for ca.pem and peer-<i>.pem/.key")] = Path("certs"),
     hosts: Annotated[str, typer.Option("--hosts", help="comma-separated IPs or DNS names the certificates are valid for (host:port also accepted)")] = "127.0.0.1,localhost",
 ) -> None:
-    """Make a private CA and one certificate per peer for grpc.tls.mode=tls|mtls."""
+    """Make a private CA, one certificate and one Ed25519 signing key per peer, and the CA-signed keyring."""
     from meshfl.runtime.grpc.certs import generate_deployment
 
     if peers < 1:
@@ -498,9 +498,11 @@ def certs(
         made = generate_deployment(out, peers, names)
     except (ValueError, OSError) as exc:
         _fail(f"certs: {exc}")
-    console.print(f"wrote {made['ca']} and {peers} peer certificates to {out}; use them with "
+    console.print(f"wrote {made['ca']}, {peers} peer certificates and signing keys, and {made['keyring']} to {out}; use them with "
                   f"--set grpc.tls.mode=mtls --set grpc.tls.ca={made['ca']} "
-                  f"--set grpc.tls.cert={out}/peer-{{peer}}.pem --set grpc.tls.key={out}/peer-{{peer}}.key", highlight=False, soft_wrap=True)
+                  f"--set grpc.tls.cert={out}/peer-{{peer}}.pem --set grpc.tls.key={out}/peer-{{peer}}.key "
+                  f"--set keys.keyring={made['keyring']} --set keys.signing_key={out}/peer-{{peer}}.sign.key",
+                  highlight=False, soft_wrap=True)
 
 
 def _host_only(entry: str) -> str:

@@ -223,7 +223,7 @@ def test_a_thousand_hostile_messages_are_refused_and_change_nothing(tmp_path):
     """Peer 0 is attacked mid-run: peer 2 is paused (SIGSTOP) once the algorithm runs, so peer 0
     is held inside round 0/1 waiting for it (long timeouts, nothing lost) while 1,000 hostile
     messages arrive; then peer 2 resumes and the run completes."""
-    config = digits(3, 2, "wire.max_message_mb=1", "grpc.base_port=50710", "gossip.vote_timeout_s=30",
+    config = digits(3, 2, "wire.max_message_mb=1", "grpc.base_port=50710", "grpc.local_mtls=false", "gossip.vote_timeout_s=30",
                     "gossip.aggregation_timeout_s=30", "gossip.wait_model_timeout_s=30", "gossip.diffusion_timeout_s=30",
                     "liveness.timeout_s=30")
     learner = TorchLearner(config.train, (64,), 10)

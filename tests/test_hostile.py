@@ -38,11 +38,8 @@ PEERS, ROUNDS, INSIDER = 4, 10, 3
 
 def secured(tmp_path: Path, port: int, *extra: str):
     """A 4-peer digits run in mTLS with CA-signed Ed25519 keys, as `meshfl certs` makes them."""
-    from meshfl.runtime.keys import generate_keys
-
     certs = tmp_path / "certs"
-    deployment = generate_deployment(certs, PEERS)
-    keyring = generate_keys(certs, PEERS, ca_key=deployment["ca_key"])
+    keyring = generate_deployment(certs, PEERS)["keyring"]
     return load_config(None, [f"peers={PEERS}", f"rounds={ROUNDS}", "data.dataset=digits", *FAST, "gossip.train_set_size=2", f"grpc.base_port={port}",
                               "grpc.tls.mode=mtls", f"grpc.tls.ca={certs}/ca.pem", f"grpc.tls.cert={certs}/peer-{{peer}}.pem",
                               f"grpc.tls.key={certs}/peer-{{peer}}.key", f"keys.keyring={keyring}",
@@ -52,7 +49,8 @@ def secured(tmp_path: Path, port: int, *extra: str):
 def insider_channel(address: str, certs: Path, as_peer: int, target: int) -> grpc.Channel:
     tls = TlsConfig(mode="mtls", ca=str(certs / "ca.pem"), cert=str(certs / f"peer-{as_peer}.pem"),
                     key=str(certs / f"peer-{as_peer}.key"))
-    return grpc.secure_channel(address, load_credentials(tls, server=False))
+    options = [("grpc.ssl_target_name_override", f"peer-{target}")]  # as a peer dials: the server must be `target`
+    return grpc.secure_channel(address, load_credentials(tls, server=False), options=options)
 
 
 def stream(stub, envelopes: list[bytes]) -> tuple[int, int]:

@@ -160,7 +160,7 @@ def test_configs_command_network_hosts_certs_insecure_or_given(tmp_path, monkeyp
 def test_launch_off_loopback_without_mtls_is_refused_before_any_peer_starts(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)
     refused = runner.invoke(app, ["launch", "--local", "--out", str(tmp_path / "run"),
-                                  *sets("peers=2", "data.dataset=digits", "grpc.host=0.0.0.0")])
+                                  *sets("peers=2", "data.dataset=digits", "grpc.host=0.0.0.0", "grpc.local_mtls=false")])
     assert refused.exit_code == 2
     message = refused.stderr.strip()
     assert message.startswith("error: grpc.tls.mode: none on listen 0.0.0.0:") and "--insecure" in message and len(message.splitlines()) == 1, message

@@ -120,7 +120,7 @@ def test_insecure_warns_at_every_start(tmp_path, capsys):
     for _ in range(2):  # a restart warns again
         PeerNode(peer, config, tmp_path / "p").metrics_file.close()
         assert "SECURITY WARNING" in capsys.readouterr().err
-    warnings = [e for e in read_events(tmp_path / "p" / "metrics.jsonl") if e["event"] == "security_warning"]
+    warnings = [e for e in read_events(tmp_path / "p" / "metrics.jsonl") if e["event"] == "security_warning" and "listen" in e]
     assert len(warnings) == 2 and warnings[0]["listen"] == "0.0.0.0:1" and warnings[0]["tls"] == "none"
     flagged = digits(2)  # the same through `meshfl node --insecure` rather than the config
     PeerNode(peer, flagged, tmp_path / "q", insecure=True).metrics_file.close()
@@ -448,7 +448,7 @@ def test_sixteen_never_ending_250_mib_streams_leave_a_peer_bounded_and_the_run_f
 
     slow = ["gossip.vote_timeout_s=40", "gossip.aggregation_timeout_s=40", "gossip.wait_model_timeout_s=40",
             "gossip.diffusion_timeout_s=40", "liveness.heartbeat_interval_s=0.5", "liveness.timeout_s=40"]
-    config = load_config(None, ["peers=3", "rounds=2", "data.dataset=digits", "grpc.base_port=50620", *slow])
+    config = load_config(None, ["peers=3", "rounds=2", "data.dataset=digits", "grpc.base_port=50620", "grpc.local_mtls=false", *slow])
     seen: dict = {}
 
     def metrics_text(process) -> str:

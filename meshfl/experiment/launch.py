@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from meshfl.config import ConfigError, ExperimentConfig, TlsConfig, load_config
+from meshfl.config import ConfigError, ExperimentConfig, KeysConfig, TlsConfig, load_config
 from meshfl.core.metrics import (
     CRASH_KILLED,
     FAULT,
@@ -106,6 +106,18 @@ def tls_for_peer(tls: TlsConfig, peer: int, base: Path | None = None) -> TlsConf
     return TlsConfig(mode=tls.mode, ca=resolve(tls.ca), cert=resolve(tls.cert), key=resolve(tls.key))
 
 
+def keys_for_peer(keys: KeysConfig, peer: int, base: Path | None = None) -> KeysConfig | None:
+    """The experiment's key files with `{peer}` filled in (paths made absolute against `base`); None without key files."""
+    if keys.keyring is None or keys.signing_key is None:
+        return None
+
+    def resolve(value: str) -> str:
+        path = Path(value.replace(PEER_PLACEHOLDER, str(peer))).expanduser()
+        return str(path if base is None or path.is_absolute() else (base / path).resolve())
+
+    return KeysConfig(keyring=resolve(keys.keyring), signing_key=resolve(keys.signing_key))
+
+
 def build_peer_configs(config: ExperimentConfig, addresses: list[str], *, listen_hosts: list[str] | None = None,
                        out_dirs: list[str] | None = None, tls_base: Path | None = None,
                        certs_dir: Path | None = None, relative_certs: bool = False, **fields: Any) -> list[PeerConfig]:
@@ -123,6 +135,12 @@ def build_peer_configs(config: ExperimentConfig, addresses: list[str], *, listen
                         key=str(folder / "peer-{peer}.key"))
     configs = []
     for peer in range(config.peers):
+        if certs_dir is not None and (certs_dir / "keyring.json").exists():
+            folder = Path(certs_dir.name) if relative_certs else certs_dir
+            keys: KeysConfig | None = KeysConfig(keyring=str(folder / "keyring.json"),
+                                                 signing_key=str(folder / f"peer-{peer}.sign.key"))
+        else:
+            keys = keys_for_peer(config.keys, peer, tls_base)
         port = addresses[peer].rpartition(":")[2]
         listen = f"{listen_hosts[peer]}:{port}" if listen_hosts else addresses[peer]
         configs.append(PeerConfig(
@@ -130,7 +148,7 @@ def build_peer_configs(config: ExperimentConfig, addresses: list[str], *, listen
             addresses={p: addresses[p] for p in range(config.peers) if p != peer},
             neighbours=list(topology.neighbours[peer]),
             experiment=config, out_dir=out_dirs[peer] if out_dirs else f"peer-{peer}",
-            tls=tls_for_peer(tls, peer, tls_base), **fields))
+            tls=tls_for_peer(tls, peer, tls_base), keys=keys, **fields))
     return configs
 
 
@@ -479,7 +497,12 @@ def launch_local(config: ExperimentConfig, run_dir: Path, *, timeout_s: float | 
     addresses = [f"{host}:{port}" for port in ports]
     if insecure and not config.grpc.insecure:
         config = config.model_copy(update={"grpc": config.grpc.model_copy(update={"insecure": True})})
-    configs = build_peer_configs(config, addresses, tls_base=Path.cwd(), linger_s=linger_s,
+    certs_dir = None
+    if config.grpc.tls.mode == "none" and config.grpc.local_mtls:  # secure by default, on loopback too
+        from meshfl.runtime.grpc.certs import generate_deployment
+        certs_dir = run_dir / "certs"
+        generate_deployment(certs_dir, config.peers, sorted({host, "127.0.0.1", "localhost"}))
+    configs = build_peer_configs(config, addresses, tls_base=Path.cwd(), linger_s=linger_s, certs_dir=certs_dir,
                                  out_dirs=[str(peers_dir / f"peer-{p}") for p in range(config.peers)])
     for peer_config in configs:  # fail here, with one line, not in every peer's log
         check_listen(peer_config.listen, peer_config.tls_for(config), config.grpc.insecure)

@@ -31,7 +31,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from meshfl.config import ConfigError, ExperimentConfig
+from meshfl.config import ConfigError, ExperimentConfig, KeysConfig
 
 KEYRING_FORMAT = "meshfl-keyring-1"
 SIGNATURE_HEX = 128  # an Ed25519 signature is 64 bytes
@@ -121,14 +121,17 @@ class DerivedKeyring(Keyring):
         return key
 
 
-def keys_for(config: ExperimentConfig, peer: int, keyring: Keyring | None = None) -> tuple[Signer, Keyring]:
-    """This peer's signer and the run's keyring, from key files when configured, else derived from the seed."""
-    keys = config.keys
+def keys_for(config: ExperimentConfig, peer: int, keyring: Keyring | None = None, *,
+             keys: KeysConfig | None = None, ca: str | None = None) -> tuple[Signer, Keyring]:
+    """This peer's signer and the run's keyring: from key files when configured (`keys`, default the
+    experiment's `keys:`; with `ca`, the keyring must carry that CA's signature), else derived from the seed."""
+    keys = keys if keys is not None else config.keys
     if keys.keyring is None:
         ring = keyring if keyring is not None else DerivedKeyring(config.seed, config.peers)
         return Signer(peer, derived_key(config.seed, peer)), ring
-    ring = keyring if keyring is not None else load_keyring(Path(keys.keyring), config.peers,
-                                                            ca=config.grpc.tls.ca if config.grpc.tls.mode != "none" else None)
+    if ca is None and config.grpc.tls.mode != "none":
+        ca = config.grpc.tls.ca
+    ring = keyring if keyring is not None else load_keyring(Path(keys.keyring), config.peers, ca=ca)
     signer = Signer(peer, load_signing_key(Path(str(keys.signing_key).replace("{peer}", str(peer)))))
     expected = ring.public_key(peer)
     if expected is None or expected.public_bytes(*_RAW).hex() != signer.public_hex():

@@ -87,9 +87,10 @@ def generate_peer_cert(out_dir: Path, ca_cert: Path, ca_key: Path, name: str, ho
 
 def generate_deployment(out_dir: Path, peers: int, hosts: list[str] = ["127.0.0.1", "localhost"],  # noqa: B006 - never mutated
                         peer_hosts: list[list[str]] | None = None) -> dict:
-    """CA plus certificates peer-0 .. peer-<peers-1> for `hosts` (or peer i for `peer_hosts[i]`), all in `out_dir`.
+    """CA plus certificates peer-0 .. peer-<peers-1> for `hosts` (or peer i for `peer_hosts[i]`), all in `out_dir`,
+    and every peer's Ed25519 signing key (`peer-<i>.sign.key`) with `keyring.json` signed by the CA.
 
-    Returns {"ca": ca.pem, "ca_key": ca.key, "peers": [{"name", "cert", "key"}, ...]} (Paths).
+    Returns {"ca": ca.pem, "ca_key": ca.key, "peers": [{"name", "cert", "key"}, ...], "keyring": keyring.json} (Paths).
     Existing files of the same names are replaced.
     """
     if peers < 1:
@@ -103,7 +104,9 @@ def generate_deployment(out_dir: Path, peers: int, hosts: list[str] = ["127.0.0.
         cert, key = generate_peer_cert(out_dir, ca_pem, ca_key, peer_name(i),
                                        list(peer_hosts[i] if peer_hosts is not None else hosts))
         entries.append({"name": f"peer-{i}", "cert": cert, "key": key})
-    return {"ca": ca_pem, "ca_key": ca_key, "peers": entries}
+    from meshfl.runtime.keys import generate_keys
+    keyring = generate_keys(out_dir, peers, ca_key=ca_key)  # content signing keys, bound to the same CA
+    return {"ca": ca_pem, "ca_key": ca_key, "peers": entries, "keyring": keyring}
 
 
 def load_credentials(tls: TlsConfig, *, server: bool) -> grpc.ServerCredentials | grpc.ChannelCredentials:

@@ -186,11 +186,12 @@ class PeerNode:
 
     def _load_keys(self) -> None:
         """This peer's signing key and everyone's public keys, now: a wrong key file fails before listening."""
-        signer, keyring = keys_for(self.config, self.peer_id)
+        signer, keyring = keys_for(self.config, self.peer_id, keys=self.peer_config.keys_for(self.config),
+                                   ca=self.tls.ca if self.tls.mode != "none" else None)
         self.worlds.signers[self.peer_id] = signer
         self.worlds.keyring = keyring
         if keyring.derived_from_seed:
-            self.record("security_warning", detail="keys.keyring is not set: content signatures use keys derived from "
+            self.record(SECURITY_WARNING, detail="keys.keyring is not set: content signatures use keys derived from "
                         "the run seed, which anyone who knows the config can forge (`meshfl certs` makes real keys)")
 
     # -- clock, counters, events

@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from meshfl.config import ConfigError, ExperimentConfig, TlsConfig, load_config, read_yaml_mapping
+from meshfl.config import ConfigError, ExperimentConfig, KeysConfig, TlsConfig, load_config, read_yaml_mapping
 
 
 class PeerConfig(BaseModel):
@@ -29,6 +29,7 @@ class PeerConfig(BaseModel):
     overrides: list[str] = Field(default_factory=list, description="key=value overrides applied to a path-given experiment")
     out_dir: str = Field("peer-out", description="folder for this peer's metrics.jsonl (relative to this file)")
     tls: TlsConfig | None = Field(None, description="this peer's certificate and key (relative paths: to this file's folder); default: the experiment's grpc.tls")
+    keys: KeysConfig | None = Field(None, description="this peer's signing key and the keyring (relative paths: to this file's folder); default: the experiment's keys")
     startup_timeout_s: float = Field(60.0, gt=0, description="how long to wait for every neighbour to answer before the algorithm starts anyway")
     linger_s: float = Field(1.0, ge=0, description="seconds to keep serving after the algorithm ends, so neighbours can finish")
     torch_threads: int = Field(1, ge=1, description="torch intra-op threads of this process (several peers share a host)")
@@ -73,11 +74,12 @@ class PeerConfig(BaseModel):
     def tls_for(self, experiment: ExperimentConfig) -> TlsConfig:
         return self.tls if self.tls is not None else experiment.grpc.tls
 
+    def keys_for(self, experiment: ExperimentConfig) -> KeysConfig:
+        return self.keys if self.keys is not None else experiment.keys
+
     def with_base(self, base: Path) -> PeerConfig:
-        """This config with relative paths in `tls` made absolute against `base` (the file's folder),
-        so a folder of peer configs and certificates can be copied to a host as it is."""
-        if self.tls is None or self.tls.mode == "none":
-            return self
+        """This config with relative paths in `tls` and `keys` made absolute against `base` (the file's
+        folder), so a folder of peer configs, certificates and keys can be copied to a host as it is."""
 
         def resolve(value: str | None) -> str | None:
             if value is None:
@@ -85,8 +87,13 @@ class PeerConfig(BaseModel):
             path = Path(value).expanduser()
             return str(path if path.is_absolute() else (base / path).resolve())
 
-        tls = TlsConfig(mode=self.tls.mode, ca=resolve(self.tls.ca), cert=resolve(self.tls.cert), key=resolve(self.tls.key))
-        return self.model_copy(update={"tls": tls})
+        update: dict = {}
+        if self.tls is not None and self.tls.mode != "none":
+            update["tls"] = TlsConfig(mode=self.tls.mode, ca=resolve(self.tls.ca), cert=resolve(self.tls.cert),
+                                      key=resolve(self.tls.key))
+        if self.keys is not None and self.keys.keyring is not None:
+            update["keys"] = KeysConfig(keyring=resolve(self.keys.keyring), signing_key=resolve(self.keys.signing_key))
+        return self.model_copy(update=update) if update else self
 
     def out_path(self, base: Path) -> Path:
         path = Path(self.out_dir)

@@ -156,6 +156,9 @@ class ComputeConfig(_Section):
 class WireConfig(_Section):
     max_message_mb: float = Field(128.0, gt=0, description="messages larger than this are refused at the door (MiB)")
     inbox_messages: int = Field(100_000, ge=1, description="messages a peer holds unread at most; more are dropped and counted")
+    inbox_mb: float = Field(1024.0, gt=0, description="gRPC: bytes (MiB) of unread messages a peer holds at most; past it a "
+                                                      "message is refused with RESOURCE_EXHAUSTED and its sender retries later")
+    inbox_sender_share: float = Field(0.25, gt=0, le=1, description="gRPC: the largest part of inbox_mb one sender's unread messages may take")
     stream_buffer_mb: float = Field(
         128.0, gt=0, description="gRPC: bytes buffered in incoming streams, all streams together; a stream that would pass it "
                                  "is aborted (RESOURCE_EXHAUSTED, counted buffer_full); at least max_message_mb")

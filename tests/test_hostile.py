@@ -169,3 +169,48 @@ def test_an_insider_certificate_cannot_speak_for_others_forge_ballots_move_round
 
 def finish_time(events: list[dict], peer: int) -> float:
     return max(e["virtual_time"] for e in events if e["peer"] == peer and e.get("metric") == "global_accuracy")
+
+
+# ---- a peer that has not read what it holds ---------------------------------------------------
+
+def test_the_inbox_is_bounded_in_bytes_and_per_sender_and_refusals_free_nothing_taken():
+    from meshfl.runtime.peer import Inbox
+    from meshfl.wire.envelope import encoded_size
+
+    layout = TorchLearner(load_config(None, ["data.dataset=digits"]).train, (64,), 10).layout
+    model = lambda sender: AggregatedModel(sender=sender, round=1, params=Params(torch.zeros(layout.numel), layout))  # noqa: E731
+    size = encoded_size(model(1))
+    inbox = Inbox(limit=1000, limit_bytes=8 * size, sender_share=0.25)
+    assert [inbox.put(model(1)) for _ in range(3)] == [True, True, False]  # sender 1 may hold 2 of 8
+    assert [inbox.put(model(s)) for s in (2, 2, 3, 3, 4, 4)] == [True] * 6
+    assert not inbox.put(model(5)) and inbox.dropped == 2 and inbox.bytes == 8 * size  # full: 8 held
+    assert inbox.take((AggregatedModel,)).sender == 1 and inbox.bytes == 7 * size
+    assert inbox.put(model(5)) and not inbox.put(model(5))  # room again, but only for one
+    assert inbox.put(HaveModels(sender=1, round=1, contributors=frozenset({1}))) is False  # sender 1 still holds its share
+
+
+def test_a_peer_that_cannot_take_more_tells_the_sender_to_back_off(tmp_path):
+    """A full inbox refuses with RESOURCE_EXHAUSTED (the sender retries later), counted as inbox_full."""
+    import asyncio
+
+    from meshfl.experiment.launch import build_peer_configs
+    from meshfl.runtime.grpc.node import GrpcContext, PeerNode
+    from meshfl.runtime.grpc.transport import InboxFull
+
+    config = load_config(None, ["peers=2", "rounds=1", "data.dataset=digits", "wire.inbox_mb=0.5", "wire.inbox_sender_share=1"])
+    node = PeerNode(build_peer_configs(config, ["127.0.0.1:1", "127.0.0.1:2"])[0], config, tmp_path)
+    node.context = GrpcContext(node)
+    layout = node.worlds.learner.layout
+    heavy = encode(AggregatedModel(sender=1, round=1, params=Params(torch.zeros(layout.numel), layout)))
+    taken = 0
+    try:
+        while True:
+            assert node.receive(heavy)
+            taken += 1
+            assert taken < 100, "the inbox never filled"
+    except InboxFull as full:
+        assert "wire.inbox_mb=0.5" in str(full)
+    assert taken * len(heavy) <= 0.5 * (1 << 20) + len(heavy) and node.traffic.messages_received == taken
+    assert asyncio.run(node.context.recv(0)) is not None  # the algorithm reads one: room for one more
+    assert node.receive(heavy)
+    node.metrics_file.close()

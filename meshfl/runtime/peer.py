@@ -30,6 +30,7 @@ from meshfl.core.store import Store
 from meshfl.data import Dataset, PeerData, load_dataset, partition_stats, split_for_peers
 from meshfl.learn.learner import TorchLearner
 from meshfl.runtime.keys import Keyring, Signer, keys_for
+from meshfl.wire.envelope import encoded_size
 
 
 @dataclass
@@ -68,19 +69,30 @@ def build_worlds(config: ExperimentConfig) -> Worlds:
 class Inbox:
     """A peer's received messages: bounded, with receive filtered by type.
 
-    A message that arrives when `limit` messages are already waiting is dropped and
-    counted (a flood cannot grow a peer's memory). Messages a filtered receive skips stay
-    queued in arrival order.
+    A message is refused (`put` returns False; counted in `dropped`) when `limit` messages
+    or `limit_bytes` (their encoded sizes) are already waiting, or when its sender already
+    holds `sender_share` of `limit_bytes`: a flood can neither grow a peer's memory nor
+    crowd out the other senders. The gRPC runtime answers a refusal with RESOURCE_EXHAUSTED,
+    so an honest sender backs off and retries (back-pressure). Messages a filtered receive
+    skips stay queued in arrival order.
     """
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, limit_bytes: int | None = None, sender_share: float = 1.0) -> None:
         self.limit = limit
+        self.limit_bytes = limit_bytes
+        self.sender_bytes = None if limit_bytes is None else max(1, int(limit_bytes * sender_share))
         self._queue: collections.deque[Message] = collections.deque()
         self._waiters: list[tuple[tuple[type, ...] | None, asyncio.Future]] = []
+        self._bytes = 0
+        self._by_sender: collections.Counter[int] = collections.Counter()
         self.dropped = 0
 
     def __len__(self) -> int:
         return len(self._queue)
+
+    @property
+    def bytes(self) -> int:
+        return self._bytes
 
     def put(self, message: Message) -> bool:
         for i, (types, waiter) in enumerate(self._waiters):
@@ -88,19 +100,34 @@ class Inbox:
                 del self._waiters[i]
                 waiter.set_result(message)
                 return True
-        if len(self._queue) >= self.limit:
+        size = _size(message) if self.limit_bytes is not None else 0
+        if (len(self._queue) >= self.limit
+                or (self.limit_bytes is not None and self._queue
+                    and (self._bytes + size > self.limit_bytes
+                         or self._by_sender[message.sender] + size > (self.sender_bytes or 0)))):
             self.dropped += 1
             return False
         self._queue.append(message)
+        self._bytes += size
+        self._by_sender[message.sender] += size
         return True
+
+    def _taken(self, message: Message) -> Message:
+        if self.limit_bytes is not None:
+            size = _size(message)
+            self._bytes -= size
+            self._by_sender[message.sender] -= size
+            if self._by_sender[message.sender] <= 0:
+                del self._by_sender[message.sender]  # bounded by the senders holding messages now
+        return message
 
     def take(self, types: tuple[type, ...] | None) -> Message | None:
         if types is None:
-            return self._queue.popleft() if self._queue else None
+            return self._taken(self._queue.popleft()) if self._queue else None
         for i, message in enumerate(self._queue):
             if isinstance(message, types):
                 del self._queue[i]
-                return message
+                return self._taken(message)
         return None
 
     async def get(self, timeout: float | None, types: tuple[type, ...] | None) -> Message | None:
@@ -120,11 +147,20 @@ class Inbox:
                 self._waiters.remove(entry)
 
 
+def _size(message: Message) -> int:
+    """Encoded size (cached on the message); local notices such as PeerLiveness are never sent: 0."""
+    try:
+        return encoded_size(message)
+    except (KeyError, TypeError, ValueError):
+        return 0
+
+
 class PeerContext:
     """The runtime-independent part of a peer's NodeContext (one object per incarnation)."""
 
     def __init__(self, config: ExperimentConfig, peer_id: int, incarnation: int, neighbours: tuple[int, ...],
-                 worlds: Worlds, store: Store, inbox_limit: int) -> None:
+                 worlds: Worlds, store: Store, inbox_limit: int, inbox_bytes: int | None = None,
+                 inbox_sender_share: float = 1.0) -> None:
         self.config = config
         self._peer_id = peer_id
         self._incarnation = incarnation
@@ -135,7 +171,7 @@ class PeerContext:
         self._store = store
         self._rng = algorithm_rng(config.seed, peer_id, incarnation)
         self._torch_generator = batch_generator(config.seed, peer_id, incarnation)
-        self.inbox = Inbox(inbox_limit)
+        self.inbox = Inbox(inbox_limit, inbox_bytes, inbox_sender_share)
         self._request_ids = itertools.count((incarnation << 32) + 1)  # a late reply to an earlier incarnation never matches
         self._pending: dict[tuple[int, int], asyncio.Future] = {}
         self.late_replies = 0
@@ -198,16 +234,16 @@ class PeerContext:
             raise ValueError(f"peer {self._peer_id} sent {type(message).__name__} to itself")
         self._transmit(to, message)
 
-    def deliver(self, message: Message) -> None:
-        """A message admitted for this peer: a pending request's reply, or the inbox."""
+    def deliver(self, message: Message) -> bool:
+        """A message admitted for this peer: a pending request's reply, or the inbox; False when the inbox refused it."""
         if isinstance(message, Reply):
             waiter = self._pending.pop((message.sender, message.in_reply_to), None)
             if waiter is not None and not waiter.done():
                 waiter.set_result(message)
             else:
                 self.late_replies += 1  # its request timed out (or was never made): nobody waits for it
-            return
-        self.inbox.put(message)
+            return True
+        return self.inbox.put(message)
 
     async def recv(self, timeout: float | None = None, types: tuple[type, ...] | None = None) -> Message | None:
         return await self.inbox.get(timeout, types)

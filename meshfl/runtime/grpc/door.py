@@ -18,7 +18,8 @@ bucket of messages and one of bytes (`wire.sender_*`).
 The transport refuses some things before a message is whole and counts them here with
 `reject` under TRANSPORT_REASONS: `unauthenticated` (mTLS client certificate that names no
 peer of the experiment), `buffer_full` (wire.stream_buffer_mb), `stream_deadline`
-(wire.stream_deadline_s), `rate_limited` (bytes of an mTLS sender, counted per chunk).
+(wire.stream_deadline_s), `rate_limited` (bytes of an mTLS sender, counted per chunk),
+`inbox_full` (wire.inbox_mb / inbox_sender_share: the sender backs off and retries).
 
 Refusals are counted by reason; the first refusal of each reason is logged with its
 detail, later ones only counted, so a hostile or broken peer cannot flood the log.
@@ -40,7 +41,7 @@ from meshfl.wire.envelope import REASONS, Refused
 
 __all__ = ["REASONS", "TRANSPORT_REASONS", "Door", "RateLimiter", "Refused"]
 
-TRANSPORT_REASONS = ("unauthenticated", "buffer_full", "stream_deadline", "rate_limited")
+TRANSPORT_REASONS = ("unauthenticated", "buffer_full", "stream_deadline", "rate_limited", "inbox_full")
 """Refusals decided by the transport or the rate limiter rather than by decoding the envelope."""
 
 _MIB = 1 << 20

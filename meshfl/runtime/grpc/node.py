@@ -56,6 +56,7 @@ from meshfl.runtime.grpc.door import Door, Refused
 from meshfl.runtime.grpc.faults import TransportFaults
 from meshfl.runtime.grpc.peer_config import PeerConfig, check_listen
 from meshfl.runtime.grpc.transport import (
+    InboxFull,
     Link,
     PeerServicer,
     StreamBudget,
@@ -83,7 +84,8 @@ class GrpcContext(PeerContext):
 
     def __init__(self, node: PeerNode) -> None:
         super().__init__(node.config, node.peer_id, node.incarnation, node.neighbour_ids, node.worlds, node.store,
-                         node.config.wire.inbox_messages)
+                         node.config.wire.inbox_messages, int(node.config.wire.inbox_mb * (1 << 20)),
+                         node.config.wire.inbox_sender_share)
         self._node = node
         self._learner_lock = threading.Lock()
 
@@ -316,9 +318,10 @@ class PeerNode:
         if link is not None:
             link.heard()
         if not isinstance(message, Heartbeat):
+            if self.context is not None and not self.context.deliver(message):
+                raise InboxFull(f"{self.context.inbox.bytes} bytes in {len(self.context.inbox)} unread messages "
+                                f"(wire.inbox_mb={self.config.wire.inbox_mb:g}, inbox_sender_share={self.config.wire.inbox_sender_share:g})")
             self.traffic.messages_received += 1
-            if self.context is not None:
-                self.context.deliver(message)
         return True
 
     async def start_server(self) -> grpc.aio.Server:

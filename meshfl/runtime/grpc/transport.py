@@ -38,6 +38,10 @@ if TYPE_CHECKING:
     from meshfl.runtime.grpc.faults import TransportFaults
     from meshfl.runtime.grpc.node import PeerNode
 
+class InboxFull(Exception):
+    """The algorithm has not read what it holds: the sender is told to back off (RESOURCE_EXHAUSTED) and retry."""
+
+
 # ---- framing estimate -----------------------------------------------------------------------
 # gRPC python does not expose per-call HTTP/2 byte counts, so framing is estimated from the
 # protocol: every gRPC message has a 5-byte length prefix, every HTTP/2 frame a 9-byte header
@@ -509,7 +513,12 @@ class PeerServicer(meshfl_pb2_grpc.PeerServicer):
                     if chunk.last:
                         message, buffer = bytes(buffer), bytearray()
                         budget.release(stream)  # the joined copy is the door's now
-                        if node.receive(message, hint):
+                        try:
+                            admitted = node.receive(message, hint)
+                        except InboxFull as full:
+                            failure = ("inbox_full", str(full), exhausted)
+                            break
+                        if admitted:
                             accepted += 1
                         else:
                             refused += 1

@@ -189,3 +189,58 @@ def test_grpc_peer_switches_its_behaviour_when_the_launcher_fires_it(tmp_path):
     assert mine.byzantine is None
     assert json.loads((tmp_path / "p1" / "faults.json").read_text())["fired"][-1] == numbers["byzantine_off"]
     assert isinstance(mine.actions[numbers["byzantine_on"]], FaultAction)
+
+
+# ---- gossip's robust mode: individual models, aggregated at every peer -------------------------
+
+def test_robust_rules_need_individual_exchange_and_krum_enough_models():
+    from meshfl.config import ConfigError
+
+    with pytest.raises(ConfigError, match="gossip.aggregation.rule: median needs the individual models"):
+        load_config(None, ["gossip.aggregation.rule=median"])
+    with pytest.raises(ConfigError, match=r"gossip.aggregation.byzantine: krum with f=2 needs more than 6"):
+        load_config(None, ["peers=6", "gossip.exchange=individual", "gossip.aggregation.rule=krum",
+                           "gossip.aggregation.byzantine=2"])
+    load_config(None, ["peers=7", "gossip.train_set_size=7", "gossip.exchange=individual", "gossip.aggregation.rule=krum",
+                       "gossip.aggregation.byzantine=2"])
+
+
+def test_individual_exchange_gives_every_peer_the_same_model_close_to_partial_fedavg():
+    partial, _, _ = _sim("[]")
+    individual, metrics, summary = _sim("[]", "gossip.exchange=individual")
+    models = [p.flat for p in individual.final_params.values()]
+    assert len(models) == 6 and all(torch.equal(m, models[0]) for m in models)
+    assert torch.allclose(models[0], partial.final_params[0].flat, atol=1e-5)
+    assert summary["messages_by_type"].get("Contribution", 0) > 0
+    assert "PartialModel" not in summary["messages_by_type"]
+    diffused = [e for e in metrics.events if e.get("event") == "metric" and e.get("metric") == "missed_models"]
+    assert diffused == []
+
+
+def test_individual_median_holds_where_fedavg_falls_to_one_sign_flip():
+    liar = "[{kind: byzantine, behaviour: sign_flip, peers: [2], at_s: 0}]"
+    _, _, fedavg = _sim(liar, "gossip.exchange=individual", "rounds=5", "train.local_epochs=3")
+    _, _, median = _sim(liar, "gossip.exchange=individual", "gossip.aggregation.rule=median", "rounds=5",
+                        "train.local_epochs=3")
+    assert fedavg["honest_mean_final_accuracy"] < 0.2  # chance: 0.1
+    assert median["honest_mean_final_accuracy"] > 0.75, median  # clean: 0.85
+
+
+def test_krum_falls_back_to_the_median_when_crashes_leave_too_few_models():
+    _, metrics, summary = _sim("[{kind: crash, peers: [4, 5], at_round: 2}]", "gossip.exchange=individual",
+                               "gossip.aggregation.rule=krum", "liveness.timeout_s=1")
+    fallbacks = [e for e in metrics.events if e.get("metric") == "aggregation_fallback"]
+    assert fallbacks and {e["value"] for e in fallbacks} == {4}  # 4 live models <= 2f + 2
+    assert summary["dead_peers"] == [4, 5] and all(summary["peer_status"][str(p)] == "finished" for p in range(4))
+
+
+def test_inflated_weight_is_capped_by_max_weight():
+    liar = "[{kind: byzantine, behaviour: inflate_weight, peers: [2], at_s: 0}]"
+    clean, _, _ = _sim("[]", "gossip.exchange=individual")
+    capped, _, _ = _sim(liar, "gossip.exchange=individual", "gossip.aggregation.max_weight=500")
+    inflated, _, _ = _sim(liar, "gossip.exchange=individual")
+    honest = [p for p in range(6) if p != 2]
+    # every digits peer holds < 500 samples, so the cap leaves the honest weights and bounds the liar's to 500
+    distance = lambda run: float((run.final_params[0].flat - clean.final_params[0].flat).norm())  # noqa: E731
+    assert distance(capped) < distance(inflated)
+    assert all(torch.equal(capped.final_params[p].flat, capped.final_params[0].flat) for p in honest)

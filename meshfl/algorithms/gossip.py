@@ -382,8 +382,12 @@ class GossipPeer:
             if missing:
                 lacking[neighbour] = missing
         for target in choose_targets(ctx.rng, list(lacking), [], self.config.gossip_fanout):
-            for origin in lacking[target]:
-                ctx.send(target, state.contributions[origin])
+            missing = lacking[target]
+            if ctx.peer_id in missing:  # one's own model first: nobody else has it yet
+                origin = ctx.peer_id
+            else:
+                origin = missing[int(ctx.rng.integers(len(missing)))] if len(missing) > 1 else missing[0]
+            ctx.send(target, state.contributions[origin])
             state.awaiting_ack[target] = ctx.now()
 
     async def _elect_train_set(self, ctx: NodeContext, round: int) -> tuple[int, ...]:

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import hashlib
 import itertools
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -29,7 +30,9 @@ from meshfl.core.seeds import algorithm_rng, batch_generator, byzantine_generato
 from meshfl.core.store import Store
 from meshfl.data import Dataset, PeerData, load_dataset, partition_stats, split_for_peers
 from meshfl.faults import Byzantine
-from meshfl.learn.learner import TorchLearner
+from meshfl.learn.learner import Evaluation, TorchLearner
+
+GLOBAL_EVALUATIONS_KEPT = 64
 
 
 @dataclass
@@ -40,6 +43,20 @@ class Worlds:
     global_test: Dataset
     learner: TorchLearner
     partition: list[dict]
+    global_evaluations: collections.OrderedDict[bytes, Evaluation] = field(default_factory=collections.OrderedDict)
+
+    def evaluate_global(self, params: Params) -> Evaluation:
+        """The learner's evaluation of `params` on the global test set, computed once per distinct model.
+
+        Peers that agree on a round's model (every peer of a converged gossip round) share one
+        evaluation: the same model gives the same numbers, so only the simulator's wall time changes."""
+        key = hashlib.blake2b(params.flat.numpy().tobytes(), digest_size=16).digest() + params.layout.fingerprint.encode()
+        found = self.global_evaluations.get(key)
+        if found is None:
+            found = self.global_evaluations[key] = self.learner.evaluate(params, self.global_test)
+            if len(self.global_evaluations) > GLOBAL_EVALUATIONS_KEPT:
+                self.global_evaluations.popitem(last=False)
+        return found
 
 
 def build_worlds(config: ExperimentConfig) -> Worlds:
@@ -274,7 +291,7 @@ class PeerContext:
     def _evaluate(self, params: Params) -> dict[str, float]:
         learner = self._worlds.learner
         local = learner.evaluate(params, self._data.test)
-        global_ = learner.evaluate(params, self._worlds.global_test)
+        global_ = self._worlds.evaluate_global(params)
         return {LOCAL_ACCURACY: local.accuracy, LOCAL_LOSS: local.loss,
                 GLOBAL_ACCURACY: global_.accuracy, GLOBAL_LOSS: global_.loss}
 

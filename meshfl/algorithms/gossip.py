@@ -358,15 +358,19 @@ class GossipPeer:
         missed = set(state.train_set) - set(origins)
         if missed:
             ctx.log("missed_models", len(missed), round=round)
-        if not origins:
+        chosen = [state.contributions[o] for o in origins]
+        usable = [c for c in chosen if c.params.layout.fingerprint == start.layout.fingerprint
+                  and bool(c.params.flat.isfinite().all())]
+        if len(usable) < len(chosen):
+            ctx.log("unusable_models", len(chosen) - len(usable), round=round)  # NaN/Inf (a diverged or lying peer)
+        if not usable:
             return start, frozenset()
         rule = self.config.aggregation
-        if rule.rule in ("krum", "multi_krum") and len(origins) <= 2 * rule.byzantine + 2:
-            ctx.log("aggregation_fallback", len(origins), round=round)  # too few models for Krum this round
+        if rule.rule in ("krum", "multi_krum") and len(usable) <= 2 * rule.byzantine + 2:
+            ctx.log("aggregation_fallback", len(usable), round=round)  # too few models for Krum this round
             rule = rule.model_copy(update={"rule": "median"})
-        chosen = [state.contributions[o] for o in origins]
-        model = robust_aggregate([c.params for c in chosen], [float(c.samples) for c in chosen], rule, reference=start)
-        return model, frozenset(origins)
+        model = robust_aggregate([c.params for c in usable], [float(c.samples) for c in usable], rule, reference=start)
+        return model, frozenset(c.origin for c in usable)
 
     def _gossip_contributions(self, ctx: NodeContext, round: int) -> None:
         """Each step, up to `gossip_fanout` live neighbours get every train-set model they are not known to hold."""
@@ -619,13 +623,13 @@ class GossipPeer:
 
 
     def _handle_contribution(self, ctx: NodeContext, message: Contribution) -> None:
-        """Keep the first usable copy of each origin's model (as our own message, to relay unchanged)."""
+        """Keep the first copy of each origin's model (as our own message, to relay unchanged)."""
         state = self.state(message.round) if message.round >= self.round else None
         if state is None or state.model is not None:  # a past round, or this round's model is made
             ctx.send(message.sender, HaveModels(sender=ctx.peer_id, round=message.round,
                                                 contributors=message.contributors, complete=True))
             return
-        kept = message.origin not in state.contributions and bool(message.params.flat.isfinite().all())
+        kept = message.origin not in state.contributions  # unusable values are relayed too, and left out when aggregating
         if kept:
             state.contributions[message.origin] = replace(message, sender=ctx.peer_id)
         have = HaveModels(sender=ctx.peer_id, round=message.round, contributors=frozenset(state.contributions))

@@ -373,7 +373,9 @@ class GossipPeer:
         return model, frozenset(c.origin for c in usable)
 
     def _gossip_contributions(self, ctx: NodeContext, round: int) -> None:
-        """Each step, up to `gossip_fanout` live neighbours get every train-set model they are not known to hold."""
+        """Each step, up to `gossip_fanout` live neighbours that lack some train-set model we hold get one of them:
+        our own if they lack it (nobody else has it yet), else a random one, so senders rarely push the same model
+        to the same neighbour before its `HaveModels` says it has it."""
         state = self.state(round)
         train_set = set(state.train_set)
         mine = sorted(o for o in state.contributions if o in train_set)
@@ -620,7 +622,6 @@ class GossipPeer:
         have = HaveModels(sender=ctx.peer_id, round=message.round, contributors=state.parts.covered)
         for neighbour in (ctx.neighbours if kept else (message.sender,)):
             ctx.send(neighbour, have)
-
 
     def _handle_contribution(self, ctx: NodeContext, message: Contribution) -> None:
         """Keep the first copy of each origin's model (as our own message, to relay unchanged)."""

@@ -33,6 +33,7 @@ class DataConfig(_Section):
     min_samples: int = Field(50, ge=1, description="quantity: smallest number of training samples a peer gets")
     max_samples: int = Field(500, ge=1, description="quantity: largest number of training samples a peer gets")
     local_test_fraction: float = Field(0.1, ge=0, lt=1, description="fraction of each peer's samples kept as its local test split")
+    train_samples: int | None = Field(None, ge=1, description="use only this many training samples (a random subset drawn from the seed, before partitioning; cheaper runs); none: all")
 
     @model_validator(mode="after")
     def _sizes_ordered(self) -> DataConfig:

@@ -10,6 +10,7 @@ An experiment YAML may hold a list of fault events:
       - {kind: slow_link, links: [[0,1]], bandwidth_mbps: 1, latency_s: 0.2, at_s: 0}
       - {kind: straggler, fraction: 0.25, speed: 0.25, at_s: 0}
       - {kind: crash, count: 2, at_s: 10, wipe: true}
+      - {kind: byzantine, behaviour: sign_flip, scale: 10, count: 2, at_s: 0}   # lies until the end
 
 `FaultEvent` validates one event on its own; `check_faults` validates peer ids against the
 number of peers; `resolve_faults` turns events into concrete, ordered `FaultAction`s (random
@@ -27,26 +28,58 @@ from pydantic import Field, ValidationError, WrapValidator, model_validator
 
 from meshfl.core.section import Section as _Section
 
-FaultKind = Literal["crash", "restart", "wipe", "loss", "partition", "heal", "slow_link", "straggler", "join", "leave"]
+FaultKind = Literal["crash", "restart", "wipe", "loss", "partition", "heal", "slow_link", "straggler", "join", "leave",
+                    "byzantine"]
 ActionKind = Literal["crash", "restart", "wipe", "join", "leave", "set_loss", "clear_loss", "partition", "heal",
-                     "slow_link", "restore_link", "straggle", "restore_speed"]
+                     "slow_link", "restore_link", "straggle", "restore_speed", "byzantine_on", "byzantine_off"]
+Behaviour = Literal["sign_flip", "noise", "scale", "random", "inflate_weight", "label_flip", "free_ride"]
 
-LASTING_KINDS = frozenset({"loss", "partition", "slow_link", "straggler"})
+LASTING_KINDS = frozenset({"loss", "partition", "slow_link", "straggler", "byzantine"})
 """Kinds that hold from their start until `until_s`/`until_round` (or the end of the run)."""
-PEER_KINDS = frozenset({"crash", "restart", "wipe", "join", "leave", "straggler"})
+PEER_KINDS = frozenset({"crash", "restart", "wipe", "join", "leave", "straggler", "byzantine"})
 """Kinds that need a target: `peers`, `fraction` or `count`."""
 LINK_KINDS = frozenset({"loss", "slow_link"})
 """Kinds that act on links: `links`, or the links touching `peers`/`fraction`/`count`, or every link."""
 
 FAULT_SEED_TAG = 0x6661756C74  # "fault"
 
+BEHAVIOUR_PARAMETERS: dict[str, tuple[str, ...]] = {
+    "sign_flip": ("scale",), "noise": ("sigma",), "scale": ("scale",), "random": ("sigma",),
+    "inflate_weight": ("weight",), "label_flip": (), "free_ride": (),
+}
+"""Which of scale, sigma, weight each Byzantine behaviour reads."""
+BEHAVIOUR_DEFAULTS = {("sign_flip", "scale"): 10.0, ("scale", "scale"): 100.0, ("noise", "sigma"): 1.0,
+                      ("random", "sigma"): 1.0, ("inflate_weight", "weight"): 1e9}
+
+
+@dataclass(frozen=True)
+class Byzantine:
+    """What a Byzantine peer does instead of (or to) its honest training; see `FaultEvent.behaviour`.
+
+    The runtime's shared `PeerContext.train` / `num_samples` apply it; the algorithm never learns it.
+    """
+
+    behaviour: Behaviour
+    scale: float = 1.0
+    sigma: float = 1.0
+    weight: float = 1.0
+
+    @classmethod
+    def of(cls, behaviour: Behaviour, scale: float | None = None, sigma: float | None = None,
+           weight: float | None = None) -> Byzantine:
+        """The behaviour with each parameter it reads filled in from its default where not given."""
+        given = {"scale": scale, "sigma": sigma, "weight": weight}
+        values = {name: float(given[name] if given[name] is not None else BEHAVIOUR_DEFAULTS[(behaviour, name)])
+                  for name in BEHAVIOUR_PARAMETERS[behaviour]}
+        return cls(behaviour, **values)
+
 
 class FaultEvent(_Section):
-    kind: FaultKind = Field("crash", description="what happens: crash, restart, wipe, loss, partition, heal, slow_link, straggler, join, leave")
+    kind: FaultKind = Field("crash", description="what happens: crash, restart, wipe, loss, partition, heal, slow_link, straggler, join, leave, byzantine")
     at_s: float | None = Field(None, ge=0, description="start: seconds since the run started (virtual in the simulator, real over gRPC)")
     at_round: int | None = Field(None, ge=0, description="start: when any peer (or trigger_peer) first reaches this round")
     trigger_peer: int | None = Field(None, ge=0, description="at_round: fire when this peer reaches the round instead of the first peer to")
-    until_s: float | None = Field(None, ge=0, description="end of a lasting fault (loss, partition, slow_link, straggler), seconds since start; none: to the end of the run")
+    until_s: float | None = Field(None, ge=0, description="end of a lasting fault (loss, partition, slow_link, straggler, byzantine), seconds since start; none: to the end of the run")
     until_round: int | None = Field(None, ge=0, description="end of a lasting fault when any peer (or trigger_peer) first reaches this round")
     peers: list[int] | None = Field(None, description="target peers by id")
     fraction: float | None = Field(None, gt=0, le=1, description="target this fraction of the peers (at least one), drawn from the run seed")
@@ -59,6 +92,10 @@ class FaultEvent(_Section):
     latency_s: float | None = Field(None, ge=0, description="slow_link: one-way latency floor of affected links, seconds")
     speed: float | None = Field(None, gt=0, description="straggler: compute speed factor of the targets while the fault lasts")
     wipe: bool = Field(False, description="crash: the peer also loses its store (it restarts empty)")
+    behaviour: Behaviour | None = Field(None, description="byzantine: sign_flip (update = -scale x honest update), noise (honest model + N(0, sigma^2)), scale (update x scale), random (N(0, sigma^2) model), inflate_weight (claims `weight` samples), label_flip (trains on labels C-1-y), free_ride (returns the model it got, untrained, at no compute time)")
+    scale: float | None = Field(None, gt=0, description="byzantine sign_flip (default 10) or scale (default 100): factor of the update")
+    sigma: float | None = Field(None, gt=0, description="byzantine noise or random: standard deviation (default 1.0)")
+    weight: float | None = Field(None, gt=0, description="byzantine inflate_weight: the sample count it claims (default 1e9)")
 
     @model_validator(mode="after")
     def _consistent(self) -> FaultEvent:
@@ -71,7 +108,7 @@ class FaultEvent(_Section):
             raise ValueError("until_s: give at most one of until_s or until_round")
         if (self.until_s is not None or self.until_round is not None) and kind not in LASTING_KINDS:
             which = "until_s" if self.until_s is not None else "until_round"
-            raise ValueError(f"{which}: only for lasting kinds (loss, partition, slow_link, straggler), not kind={kind}")
+            raise ValueError(f"{which}: only for lasting kinds (loss, partition, slow_link, straggler, byzantine), not kind={kind}")
         if self.until_s is not None and self.at_s is not None and self.until_s <= self.at_s:
             raise ValueError(f"until_s: must be > at_s ({self.at_s})")
         if self.until_round is not None and self.at_round is not None and self.until_round <= self.at_round:
@@ -130,6 +167,14 @@ class FaultEvent(_Section):
             raise ValueError("speed: required for kind=straggler")
         if kind != "straggler" and self.speed is not None:
             raise ValueError(f"speed: only for kind=straggler, not kind={kind}")
+        if kind == "byzantine" and self.behaviour is None:
+            raise ValueError("behaviour: required for kind=byzantine (sign_flip, noise, scale, random, inflate_weight, label_flip, free_ride)")
+        if kind != "byzantine" and self.behaviour is not None:
+            raise ValueError(f"behaviour: only for kind=byzantine, not kind={kind}")
+        for name in ("scale", "sigma", "weight"):
+            if getattr(self, name) is not None and (self.behaviour is None or name not in BEHAVIOUR_PARAMETERS[self.behaviour]):
+                users = ", ".join(b for b, names in BEHAVIOUR_PARAMETERS.items() if name in names)
+                raise ValueError(f"{name}: only for kind=byzantine with behaviour {users}")
         if self.wipe and kind != "crash":
             raise ValueError(f"wipe: only for kind=crash, not kind={kind} (use kind=wipe to empty a running peer's store)")
         return self
@@ -229,17 +274,18 @@ class FaultAction:
     latency_s: float | None = None
     speed: float | None = None
     wipe: bool = False
+    byzantine: Byzantine | None = None
 
     @property
     def is_end(self) -> bool:
-        return self.kind in ("clear_loss", "restore_link", "restore_speed") or (self.kind == "heal" and self.key is not None)
+        return self.kind in ("clear_loss", "restore_link", "restore_speed", "byzantine_off") or (self.kind == "heal" and self.key is not None)
 
 
 _START_END: dict[str, tuple[str, str | None]] = {
     "crash": ("crash", None), "restart": ("restart", None), "wipe": ("wipe", None), "join": ("join", None),
     "leave": ("leave", None), "heal": ("heal", None), "loss": ("set_loss", "clear_loss"),
     "partition": ("partition", "heal"), "slow_link": ("slow_link", "restore_link"),
-    "straggler": ("straggle", "restore_speed"),
+    "straggler": ("straggle", "restore_speed"), "byzantine": ("byzantine_on", "byzantine_off"),
 }
 
 
@@ -297,6 +343,8 @@ def resolve_faults(faults: list[FaultEvent], peers: int, seed: int) -> list[Faul
             "groups": tuple(tuple(int(p) for p in g) for g in event.groups or ()),
             "probability": event.probability, "bandwidth_mbps": event.bandwidth_mbps,
             "latency_s": event.latency_s, "speed": event.speed,
+            "byzantine": (Byzantine.of(event.behaviour, event.scale, event.sigma, event.weight)
+                          if event.behaviour is not None else None),
         }
         key = None if event.kind == "heal" else index
         actions.append(FaultAction(kind=start_kind, trigger=_trigger(event.at_s, event.at_round, event.trigger_peer),  # type: ignore[arg-type]

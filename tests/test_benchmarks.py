@@ -49,3 +49,17 @@ def test_failure_cost_a_crash_costs_one_round_at_most_one_detector_timeout():
     assert len(out["failure_free_round_s"]) == 5 and out["rounds_completed_with_crash"] == 5
     assert 0 < out["worst_extra_after_crash_s"] <= out["detector_timeout_s"]
     assert all(extra <= 0.1 * out["failure_free_median_s"] for extra in out["later_rounds_extra_s"])
+
+
+def test_byzantine_table_writes_the_table_and_the_plot(tmp_path):
+    out = bench("benchmarks/byzantine_table.py", "--set", "data.dataset=digits", "--rounds", "2", "--counts", "0,1",
+                "--behaviours", "sign_flip", "--rules", "fedavg,median", "--splits", "iid", "--train-samples", "0",
+                "-o", str(tmp_path))
+    assert out["runs"] == 4 and set(out["honest_accuracy"]) == {
+        "iid/fedavg/none/0", "iid/fedavg/sign_flip/1", "iid/median/none/0", "iid/median/sign_flip/1"}
+    table = (tmp_path / "table.md").read_text()
+    assert "| sign_flip | median |" in table and (tmp_path / "byzantine.png").stat().st_size > 0
+    again = bench("benchmarks/byzantine_table.py", "--set", "data.dataset=digits", "--rounds", "2", "--counts", "0,1",
+                  "--behaviours", "sign_flip", "--rules", "fedavg,median", "--splits", "iid", "--train-samples", "0",
+                  "-o", str(tmp_path))
+    assert again["ran_now"] == 0 and again["honest_accuracy"] == out["honest_accuracy"]  # resumed, nothing re-run

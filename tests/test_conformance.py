@@ -63,3 +63,18 @@ def test_scenario(algorithm, runtime, scenario, tmp_path):
     if algorithm == "coordinator":  # one global model: every live peer ends on it, at the last round
         assert len(set(live)) == 1, summary["final_global_accuracy"]
         assert {summary["final_round"][str(p)] for p in range(4) if p not in dead} == {summary["rounds"]}
+
+
+@pytest.mark.parametrize("runtime", ["sim", "grpc"])
+def test_gossip_individual_exchange_with_a_liar_and_a_crash(runtime, tmp_path):
+    """Robust gossip in both runtimes: peer 1 sign-flips from round 1's first metric on, peer 3 crashes at round 2;
+    every peer aggregates the individual models itself (median), so the honest ones still learn."""
+    overrides = ["gossip.exchange=individual", "gossip.aggregation.rule=median", "rounds=4", "train.local_epochs=3",
+                 "faults=[{kind: byzantine, behaviour: sign_flip, peers: [1], at_round: 1}, "
+                 "{kind: crash, peers: [3], at_round: 2}]"]
+    summary = run(runtime, overrides, tmp_path, 51400)
+    assert summary["dead_peers"] == [3] and summary["byzantine_peers"] == [1], summary["peer_status"]
+    assert [summary["peer_status"][str(p)] for p in range(3)] == ["finished"] * 3
+    assert summary["messages_by_type"].get("Contribution", 0) > 0 and "PartialModel" not in summary["messages_by_type"]
+    honest = [summary["final_global_accuracy"][str(p)] for p in (0, 2)]
+    assert all(a is not None and a > 0.5 for a in honest), summary["final_global_accuracy"]

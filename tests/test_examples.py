@@ -94,3 +94,16 @@ def test_coordinator_failover_example_goes_on_after_the_coordinator_dies(tmp_pat
     report = (tmp_path / "run" / "report.html").read_text()
     timeline = report.split("<h2>Timeline</h2>")[1].split("</table>")[0]
     assert timeline.count("<td>coordinating</td>") == 2
+
+
+@pytest.mark.skipif(not (MNIST / "train-images-idx3-ubyte.gz").exists(), reason="MNIST not available")
+def test_byzantine_example_median_keeps_what_fedavg_loses_to_a_sign_flipping_peer():
+    honest = {}
+    for rule in ("median", "fedavg"):
+        config = load_config(ROOT / "examples" / "byzantine.yaml",
+                             [f"data.path={MNIST}", "peers=6", "rounds=3", "gossip.train_set_size=6",
+                              "data.train_samples=3000", "faults.0.count=1", f"gossip.aggregation.rule={rule}"])
+        summary = run_experiment(config, None).summary
+        assert len(summary["byzantine_peers"]) == 1
+        honest[rule] = summary["honest_mean_final_accuracy"]
+    assert honest["fedavg"] < 0.3 and honest["median"] > honest["fedavg"] + 0.5, honest

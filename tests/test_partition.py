@@ -192,3 +192,14 @@ def test_split_for_peers_is_deterministic_per_seed(mnist_labels: np.ndarray) -> 
     a, b, c = (split_for_peers(train, 10, config, seed=s) for s in (5, 5, 6))
     assert all(torch.equal(p.train.x, q.train.x) and torch.equal(p.test.x, q.test.x) for p, q in zip(a, b))
     assert not all(p.train.x.shape == q.train.x.shape and torch.equal(p.train.x, q.train.x) for p, q in zip(a, c))
+
+
+def test_train_samples_takes_a_seeded_subset_before_partitioning() -> None:
+    train, _ = load_dataset(DataConfig(), 0)
+    config = DataConfig(train_samples=500, partition="dirichlet")
+    peers = split_for_peers(train, 5, config, seed=3)
+    assert sum(len(p.train) + len(p.test) for p in peers) == 500
+    again = split_for_peers(train, 5, config, seed=3)
+    assert all(torch.equal(a.train.y, b.train.y) for a, b in zip(peers, again, strict=True))
+    whole = split_for_peers(train, 5, DataConfig(train_samples=10**6), seed=3)  # more than there is: all of it
+    assert sum(len(p.train) + len(p.test) for p in whole) == len(train)

@@ -11,7 +11,16 @@ import pytest
 import torch
 
 from meshfl.algorithms.coordinator import Done, Held, Update, Work
-from meshfl.algorithms.gossip import AggregatedModel, Ballot, HaveModels, JoinReply, JoinRequest, PartialModel, Votes
+from meshfl.algorithms.gossip import (
+    AggregatedModel,
+    Ballot,
+    Contribution,
+    HaveModels,
+    JoinReply,
+    JoinRequest,
+    PartialModel,
+    Votes,
+)
 from meshfl.core.messages import (
     LOSSLESS,
     MESSAGE_NAMES,
@@ -227,6 +236,13 @@ def _aggregated_models(codec: Codec) -> list[Message]:
     ]
 
 
+def _contributions(codec: Codec) -> list[Message]:
+    return [
+        Contribution(sender=3, round=5, origin=7, samples=5400, params=_params(seed=17), codec=codec, signature="ab" * 64),
+        Contribution(sender=0, round=1, origin=0, samples=10**9, params=_params(seed=18), codec=codec),  # an inflated claim
+    ]
+
+
 def _have_models(codec: Codec) -> list[Message]:
     return [
         HaveModels(sender=4, round=4, contributors=frozenset({9, 2}), complete=True),
@@ -276,6 +292,7 @@ FACTORIES: dict[type[Message], Callable[[Codec], list[Message]]] = {
     Votes: _votes,
     PartialModel: _partial_models,
     AggregatedModel: _aggregated_models,
+    Contribution: _contributions,
     HaveModels: _have_models,
     JoinRequest: _join_requests,
     JoinReply: _join_replies,
@@ -352,11 +369,11 @@ def _expected_values(values: torch.Tensor, codec: Codec) -> torch.Tensor:
 
 @pytest.mark.parametrize("codec", ALL_CODECS, ids=lambda c: f"{c.kind}-{c.compression}")
 def test_every_gossip_message_round_trips(codec):
-    for cls in (Votes, PartialModel, AggregatedModel, HaveModels, JoinRequest, JoinReply):
+    for cls in (Votes, PartialModel, AggregatedModel, Contribution, HaveModels, JoinRequest, JoinReply):
         for message in FACTORIES[cls](codec):
             got = decode(encode(message), LAYOUT)
             _same_fields(message, got)
-            if isinstance(message, (PartialModel, AggregatedModel)):
+            if isinstance(message, (PartialModel, AggregatedModel, Contribution)):
                 assert torch.equal(got.params.flat, _expected_values(message.params.flat, codec))
             if not _has_codec(cls) and isinstance(got, Message):
                 assert encode(got) == encode(message)  # nothing lossy without a codec field

@@ -12,6 +12,14 @@ Round 0 diffuses the initiator's model to every peer. Each round r >= 1 then:
 4. DIFFUSE: a peer with the round's model gossips it to neighbours that lack it.
 5. EVALUATE and log. A peer that timed out goes on with what it has and logs what it missed.
 
+`gossip.exchange: individual` is the robust mode: instead of steps 3-4, every train-set model
+travels on its own (`Contribution`, relayed unchanged to neighbours that lack it), and EVERY
+peer aggregates the live train set's models itself with `gossip.aggregation` (a rule of
+`meshfl.aggregate.robust`), models sorted by origin: no peer adopts another's aggregate, so a
+liar's model reaches each peer as itself, where a robust rule can discount it. After its own
+aggregation a peer keeps relaying contributions to neighbours that still lack them (until they
+all hold the round's model or `diffusion_timeout_s`).
+
 Neighbours confirm what they hold with `HaveModels`; a sender waits for that confirmation
 (or `resend_timeout_s`) before sending the same neighbour another model.
 
@@ -32,6 +40,7 @@ import numpy as np
 from pydantic import Field
 
 from meshfl.aggregate.partial import Part, PartialAggregates
+from meshfl.aggregate.robust import RobustConfig, robust_aggregate
 from meshfl.algorithms.base import Algorithm, register
 from meshfl.core.context import NodeContext
 from meshfl.core.messages import LOSSLESS, Codec, Message, Reply, Request
@@ -61,6 +70,8 @@ class GossipConfig(Section):
     initiator: int = Field(0, ge=0, description="peer whose initial model is diffused to every peer")
     codec: Literal["float32", "float16", "int8"] = Field("float32", description="how models travel: exact float32, float16, or int8 with a per-tensor scale (lossy, in both runtimes alike)")
     compression: Literal["none", "gzip", "zstd"] = Field("none", description="byte compression of models after the codec")
+    exchange: Literal["partial", "individual"] = Field("partial", description="partial: P2PFL's partial aggregates, then the round's model is diffused; individual: every train-set model travels on its own and every peer aggregates them itself with `aggregation` (robust, costs more bytes)")
+    aggregation: RobustConfig = Field(default_factory=RobustConfig, description="exchange=individual: how each peer combines the train set's models (fedavg, or a rule robust to lying peers; claimed samples capped by max_weight); exchange=partial needs fedavg")
 
 
 # ---- messages -------------------------------------------------------------------------------
@@ -131,6 +142,33 @@ class AggregatedModel(Message):
 
 
 @dataclass(frozen=True, kw_only=True)
+class Contribution(Message):
+    """exchange=individual: one train-set peer's own trained model (`origin`), relayed unchanged; `samples` is its claimed weight.
+
+    `signature` is the origin's signature of (round, origin, samples, params digest): a relay can
+    neither alter the model or its weight nor pass off a model of its own as another peer's.
+    """
+
+    round: int
+    origin: int
+    samples: int
+    params: Params
+    codec: Codec = LOSSLESS
+    signature: str = ""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.origin < 0:
+            raise ValueError(f"Contribution: origin must be >= 0, got {self.origin}")
+        if self.samples < 1:
+            raise ValueError(f"Contribution: samples must be >= 1, got {self.samples}")
+
+    @property
+    def contributors(self) -> frozenset[int]:
+        return frozenset((self.origin,))
+
+
+@dataclass(frozen=True, kw_only=True)
 class HaveModels(Message):
     """Tells neighbours which contributions (or the whole aggregate) the sender holds, so they skip them."""
 
@@ -166,6 +204,11 @@ def ballot_bytes(round: int, ballot: Ballot) -> bytes:
     """What the origin signs: the round and the whole ballot."""
     return (f"gossip.ballot|{round}|{ballot.origin}|{','.join(map(str, ballot.candidates))}|"
             f"{','.join(map(str, ballot.weights))}").encode()
+
+
+def contribution_bytes(round: int, origin: int, samples: int, params: Params) -> bytes:
+    """What the origin of a `Contribution` signs."""
+    return f"gossip.contribution|{round}|{origin}|{samples}|{params.digest}".encode()
 
 
 def honest_shape(ballot: Ballot, peers: frozenset[int], votes_per_peer: int) -> bool:
@@ -214,10 +257,12 @@ class RoundState:
     parts: PartialAggregates = field(default_factory=PartialAggregates)
     aggregated: AggregatedModel | None = None
     diffused: AggregatedModel | None = None  # this peer's model of the round, as it sends it to neighbours
+    contributions: dict[int, Contribution] = field(default_factory=dict)  # individual: origin -> our copy to relay
     neighbour_holds: dict[int, frozenset[int]] = field(default_factory=dict)
     neighbour_complete: set[int] = field(default_factory=set)
     awaiting_ack: dict[int, float] = field(default_factory=dict)
     refused_ballots: int = 0  # ballots whose signature or shape was wrong: forged, altered or lying
+    refused_contributions: int = 0  # individual models whose origin did not sign them, or that no elected peer made
 
     @property
     def model(self) -> Params | None:
@@ -296,6 +341,8 @@ class GossipPeer:
     async def _run_round(self, ctx: NodeContext, round: int, model: Params) -> Params:
         state = self.state(round)
         state.train_set = await self._elect_train_set(ctx, round)
+        if self.config.exchange == "individual":
+            return await self._run_individual_round(ctx, round, model)
         self._keep_train_set(state)
         if ctx.peer_id in state.train_set:
             result = await ctx.train(model)
@@ -311,6 +358,84 @@ class GossipPeer:
         for metric, value in (await ctx.evaluate(state.model)).items():
             ctx.log(metric, value, round=round)
         return state.model
+
+    async def _run_individual_round(self, ctx: NodeContext, round: int, model: Params) -> Params:
+        """exchange=individual: train, relay individual models, aggregate them here, relay the rest, evaluate."""
+        state = self.state(round)
+        if ctx.peer_id in state.train_set:
+            result = await ctx.train(model)
+            ctx.log(TRAIN_LOSS, result.loss, round=round)
+            samples = max(ctx.num_samples, 1)
+            signature = ctx.sign(contribution_bytes(round, ctx.peer_id, samples, result.params))
+            state.contributions[ctx.peer_id] = Contribution(sender=ctx.peer_id, round=round, origin=ctx.peer_id,
+                                                            samples=samples, params=result.params, codec=self.codec,
+                                                            signature=signature)
+            timeout = self.config.aggregation_timeout_s
+        else:
+            timeout = self.config.wait_model_timeout_s
+        await self._pump(ctx, lambda: self._holds_every_contribution(ctx, state), ctx.now() + timeout,
+                         on_tick=lambda: self._gossip_contributions(ctx, round))
+        self._complete_round(ctx, round, *self._aggregate_contributions(ctx, round, model))
+        everyone_has_it = lambda: state.neighbour_complete.issuperset(self._alive_neighbours(ctx))  # noqa: E731
+        await self._pump(ctx, everyone_has_it, ctx.now() + self.config.diffusion_timeout_s,
+                         on_tick=lambda: self._gossip_contributions(ctx, round))
+        for metric, value in (await ctx.evaluate(state.model)).items():
+            ctx.log(metric, value, round=round)
+        return state.model
+
+    def _holds_every_contribution(self, ctx: NodeContext, state: RoundState) -> bool:
+        needed = [p for p in state.train_set if p == ctx.peer_id or ctx.is_alive(p)]
+        return bool(needed) and state.contributions.keys() >= set(needed)
+
+    def _aggregate_contributions(self, ctx: NodeContext, round: int, start: Params) -> tuple[Params, frozenset[int]]:
+        """The robust aggregate of the train set's models this peer holds (sorted by origin), and their origins.
+
+        The same set of models gives the same model at every peer. With none, the round's starting model.
+        """
+        state = self.state(round)
+        if state.refused_contributions:
+            ctx.log("refused_contributions", state.refused_contributions, round=round)
+        origins = sorted(o for o in state.contributions if o in state.train_set)
+        missed = set(state.train_set) - set(origins)
+        if missed:
+            ctx.log("missed_models", len(missed), round=round)
+        chosen = [state.contributions[o] for o in origins]
+        usable = [c for c in chosen if c.params.layout.fingerprint == start.layout.fingerprint
+                  and bool(c.params.flat.isfinite().all())]
+        if len(usable) < len(chosen):
+            ctx.log("unusable_models", len(chosen) - len(usable), round=round)  # NaN/Inf (a diverged or lying peer)
+        if not usable:
+            return start, frozenset()
+        rule = self.config.aggregation
+        if rule.rule in ("krum", "multi_krum") and len(usable) <= 2 * rule.byzantine + 2:
+            ctx.log("aggregation_fallback", len(usable), round=round)  # too few models for Krum this round
+            rule = rule.model_copy(update={"rule": "median"})
+        model = robust_aggregate([c.params for c in usable], [float(c.samples) for c in usable], rule, reference=start)
+        return model, frozenset(c.origin for c in usable)
+
+    def _gossip_contributions(self, ctx: NodeContext, round: int) -> None:
+        """Each step, up to `gossip_fanout` live neighbours that lack some train-set model we hold get one of them:
+        our own if they lack it (nobody else has it yet), else a random one, so senders rarely push the same model
+        to the same neighbour before its `HaveModels` says it has it."""
+        state = self.state(round)
+        train_set = set(state.train_set)
+        mine = sorted(o for o in state.contributions if o in train_set)
+        lacking: dict[int, list[int]] = {}
+        for neighbour in self._alive_neighbours(ctx):
+            if neighbour in state.neighbour_complete or not self._ready_for(ctx, state, neighbour):
+                continue
+            held = state.neighbour_holds.get(neighbour, frozenset())
+            missing = [o for o in mine if o not in held and o != neighbour]
+            if missing:
+                lacking[neighbour] = missing
+        for target in choose_targets(ctx.rng, list(lacking), [], self.config.gossip_fanout):
+            missing = lacking[target]
+            if ctx.peer_id in missing:  # one's own model first: nobody else has it yet
+                origin = ctx.peer_id
+            else:
+                origin = missing[int(ctx.rng.integers(len(missing)))] if len(missing) > 1 else missing[0]
+            ctx.send(target, state.contributions[origin])
+            state.awaiting_ack[target] = ctx.now()
 
     async def _elect_train_set(self, ctx: NodeContext, round: int) -> tuple[int, ...]:
         state = self.state(round)
@@ -472,12 +597,17 @@ class GossipPeer:
         if isinstance(message, Votes):
             if round >= self.round and len(message.ballots) <= len(ctx.peers):  # an honest relay never sends more
                 self._learn_ballots(ctx, round, message.ballots, came_from=message.sender)
-        elif isinstance(message, (HaveModels, PartialModel, AggregatedModel)):
+        elif isinstance(message, (HaveModels, PartialModel, AggregatedModel, Contribution)):
             if not self._peer_set(ctx).issuperset(message.contributors):
                 return  # contributors that are no peer of the experiment: forged, and would only grow our state
             if isinstance(message, HaveModels):
                 self._handle_have(message)
-            else:
+            elif self.config.exchange == "individual":
+                if isinstance(message, Contribution):
+                    self._handle_contribution(ctx, message)
+                elif isinstance(message, AggregatedModel) and message.round == 0:
+                    self._handle_model(ctx, message)  # only round 0's initial model is diffused in this mode
+            elif not isinstance(message, Contribution):
                 self._handle_model(ctx, message)
 
     def _learn_ballots(self, ctx: NodeContext, round: int, ballots: Iterable[Ballot], came_from: int) -> None:
@@ -559,10 +689,41 @@ class GossipPeer:
         for neighbour in (ctx.neighbours if kept else (message.sender,)):
             ctx.send(neighbour, have)
 
+    def _handle_contribution(self, ctx: NodeContext, message: Contribution) -> None:
+        """Keep the first copy of each origin's model (as our own message, to relay unchanged)."""
+        state = self.state(message.round) if message.round >= self.round else None
+        if state is None or state.model is not None:  # a past round, or this round's model is made
+            ctx.send(message.sender, HaveModels(sender=ctx.peer_id, round=message.round,
+                                                contributors=message.contributors, complete=True))
+            return
+        if message.origin not in state.contributions and not (
+                (not state.train_set or message.origin in state.train_set)
+                and ctx.verify(message.origin, contribution_bytes(message.round, message.origin, message.samples,
+                                                                  message.params), message.signature)):
+            state.refused_contributions += 1  # forged, altered, or from a peer that was not elected: never relayed
+            return
+        kept = message.origin not in state.contributions  # unusable values are relayed too, and left out when aggregating
+        if kept:
+            state.contributions[message.origin] = replace(message, sender=ctx.peer_id)
+        have = HaveModels(sender=ctx.peer_id, round=message.round, contributors=frozenset(state.contributions))
+        for neighbour in (ctx.neighbours if kept else (message.sender,)):
+            ctx.send(neighbour, have)
+
 
 def _check(config: GossipConfig, experiment: ExperimentConfig) -> None:
     if config.initiator >= experiment.peers:
         raise ValueError(f"gossip.initiator must be < peers ({experiment.peers})")
+    rule = config.aggregation
+    if config.exchange == "individual" and config.codec != "float32":
+        raise ValueError(f"gossip.codec: {config.codec} changes a model on the way, and exchange=individual signs each "
+                         "model as its origin made it; use float32 (gossip.compression is lossless and fine)")
+    if config.exchange == "partial" and rule.rule != "fedavg":
+        raise ValueError(f"gossip.aggregation.rule: {rule.rule} needs the individual models; partial aggregates "
+                         "allow only fedavg (set gossip.exchange=individual)")
+    train_set = min(config.train_set_size, experiment.peers)
+    if rule.rule in ("krum", "multi_krum") and train_set <= 2 * rule.byzantine + 2:
+        raise ValueError(f"gossip.aggregation.byzantine: {rule.rule} with f={rule.byzantine} needs more than "
+                         f"{2 * rule.byzantine + 2} models a round, the train set has {train_set}")
 
 
 def _worst_case_s(config: GossipConfig, experiment: ExperimentConfig) -> float:
@@ -574,9 +735,9 @@ def _worst_case_s(config: GossipConfig, experiment: ExperimentConfig) -> float:
 
 GOSSIP = register(Algorithm(
     name="gossip",
-    summary="gossip FedAvg with P2PFL's round workflow (vote, train, gossip partial aggregates, diffuse)",
+    summary="gossip FedAvg with P2PFL's round workflow (vote, train, gossip partial aggregates, diffuse); exchange=individual: robust aggregation at every peer",
     config=GossipConfig,
-    messages=(Votes, PartialModel, AggregatedModel, HaveModels, JoinRequest, JoinReply),
+    messages=(Votes, PartialModel, AggregatedModel, HaveModels, JoinRequest, JoinReply, Contribution),
     peer=lambda config, experiment: GossipPeer(config, experiment.rounds).run,
     check=_check,
     quick=("gossip.vote_timeout_s=3", "gossip.aggregation_timeout_s=4", "gossip.wait_model_timeout_s=5",

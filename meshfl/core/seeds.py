@@ -30,3 +30,12 @@ def batch_generator(seed: int, peer: int, incarnation: int = 0) -> torch.Generat
 def initial_model_seed(seed: int) -> int:
     """The seed of `ctx.initial_params()`: one model for every peer of a run."""
     return peer_seed(seed, 0, 2)
+
+
+BYZANTINE_TAG = 0x62797A  # "byz"
+
+
+def byzantine_generator(seed: int, peer: int, incarnation: int = 0) -> torch.Generator:
+    """The randomness of a Byzantine peer's lies (noise, a random model): never `ctx.rng` nor the batch
+    order, so an honest run draws exactly what it drew before Byzantine faults existed."""
+    return torch.Generator().manual_seed(peer_seed(seed, peer, BYZANTINE_TAG + (incarnation << 24)))

@@ -42,7 +42,10 @@ def partition_indices(labels: np.ndarray, num_peers: int, config: DataConfig, rn
 
 
 def split_for_peers(train: Dataset, num_peers: int, config: DataConfig, seed: int) -> list[PeerData]:
-    """Partition `train` among peers, then split each peer's share into local train/test."""
+    """Partition `train` (or its `data.train_samples` subset) among peers, then split each peer's share into local train/test."""
+    if config.train_samples is not None and config.train_samples < len(train):
+        keep = np.random.default_rng([seed, 3]).choice(len(train), size=config.train_samples, replace=False)
+        train = train.subset(np.sort(keep))
     parts = partition_indices(train.y.numpy(), num_peers, config, np.random.default_rng([seed, 1]))
     peers: list[PeerData] = []
     for peer, indices in enumerate(parts):

@@ -679,6 +679,7 @@ class LocalFaults:
         self.fired.append(number)
         now = time.time()
         self.events.append({"event": FAULT, "kind": action.kind, "index": action.index, "peers": list(action.peers),
+                            **({"behaviour": action.byzantine.behaviour} if action.byzantine is not None else {}),
                             "unix_time": now})
         current = {p.peer: p for p in processes}
         for peer in action.peers:

@@ -15,7 +15,7 @@ from typing import Any
 
 from meshfl.algorithms import get_algorithm
 from meshfl.config import ExperimentConfig, dump_config
-from meshfl.core.metrics import METRIC, RUN_FINISHED, RUN_INTERRUPTED, RUN_STARTED, MetricsLog, strict_json
+from meshfl.core.metrics import FAULT, METRIC, RUN_FINISHED, RUN_INTERRUPTED, RUN_STARTED, MetricsLog, strict_json
 from meshfl.core.topology import make_topology
 from meshfl.experiment.peers import peer_histories
 from meshfl.runtime.peer import build_worlds
@@ -173,7 +173,8 @@ def build_summary(config: ExperimentConfig, events: list[dict[str, Any]], *, mes
     (null if it reported none, or NaN); `final_round` is that event's round (null without
     one). A peer is dead when its last lifecycle event is a crash (it crashed and did not
     come back) or the runtime names it in `dead_peers`. Mean and min final accuracy are
-    over the peers that are not dead and have a final accuracy (null when there are none).
+    over the peers that are not dead and have a final accuracy (null when there are none);
+    the `honest_` ones also leave out `byzantine_peers` (any peer a byzantine fault targeted).
     Every value is JSON-safe except that non-finite floats still need `strict_json`.
     """
     histories = peer_histories(events, config.peers)
@@ -181,6 +182,9 @@ def build_summary(config: ExperimentConfig, events: list[dict[str, Any]], *, mes
     status = {p: h.status(named_dead=p in named_dead, interrupted=interrupted) for p, h in histories.items()}
     dead = {p for p, h in histories.items() if h.crashed or p in named_dead}
     alive = [h.final_accuracy for p, h in histories.items() if p not in dead and h.final_accuracy is not None]
+    byzantine = byzantine_peers(events)
+    honest = [h.final_accuracy for p, h in histories.items()
+              if p not in dead and p not in byzantine and h.final_accuracy is not None]
     return {
         "name": config.name,
         "algorithm": config.algorithm,
@@ -192,6 +196,9 @@ def build_summary(config: ExperimentConfig, events: list[dict[str, Any]], *, mes
         "final_round": {str(p): h.final_round for p, h in histories.items()},
         "mean_final_accuracy": _mean(alive),
         "min_final_accuracy": min(alive) if alive else None,
+        "byzantine_peers": sorted(byzantine),
+        "honest_mean_final_accuracy": _mean(honest),
+        "honest_min_final_accuracy": min(honest) if honest else None,
         "peer_status": {str(p): s for p, s in status.items()},
         "incarnations": {str(p): h.lives for p, h in histories.items()},
         "crashes": {str(p): len(h.crashes) for p, h in histories.items()},
@@ -207,6 +214,11 @@ def build_summary(config: ExperimentConfig, events: list[dict[str, Any]], *, mes
         "virtual_time_s": virtual_time_s,
         "wall_time_s": wall_time_s,
     }
+
+
+def byzantine_peers(events: Iterable[dict[str, Any]]) -> set[int]:
+    """Peers a `byzantine` fault turned on at some point of the run (the resolved targets of its `fault` events)."""
+    return {int(p) for e in events if e.get("event") == FAULT and e.get("kind") == "byzantine_on" for p in e.get("peers", ())}
 
 
 def timeline(config: ExperimentConfig, events: list[dict[str, Any]]) -> list[dict[str, Any]]:

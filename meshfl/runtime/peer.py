@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import hashlib
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -25,12 +26,15 @@ from meshfl.core.context import TrainResult
 from meshfl.core.messages import Message, Reply, Request
 from meshfl.core.metrics import GLOBAL_ACCURACY, GLOBAL_LOSS, LOCAL_ACCURACY, LOCAL_LOSS
 from meshfl.core.params import Params
-from meshfl.core.seeds import algorithm_rng, batch_generator, initial_model_seed
+from meshfl.core.seeds import algorithm_rng, batch_generator, byzantine_generator, initial_model_seed
 from meshfl.core.store import Store
 from meshfl.data import Dataset, PeerData, load_dataset, partition_stats, split_for_peers
-from meshfl.learn.learner import TorchLearner
+from meshfl.faults import Byzantine
+from meshfl.learn.learner import Evaluation, TorchLearner
 from meshfl.runtime.keys import Keyring, Signer, keys_for
 from meshfl.wire.envelope import encoded_size
+
+GLOBAL_EVALUATIONS_KEPT = 64
 
 
 @dataclass
@@ -56,6 +60,21 @@ class Worlds:
             self.signer(config, peer)
         assert self.keyring is not None
         return self.keyring
+
+    global_evaluations: collections.OrderedDict[bytes, Evaluation] = field(default_factory=collections.OrderedDict)
+
+    def evaluate_global(self, params: Params) -> Evaluation:
+        """The learner's evaluation of `params` on the global test set, computed once per distinct model.
+
+        Peers that agree on a round's model (every peer of a converged gossip round) share one
+        evaluation: the same model gives the same numbers, so only the simulator's wall time changes."""
+        key = hashlib.blake2b(params.flat.numpy().tobytes(), digest_size=16).digest() + params.layout.fingerprint.encode()
+        found = self.global_evaluations.get(key)
+        if found is None:
+            found = self.global_evaluations[key] = self.learner.evaluate(params, self.global_test)
+            if len(self.global_evaluations) > GLOBAL_EVALUATIONS_KEPT:
+                self.global_evaluations.popitem(last=False)
+        return found
 
 
 def build_worlds(config: ExperimentConfig) -> Worlds:
@@ -176,6 +195,8 @@ class PeerContext:
         self._pending: dict[tuple[int, int], asyncio.Future] = {}
         self.late_replies = 0
         self.final_params: Params | None = None
+        self._byzantine_generator: torch.Generator | None = None  # made on the first lie that draws
+        self._flipped: Dataset | None = None  # label_flip: the peer's train split with labels C-1-y
 
     # -- identity
     @property
@@ -200,6 +221,9 @@ class PeerContext:
 
     @property
     def num_samples(self) -> int:
+        byzantine = self.byzantine()
+        if byzantine is not None and byzantine.behaviour == "inflate_weight":
+            return int(byzantine.weight)
         return len(self._data.train)
 
     @property
@@ -225,6 +249,13 @@ class PeerContext:
 
     def _record(self, event: str, **fields: Any) -> None:
         raise NotImplementedError
+
+    def byzantine(self) -> Byzantine | None:
+        """The Byzantine behaviour a fault has switched on for this peer now (None: honest).
+
+        Lives in the runtime's fault state (it outlasts an incarnation, like a straggler's speed);
+        read by `train` and `num_samples` only, never by the algorithm."""
+        return None
 
     # -- messages
     def send(self, to: int, message: Message) -> None:
@@ -282,13 +313,45 @@ class PeerContext:
         learner = self._worlds.learner
         work = learner.steps_for(len(self._data.train), epochs=epochs, steps=steps)
         per_sample = self.config.compute.seconds_per_sample
-        return await self._compute(learner.train, params, self._data.train, self._torch_generator, work,
-                                   cost=lambda result: result.samples * per_sample)
+        byzantine = self.byzantine()
+        if byzantine is None:
+            return await self._compute(learner.train, params, self._data.train, self._torch_generator, work,
+                                       cost=lambda result: result.samples * per_sample)
+        if byzantine.behaviour == "free_ride":  # claims the training it did not do, at no compute time
+            n, size = len(self._data.train), self.config.train.batch_size
+            if n == 0 or work == 0:
+                return TrainResult(params, 0, 0, float("nan"))
+            per_pass = -(-n // size)  # batches of one pass; only a pass's last batch is short
+            return TrainResult(params, (work // per_pass) * n + (work % per_pass) * size, work, float("nan"))
+        data = self._label_flipped() if byzantine.behaviour == "label_flip" else self._data.train
+        result = await self._compute(learner.train, params, data, self._torch_generator, work,
+                                     cost=lambda result: result.samples * per_sample)
+        return replace(result, params=self._lie(byzantine, params, result.params))
+
+    def _lie(self, byzantine: Byzantine, given: Params, trained: Params) -> Params:
+        """What a Byzantine peer returns instead of `trained` (the honest result of training `given`)."""
+        behaviour = byzantine.behaviour
+        if behaviour == "sign_flip":
+            return Params(given.flat - byzantine.scale * (trained.flat - given.flat), trained.layout)
+        if behaviour == "scale":
+            return Params(given.flat + byzantine.scale * (trained.flat - given.flat), trained.layout)
+        if behaviour in ("noise", "random"):
+            if self._byzantine_generator is None:
+                self._byzantine_generator = byzantine_generator(self.config.seed, self._peer_id, self._incarnation)
+            noise = torch.randn(trained.flat.shape, generator=self._byzantine_generator, dtype=torch.float32) * byzantine.sigma
+            return Params((trained.flat + noise) if behaviour == "noise" else noise, trained.layout)
+        return trained  # inflate_weight (it lies about num_samples), label_flip (it lied to its learner)
+
+    def _label_flipped(self) -> Dataset:
+        if self._flipped is None:
+            train = self._data.train
+            self._flipped = Dataset(train.x, train.num_classes - 1 - train.y, train.num_classes, train.name)
+        return self._flipped
 
     def _evaluate(self, params: Params) -> dict[str, float]:
         learner = self._worlds.learner
         local = learner.evaluate(params, self._data.test)
-        global_ = learner.evaluate(params, self._worlds.global_test)
+        global_ = self._worlds.evaluate_global(params)
         return {LOCAL_ACCURACY: local.accuracy, LOCAL_LOSS: local.loss,
                 GLOBAL_ACCURACY: global_.accuracy, GLOBAL_LOSS: global_.loss}
 

@@ -3,11 +3,12 @@
 The launcher (`meshfl launch --local`) decides when each action of the resolved schedule
 fires (time since the algorithm started, or a round a peer reached) and does what needs a
 process: crash = SIGKILL, restart/join = start the process again on the same store and
-metrics file, wipe = delete the store folder, leave = SIGTERM. Network and compute actions
-(loss, partition, slow links, stragglers) are injected at each peer's transport: the
-launcher appends the fired action numbers to every peer's `faults.json`, and each peer
-applies them, in order, to its own copy of the simulator's network model — so a partition
-or a 10% loss means the same thing in both runtimes.
+metrics file, wipe = delete the store folder, leave = SIGTERM. Network, compute and Byzantine
+actions (loss, partition, slow links, stragglers, byzantine on/off) are injected at each peer:
+the launcher appends the fired action numbers to every peer's `faults.json`, and each peer
+applies them, in order, to its own copy of the simulator's network model (and its compute
+speed and Byzantine behaviour, which the shared `PeerContext.train` reads) — so a partition,
+a 10% loss or a sign-flipping peer means the same thing in both runtimes.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from meshfl.config import ExperimentConfig, NetworkConfig
-from meshfl.faults import FaultAction, resolve_faults
+from meshfl.faults import Byzantine, FaultAction, resolve_faults
 from meshfl.runtime.sim.compute import peer_speeds
 from meshfl.runtime.sim.network import SimNetwork
 
@@ -50,6 +51,7 @@ class TransportFaults:
         self._applied = 0
         self._mtime: tuple[int, int] = (0, 0)
         self._rng = np.random.default_rng([config.seed, peer, 0x696E6A])
+        self._byzantine: dict[int | None, Byzantine] = {}  # fault key -> behaviour, in start order
         self.active = bool(self.actions)
 
     def refresh(self) -> None:
@@ -77,6 +79,15 @@ class TransportFaults:
             self.speed = self.base_speed * float(action.speed or 1.0)
         elif self.peer in action.peers and action.kind == "restore_speed":
             self.speed = self.base_speed
+        elif self.peer in action.peers and action.kind == "byzantine_on" and action.byzantine is not None:
+            self._byzantine[action.key] = action.byzantine
+        elif self.peer in action.peers and action.kind == "byzantine_off":
+            self._byzantine.pop(action.key, None)
+
+    @property
+    def byzantine(self) -> Byzantine | None:
+        """The behaviour of the latest Byzantine fault on for this peer (as in the simulator), or None."""
+        return next(reversed(self._byzantine.values())) if self._byzantine else None
 
     def reachable(self, source: int, target: int) -> bool:
         return self.model.reachable(source, target)

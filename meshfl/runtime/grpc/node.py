@@ -52,6 +52,7 @@ from meshfl.core.metrics import (
 )
 from meshfl.core.params import Params
 from meshfl.core.store import DirectoryStore
+from meshfl.faults import Byzantine
 from meshfl.runtime.grpc.door import Door, Refused
 from meshfl.runtime.grpc.faults import TransportFaults
 from meshfl.runtime.grpc.peer_config import PeerConfig, check_listen
@@ -120,6 +121,9 @@ class GrpcContext(PeerContext):
 
     def _record(self, event: str, **fields: Any) -> None:
         self._node.metrics.record(event, **fields)
+
+    def byzantine(self) -> Byzantine | None:
+        return self._node.faults.byzantine
 
 
 # ---- the peer process -----------------------------------------------------------------------

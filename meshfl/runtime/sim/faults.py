@@ -11,7 +11,7 @@ import asyncio
 from typing import TYPE_CHECKING, Any
 
 from meshfl.core.metrics import FAULT, METRIC
-from meshfl.faults import FaultAction, resolve_faults
+from meshfl.faults import Byzantine, FaultAction, resolve_faults
 
 if TYPE_CHECKING:
     from meshfl.runtime.sim.runtime import Simulation
@@ -26,6 +26,12 @@ class FaultInjector:
         self._by_round = [a for a in self.actions if a.trigger[0] == "round"]
         self.pending_starts = 0
         self._base_speeds = sim.speeds.copy()
+        self._byzantine: dict[int, dict[int | None, Byzantine]] = {}  # peer -> fault key -> behaviour, in start order
+
+    def byzantine(self, peer: int) -> Byzantine | None:
+        """The behaviour of the latest Byzantine fault still on for `peer` (it outlasts a crash), or None."""
+        active = self._byzantine.get(peer)
+        return next(reversed(active.values())) if active else None
 
     @property
     def joining(self) -> set[int]:
@@ -63,7 +69,8 @@ class FaultInjector:
     def fire(self, action: FaultAction) -> None:
         sim = self.sim
         sim.metrics.record(FAULT, kind=action.kind, index=action.index, peers=list(action.peers),
-                           **({"probability": action.probability} if action.probability is not None else {}))
+                           **({"probability": action.probability} if action.probability is not None else {}),
+                           **({"behaviour": action.byzantine.behaviour} if action.byzantine is not None else {}))
         kind = action.kind
         if sim.network.apply(action):
             sim.detector.network_changed()
@@ -84,3 +91,7 @@ class FaultInjector:
                 sim.speeds[peer] = self._base_speeds[peer] * float(action.speed or 1.0)
             elif kind == "restore_speed":
                 sim.speeds[peer] = self._base_speeds[peer]
+            elif kind == "byzantine_on" and action.byzantine is not None:
+                self._byzantine.setdefault(peer, {})[action.key] = action.byzantine
+            elif kind == "byzantine_off":
+                self._byzantine.get(peer, {}).pop(action.key, None)

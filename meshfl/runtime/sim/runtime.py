@@ -29,6 +29,7 @@ from meshfl.core.metrics import PEER_CRASHED, PEER_FINISHED, PEER_STARTED, Metri
 from meshfl.core.params import Layout, Params
 from meshfl.core.store import MemoryStore
 from meshfl.core.topology import Topology
+from meshfl.faults import Byzantine
 from meshfl.runtime.peer import PeerContext, Worlds
 from meshfl.runtime.sim.compute import peer_speeds
 from meshfl.runtime.sim.faults import FaultInjector
@@ -88,6 +89,9 @@ class SimContext(PeerContext):
 
     def _record(self, event: str, **fields: Any) -> None:
         self._sim.metrics.record(event, **fields)
+
+    def byzantine(self) -> Byzantine | None:
+        return self._sim.faults.byzantine(self.peer_id)
 
 
 @dataclass

@@ -319,3 +319,30 @@ def test_a_join_reply_past_the_runs_last_round_is_a_lie_and_the_next_neighbour_i
     ctx.replies[(2, JoinRequest)] = JoinReply(sender=2, round=3, params=filled(7.0))
     first, model = asyncio.run(peer._rejoin(ctx))
     assert first == 4 and values(model) == [7.0] * 6
+
+
+def test_a_contribution_counts_only_as_its_origin_signed_it():
+    from meshfl.algorithms.gossip import Contribution, contribution_bytes
+
+    peer = peer_at(1, exchange="individual")
+    ctx = FakeContext(0, peers=4, neighbours=(1, 2))
+    peer.state(1).train_set = (1, 2, 3)
+
+    def made_by(origin, value, samples=100, signer=None, round=1):
+        params = filled(value)
+        sig = ctx.sign_as(origin if signer is None else signer, contribution_bytes(round, origin, samples, params))
+        return Contribution(sender=2, round=1, origin=origin, samples=samples, params=params, signature=sig)
+
+    real = made_by(1, 1.0)
+    lies = [made_by(1, -9.0, signer=2),  # 2's model passed off as 1's
+            replace(real, samples=10**9),  # 1's model, weight inflated by a relay
+            replace(real, params=filled(-9.0)),  # 1's weight, another model
+            made_by(1, 1.0, round=2),  # 1's model of another round
+            made_by(0, 5.0, signer=0)]  # validly signed, but 0 was not elected
+    for lie in lies:
+        peer.handle(ctx, lie)
+    assert peer.state(1).contributions == {} and peer.state(1).refused_contributions == len(lies)
+    assert ctx.sent == []  # nothing relayed, nothing acknowledged
+    peer.handle(ctx, real)
+    assert values(peer.state(1).contributions[1].params) == [1.0] * 6
+    assert {m.contributors for _, m in ctx.sent_of(HaveModels)} == {frozenset({1})}

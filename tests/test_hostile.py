@@ -16,9 +16,10 @@ from dataclasses import replace
 from pathlib import Path
 
 import grpc
+import pytest
 import torch
 
-from meshfl.algorithms.gossip import AggregatedModel, Ballot, HaveModels, Votes, ballot_bytes
+from meshfl.algorithms.gossip import AggregatedModel, Ballot, Contribution, HaveModels, Votes, ballot_bytes, contribution_bytes
 from meshfl.config import TlsConfig, load_config
 from meshfl.core.messages import Goodbye
 from meshfl.core.params import Params
@@ -64,7 +65,7 @@ def ping(stub, envelope: bytes) -> tuple[int, int]:
     return ack.accepted, ack.refused
 
 
-def insider_lies(certs: Path, layout, seed: int) -> dict[str, list[bytes]]:
+def insider_lies(certs: Path, layout, seed: int, individual: bool = False) -> dict[str, list[bytes]]:
     """What peer 3's certificate and key can be used to say, by kind of lie."""
     own_key = load_signing_key(certs / f"peer-{INSIDER}.sign.key")
 
@@ -92,13 +93,27 @@ def insider_lies(certs: Path, layout, seed: int) -> dict[str, list[bytes]]:
         "impersonations": [encode(AggregatedModel(sender=0, round=r, params=zeros, contributors=everyone)) for r in rounds]
                           + [encode(HaveModels(sender=1, round=r, contributors=everyone, complete=True)) for r in rounds],
         "goodbyes": [encode(Goodbye(sender=p)) for p in range(INSIDER)],
+        # in its own name: a round's model claimed as everyone's, and (individual exchange) others' models
+        # with a chance-accuracy model, signed with its own key or with the keys derived from the seed
+        "own_claims": [encode(AggregatedModel(sender=INSIDER, round=r, params=zeros, contributors=everyone)) for r in rounds]
+                      + ([encode(Contribution(sender=INSIDER, round=r, origin=o, samples=10**6, params=zeros,
+                                              signature=key.sign(contribution_bytes(r, o, 10**6, zeros)).hex()))
+                          for r in rounds for o in range(INSIDER) for key in (own_key, derived_key(seed, o))]
+                         if individual else []),
     }
 
 
-def test_an_insider_certificate_cannot_speak_for_others_forge_ballots_move_rounds_or_grow_state(tmp_path):
-    config, certs = secured(tmp_path, 50760)
+@pytest.mark.parametrize("exchange", ["partial", "individual"])
+def test_an_insider_certificate_cannot_speak_for_others_forge_ballots_move_rounds_or_grow_state(tmp_path, exchange):
+    """With exchange=individual (median) the insider's own model claims are refused too; with partial aggregates
+    a neighbour's arithmetic is trusted, so that run sends none (see ARCHITECTURE.md)."""
+    individual = exchange == "individual"
+    mode = ["gossip.exchange=individual", "gossip.aggregation.rule=median"] if individual else []
+    config, certs = secured(tmp_path, 50760 if individual else 50770, *mode)
     layout = TorchLearner(config.train, (64,), 10).layout
-    lies = insider_lies(certs, layout, config.seed)
+    lies = insider_lies(certs, layout, config.seed, individual)
+    if not individual:
+        del lies["own_claims"]
     seen: dict = {"acks": {}}
 
     def attack(processes) -> None:
@@ -143,7 +158,8 @@ def test_an_insider_certificate_cannot_speak_for_others_forge_ballots_move_round
     summary = launched.summary
     assert launched.exit_codes == dict.fromkeys(range(PEERS), 0) and summary["dead_peers"] == []
 
-    clean, metrics, _ = simulate(load_config(None, [f"peers={PEERS}", f"rounds={ROUNDS}", "data.dataset=digits", *FAST, "gossip.train_set_size=2"]))
+    clean, metrics, _ = simulate(load_config(None, [f"peers={PEERS}", f"rounds={ROUNDS}", "data.dataset=digits", *FAST,
+                                                    "gossip.train_set_size=2", *mode]))
     expected = summarise(config, clean, metrics, 0.0)["final_global_accuracy"]
     for peer, accuracy in summary["final_global_accuracy"].items():
         assert abs(accuracy - expected[peer]) < 0.01, (peer, accuracy, expected[peer])
@@ -163,6 +179,9 @@ def test_an_insider_certificate_cannot_speak_for_others_forge_ballots_move_round
     # changed nothing: nobody waited out a vote or aggregation timeout, every train set was the honest one
     assert sum(e["value"] for e in logged["refused_ballots"] if e["peer"] in (0, 1)) >= 2
     assert "missed_votes" not in logged and "missed_models" not in logged
+    if individual:  # the forged models were refused where they arrived, and never relayed
+        assert sum(e["value"] for e in logged["refused_contributions"] if e["peer"] in (0, 1)) >= 2
+        assert not [e for e in logged["refused_contributions"] if e["peer"] == 2]
     assert not [e for e in events if e.get("event") == "liveness" and e.get("reason") == "goodbye"
                 and e.get("subject", 99) < INSIDER and e["virtual_time"] < finish_time(events, e["peer"]) - 0.5]
 

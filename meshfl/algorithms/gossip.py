@@ -290,6 +290,14 @@ class GossipPeer:
         self._relay: dict[int, RelayBatch] = {}  # round -> ballots learned since the last relay
         self._relay_at: float | None = None
         self._peers: frozenset[int] | None = None
+        self._ballots: np.random.Generator | None = None
+
+    def _ballot_rng(self, ctx: NodeContext) -> np.random.Generator:
+        """Ballots draw from their own stream, split off ctx.rng once: how often a peer gossiped (which
+        depends on timing, so differs between the runtimes) must not change whom it votes for."""
+        if self._ballots is None:
+            self._ballots = np.random.default_rng(int(ctx.rng.integers(2**63)))
+        return self._ballots
 
     def state(self, round: int) -> RoundState:
         if round not in self._states:
@@ -299,6 +307,7 @@ class GossipPeer:
     # ---- driving ----------------------------------------------------------------------------
 
     async def run(self, ctx: NodeContext) -> None:
+        self._ballot_rng(ctx)  # split before anything else draws from ctx.rng
         if ctx.incarnation > 0:
             first, model = await self._rejoin(ctx)
         else:
@@ -440,7 +449,7 @@ class GossipPeer:
     async def _elect_train_set(self, ctx: NodeContext, round: int) -> tuple[int, ...]:
         state = self.state(round)
         alive = self._alive_peers(ctx)
-        own = make_ballot(ctx.rng, ctx.peer_id, alive, self.config.votes_per_peer)
+        own = make_ballot(self._ballot_rng(ctx), ctx.peer_id, alive, self.config.votes_per_peer)
         own = replace(own, signature=ctx.sign(ballot_bytes(round, own)))
         self._learn_ballots(ctx, round, (own,), came_from=ctx.peer_id)
         self._send_relays(ctx)  # one's own ballot goes out at once

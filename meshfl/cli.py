@@ -102,6 +102,7 @@ def run(
     from meshfl.core.topology import TopologyError
     from meshfl.data import DataError
     from meshfl.experiment.run import RunInterrupted, discard_if_empty, run_experiment
+    from meshfl.learn.models import ModelError
 
     try:
         config = load_config(config_path, set_)
@@ -115,7 +116,7 @@ def run(
         with Progress(*columns, console=console, disable=quiet, transient=False) as progress:
             metrics.subscribe(RoundProgress(progress, config))
             result = run_experiment(config, run_dir, metrics)
-    except (DataError, TopologyError) as exc:
+    except (DataError, TopologyError, ModelError) as exc:
         discard_if_empty(run_dir)
         _fail(str(exc))
     except RunInterrupted as exc:

@@ -19,12 +19,14 @@ from meshfl.faults import FaultList, check_faults
 
 
 class DataConfig(_Section):
-    dataset: Literal["digits", "mnist", "numpy", "csv", "parquet"] = Field(
-        "digits", description="digits ships with scikit-learn (offline); mnist reads IDX files; numpy/csv/parquet read `path`")
+    dataset: Literal["digits", "mnist", "numpy", "csv", "parquet", "dataframe"] = Field(
+        "digits", description="digits ships with scikit-learn (offline); mnist reads IDX files; numpy/csv/parquet read `path`; "
+                              "dataframe: a pandas DataFrame given to meshfl.run(dataset=...) in this process")
     path: str | None = Field(
         None, description="mnist: directory with the IDX files (default $MESHFL_DATA/mnist); numpy: .npz with x,y[,x_test,y_test]; csv/parquet: a table file")
     download: bool = Field(True, description="mnist: download from the public mirrors into the cache when the files are missing")
-    label_column: str = Field("label", description="csv/parquet: name of the column holding the integer class label")
+    label_column: str = Field("label", description="csv/parquet/dataframe: name of the column holding the class label (any values; sorted, numbered 0..K-1)")
+    feature_shape: list[int] | None = Field(None, description="csv/parquet/dataframe: reshape each row's features to this shape, e.g. [1, 8, 8] for a CNN (default: flat)")
     test_fraction: float = Field(0.2, gt=0, lt=1, description="numpy/csv/parquet/digits without a test split: fraction held out as the global test set")
     partition: Literal["iid", "dirichlet", "shards", "quantity"] = Field(
         "iid", description="how training samples are split among peers")

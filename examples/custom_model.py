@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> meshfl.Result:
     config = {
         "name": "custom_model", "peers": args.peers, "rounds": args.rounds,
         "data": {"label_column": "digit", "feature_shape": [1, 8, 8], "partition": "dirichlet", "dirichlet_alpha": 0.5},
-        "train": {"optimizer": "adam", "learning_rate": 0.003, "local_epochs": 1},
+        "train": {"optimizer": "adam", "learning_rate": 0.01, "local_epochs": 2},
     }
     result = meshfl.run(config, model=SmallCNN, dataset=digits_frame(), seed=args.seed, out=args.out,
                         progress=not args.quiet)

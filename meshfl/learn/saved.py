@@ -98,7 +98,7 @@ def write_final_models(folder: Path, config: Any, final_params: dict[int, Params
         save_model(model_paths(folder, peer)[0], params, info)
 
 
-PEER_MODEL = "model.safetensors"
+PEER_MODEL = "final_model.safetensors"
 """A `meshfl node` peer's final model in its own folder; `meshfl merge` collects it."""
 
 

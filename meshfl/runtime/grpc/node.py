@@ -419,7 +419,7 @@ class PeerNode:
                 self.record(PEER_FINISHED, status=status)
 
     def _save_final_model(self) -> None:
-        """The model this peer last evaluated, as `<out_dir>/model.safetensors` + .json (`meshfl merge` collects it)."""
+        """The model this peer last evaluated, as `<out_dir>/final_model.safetensors` + .json (`meshfl merge` collects it)."""
         from meshfl.learn.saved import PEER_MODEL, provenance, save_model
 
         params = self.context.final_params if self.context is not None else None

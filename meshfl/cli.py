@@ -14,7 +14,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from meshfl.config import ConfigError, ExperimentConfig, describe_fields, load_config
-from meshfl.core.metrics import GLOBAL_ACCURACY, METRIC
+from meshfl.experiment.progress import format_accuracy, simulate_with_progress
 
 app = typer.Typer(add_completion=False, no_args_is_help=False, pretty_exceptions_enable=False,
                   help="meshfl: federated learning with no single point of failure.")
@@ -35,42 +35,7 @@ def _fail(message: str, code: int = 2) -> None:
 
 def _acc(value: object) -> str:
     """An accuracy for a one-line report: 4 decimals, or - when there is none (null/NaN)."""
-    return f"{value:.4f}" if isinstance(value, (int, float)) and math.isfinite(value) else "-"
-
-
-class RoundProgress:
-    """A progress bar per round showing the mean and minimum global accuracy of the peers.
-
-    Accuracy events without a round (asynchronous algorithms) update the figures from each
-    peer's latest accuracy and show the virtual time instead of the round.
-    """
-
-    def __init__(self, progress: Progress, config: ExperimentConfig) -> None:
-        self._progress = progress
-        self._peers = config.peers
-        self._task = progress.add_task("round 0", total=config.rounds, mean="-", min="-")
-        self._accuracy: dict[int, dict[int, float]] = {}
-        self._latest: dict[int, float] = {}
-        self._done_rounds = 0
-
-    def __call__(self, event: dict) -> None:
-        if event.get("event") != METRIC or event.get("metric") != GLOBAL_ACCURACY:
-            return
-        if not isinstance(event.get("round"), int):
-            self._latest[event["peer"]] = event["value"]
-            values = [v for v in self._latest.values() if isinstance(v, (int, float)) and not math.isnan(v)]
-            if values:
-                self._progress.update(self._task, description=f"t={event.get('virtual_time', 0.0):.1f}s",
-                                      mean=f"{sum(values) / len(values):.4f}", min=f"{min(values):.4f}")
-            return
-        per_round = self._accuracy.setdefault(event["round"], {})
-        per_round[event["peer"]] = event["value"]
-        if len(per_round) == self._peers and event["round"] > self._done_rounds:
-            self._done_rounds = event["round"]
-            values = [v for v in per_round.values() if isinstance(v, (int, float)) and not math.isnan(v)]
-            self._progress.update(self._task, completed=self._done_rounds, description=f"round {self._done_rounds}",
-                                  mean=_acc(sum(values) / len(values)) if values else "-",
-                                  min=_acc(min(values)) if values else "-")
+    return format_accuracy(value)
 
 
 def _claim_run_dir(out: Optional[Path], config: ExperimentConfig) -> Path:
@@ -98,24 +63,19 @@ def run(
 
     Ctrl-C stops the simulation and still writes the run folder, marked interrupted (exit 130).
     """
-    from meshfl.core.metrics import MetricsLog
     from meshfl.core.topology import TopologyError
     from meshfl.data import DataError
-    from meshfl.experiment.run import RunInterrupted, discard_if_empty, run_experiment
+    from meshfl.experiment.run import RunInterrupted, discard_if_empty
+    from meshfl.learn.models import ModelError
 
     try:
         config = load_config(config_path, set_)
     except ConfigError as exc:
         _fail(str(exc))
     run_dir = _claim_run_dir(out, config)
-    metrics = MetricsLog()
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("mean acc {task.fields[mean]}  min acc {task.fields[min]}"), TimeElapsedColumn())
     try:
-        with Progress(*columns, console=console, disable=quiet, transient=False) as progress:
-            metrics.subscribe(RoundProgress(progress, config))
-            result = run_experiment(config, run_dir, metrics)
-    except (DataError, TopologyError) as exc:
+        result = simulate_with_progress(config, run_dir, console=console, show=not quiet)
+    except (DataError, TopologyError, ModelError) as exc:
         discard_if_empty(run_dir)
         _fail(str(exc))
     except RunInterrupted as exc:
@@ -457,6 +417,35 @@ def launch(
                   f"{summary['total_messages']} messages, {summary['total_wire_bytes'] / 1e6:.1f} MB on the wire, "
                   f"{summary['total_refused']} refused, dead peers {dead or 'none'}, wall {summary['wall_time_s']:.1f}s")
     console.print(f"run folder: {run_dir}  (report: {run_dir / 'report.html'})")
+
+
+@app.command()
+def export(
+    run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="run folder of meshfl run, launch or merge")],
+    peer: Annotated[int, typer.Option("--peer", "-p", help="the peer whose final model to export")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="file to write (.safetensors; the JSON record goes beside it as .json)")],
+) -> None:
+    """Export one peer's final model (safetensors, named tensors, provenance in the header and a JSON beside it).
+
+    Load it with `meshfl.load_model(RUN_DIR, PEER, module)`, or any safetensors reader
+    (`module.load_state_dict(safetensors.torch.load_file(FILE), strict=False)`).
+    """
+    import shutil
+
+    from meshfl.learn.saved import SavedModelError, read_model, saved_model_path
+
+    try:
+        source = saved_model_path(run_dir, peer)
+        _, record = read_model(source)
+    except SavedModelError as exc:
+        _fail(str(exc))
+    if output.is_dir():
+        _fail(f"--output {output}: is a folder; give a file name, e.g. {output / f'peer-{peer}.safetensors'}")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source, output)
+    shutil.copyfile(source.with_suffix(".json"), output.with_suffix(".json"))
+    console.print(f"peer {peer}, round {record.get('round')}, layout {record['layout']['fingerprint']} "
+                  f"({len(record['layout']['names'])} tensors) -> {output}", highlight=False, soft_wrap=True)
 
 
 @app.command()

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, create_model, model_validator
+from pydantic import BaseModel, Field, ValidationError, create_model, field_validator, model_validator
 
 from meshfl.algorithms import ALGORITHMS
 from meshfl.core.section import Section as _Section
@@ -19,12 +19,14 @@ from meshfl.faults import FaultList, check_faults
 
 
 class DataConfig(_Section):
-    dataset: Literal["digits", "mnist", "numpy", "csv", "parquet"] = Field(
-        "digits", description="digits ships with scikit-learn (offline); mnist reads IDX files; numpy/csv/parquet read `path`")
+    dataset: Literal["digits", "mnist", "numpy", "csv", "parquet", "dataframe"] = Field(
+        "digits", description="digits ships with scikit-learn (offline); mnist reads IDX files; numpy/csv/parquet read `path`; "
+                              "dataframe: a pandas DataFrame given to meshfl.run(dataset=...) in this process")
     path: str | None = Field(
         None, description="mnist: directory with the IDX files (default $MESHFL_DATA/mnist); numpy: .npz with x,y[,x_test,y_test]; csv/parquet: a table file")
     download: bool = Field(True, description="mnist: download from the public mirrors into the cache when the files are missing")
-    label_column: str = Field("label", description="csv/parquet: name of the column holding the integer class label")
+    label_column: str = Field("label", description="csv/parquet/dataframe: name of the column holding the class label (any values; sorted, numbered 0..K-1)")
+    feature_shape: list[int] | None = Field(None, description="csv/parquet/dataframe: reshape each row's features to this shape, e.g. [1, 8, 8] for a CNN (default: flat)")
     test_fraction: float = Field(0.2, gt=0, lt=1, description="numpy/csv/parquet/digits without a test split: fraction held out as the global test set")
     partition: Literal["iid", "dirichlet", "shards", "quantity"] = Field(
         "iid", description="how training samples are split among peers")
@@ -43,7 +45,10 @@ class DataConfig(_Section):
 
 
 class TrainConfig(_Section):
-    model: Literal["mlp", "cnn"] = Field("mlp", description="model zoo entry: mlp (in-256-128-out) or cnn (two convolutions)")
+    model: str = Field("mlp", description="mlp (in-256-128-out), cnn (two convolutions), or your own `package.module:factory` "
+                                        "returning a torch.nn.Module, imported on each peer's machine (see meshfl/learn/models.py)")
+    model_options: dict[str, Any] = Field(default_factory=dict, description="keyword arguments for a `package.module:factory` model, "
+                                                                          "besides feature_shape and num_classes")
     optimizer: Literal["sgd", "adam"] = Field("sgd", description="local optimizer")
     learning_rate: float = Field(0.1, gt=0, description="local optimizer learning rate")
     momentum: float = Field(0.0, ge=0, lt=1, description="sgd momentum (state is reset every round)")
@@ -51,6 +56,15 @@ class TrainConfig(_Section):
     local_epochs: int = Field(3, ge=0, description="passes over the local train split per round (ignored when local_steps is set)")
     local_steps: int | None = Field(None, ge=1, description="fixed number of mini-batch steps per round instead of epochs")
     device: Literal["cpu", "cuda"] = Field("cpu", description="where local training and evaluation run")
+
+    @field_validator("model")
+    @classmethod
+    def _model_form(cls, value: str) -> str:
+        if value in ("mlp", "cnn"):
+            return value
+        from meshfl.learn.models import check_model_name  # imports torch: only for user models
+
+        return check_model_name(value)
 
 
 class TopologyConfig(_Section):

@@ -54,9 +54,21 @@ class Layout:
         return slice(self.offsets[i], self.offsets[i] + self.sizes[i])
 
     @classmethod
-    def of_module(cls, module: torch.nn.Module) -> Layout:
-        named = list(module.named_parameters())
+    def of_module(cls, module: torch.nn.Module, buffers: bool = False) -> Layout:
+        """The module's parameters in order, then (with `buffers`) its float buffers (see `model_tensors`)."""
+        named = model_tensors(module, buffers)
         return cls(tuple(n for n, _ in named), tuple(tuple(p.shape) for _, p in named))
+
+
+def model_tensors(module: torch.nn.Module, buffers: bool = False) -> list[tuple[str, torch.Tensor]]:
+    """What a model's Params hold: `named_parameters()`, then with `buffers` its persistent floating-point
+    buffers (batch norm's running mean and variance). Integer buffers (`num_batches_tracked`) and
+    non-persistent ones never travel."""
+    named = list(module.named_parameters())
+    if buffers:
+        persistent = set(module.state_dict(keep_vars=True))
+        named += [(n, b) for n, b in module.named_buffers() if n in persistent and b.is_floating_point()]
+    return named
 
 
 def _numel(shape: tuple[int, ...]) -> int:
@@ -94,18 +106,21 @@ class Params:
         return Params(self.flat.clone(), self.layout)
 
     @classmethod
-    def from_module(cls, module: torch.nn.Module) -> Params:
-        layout = Layout.of_module(module)
-        flat = torch.cat([p.detach().reshape(-1).to(torch.float32).cpu() for p in module.parameters()])
+    def from_module(cls, module: torch.nn.Module, buffers: bool = False) -> Params:
+        named = model_tensors(module, buffers)
+        layout = Layout(tuple(n for n, _ in named), tuple(tuple(t.shape) for _, t in named))
+        flat = torch.cat([t.detach().reshape(-1).to(torch.float32).cpu() for _, t in named])
         return cls(flat, layout)
 
     def to_module(self, module: torch.nn.Module) -> None:
-        """Copy these values into `module` (layouts must match)."""
-        if Layout.of_module(module).fingerprint != self.layout.fingerprint:
+        """Copy these values into `module` (layouts must match; buffers too when the layout holds them)."""
+        named = dict(module.named_parameters()) | dict(module.named_buffers())
+        buffers = any(n not in dict(module.named_parameters()) for n in self.layout.names)
+        if Layout.of_module(module, buffers).fingerprint != self.layout.fingerprint:
             raise ValueError("Params.to_module: layout fingerprint differs from the module's")
         with torch.no_grad():
-            for p, name in zip(module.parameters(), self.layout.names, strict=True):
-                p.copy_(self.tensor(name))
+            for name in self.layout.names:
+                named[name].copy_(self.tensor(name))
 
     def equal(self, other: Params) -> bool:
         return self.layout == other.layout and torch.equal(self.flat, other.flat)
@@ -206,17 +221,24 @@ def chunk_bounds(numel: int, index: int, count: int) -> tuple[int, int]:
     return numel * index // count, numel * (index + 1) // count
 
 
-def bind_flat(module: torch.nn.Module) -> torch.Tensor:
-    """Re-point every parameter of `module` at a slice of one new flat buffer; return it.
+def bind_flat(module: torch.nn.Module, buffers: bool = False) -> torch.Tensor:
+    """Re-point every parameter of `module` (and with `buffers` its float buffers, see `model_tensors`)
+    at a slice of one new flat buffer, in `Layout.of_module` order; return it.
 
     Afterwards `buffer.copy_(params.flat)` loads a model and `buffer.clone()` reads it,
-    with no per-tensor Python loop on the hot path.
+    with no per-tensor Python loop on the hot path. Batch norm updates its running statistics
+    in place, so they land in the flat buffer too.
     """
-    params = list(module.parameters())
-    flat = torch.cat([p.detach().reshape(-1) for p in params]).contiguous()
+    named = model_tensors(module, buffers)
+    flat = torch.cat([t.detach().reshape(-1) for _, t in named]).contiguous()
     offset = 0
-    for p in params:
-        n = p.numel()
-        p.data = flat[offset:offset + n].view_as(p)
+    for name, t in named:
+        n = t.numel()
+        view = flat[offset:offset + n].view_as(t)
+        if isinstance(t, torch.nn.Parameter):
+            t.data = view
+        else:
+            owner, _, attr = name.rpartition(".")
+            module.get_submodule(owner)._buffers[attr] = view
         offset += n
     return flat

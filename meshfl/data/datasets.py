@@ -68,6 +68,11 @@ def load_dataset(config: DataConfig, seed: int) -> tuple[Dataset, Dataset]:
     if config.dataset == "digits":
         x, y = _digits_arrays()
         return _hold_out(x, y, 10, "digits", config.test_fraction, rng)
+    if config.dataset == "dataframe":
+        from meshfl.data.frame import registered_frame
+
+        frame, name = registered_frame(config.path)
+        return _table_datasets(frame, config, rng, name, "the DataFrame")
     path = _require_path(config)
     if config.dataset == "numpy":
         return _load_npz(path, config.test_fraction, rng)
@@ -178,13 +183,26 @@ def _integer_labels(y: np.ndarray) -> np.ndarray | None:
 
 
 def _load_table(path: Path, config: DataConfig, rng: np.random.Generator) -> tuple[Dataset, Dataset]:
-    frame = _read_table(path, config.dataset)
+    return _table_datasets(_read_table(path, config.dataset), config, rng, path.stem, path)
+
+
+def _table_datasets(frame, config: DataConfig, rng: np.random.Generator, name: str,
+                    where: object) -> tuple[Dataset, Dataset]:
+    """(train, global_test) from a table: labels from data.label_column, every other column a feature."""
     column = config.label_column
+    if len(frame) == 0:
+        raise DataError(f"data: {where} has no rows")
     if column not in frame.columns:
-        raise DataError(f"data.label_column: {column!r} is not a column of {path} (columns: {list(map(str, frame.columns))})")
-    labels, num_classes = _encode_labels(frame[column], column, path)
-    x = _numeric_features(frame.drop(columns=[column]), path)
-    return _hold_out(x, labels, num_classes, path.stem, config.test_fraction, rng)
+        raise DataError(f"data.label_column: {column!r} is not a column of {where} (columns: {list(map(str, frame.columns))})")
+    labels, num_classes = _encode_labels(frame[column], column, where)
+    x = _numeric_features(frame.drop(columns=[column]), where)
+    if config.feature_shape is not None:
+        shape = tuple(config.feature_shape)
+        if int(np.prod(shape)) != x.shape[1]:
+            raise DataError(f"data.feature_shape: {list(shape)} holds {int(np.prod(shape))} values, but {where} has "
+                            f"{x.shape[1]} feature columns")
+        x = x.reshape(len(x), *shape)
+    return _hold_out(x, labels, num_classes, name, config.test_fraction, rng)
 
 
 def _read_table(path: Path, kind: str):  # -> pandas.DataFrame (pandas imported lazily)
@@ -201,7 +219,7 @@ def _read_table(path: Path, kind: str):  # -> pandas.DataFrame (pandas imported 
     return frame
 
 
-def _encode_labels(series, column: str, path: Path) -> tuple[np.ndarray, int]:
+def _encode_labels(series, column: str, path: object) -> tuple[np.ndarray, int]:
     """Map the sorted unique label values to 0..K-1, so strings and sparse ints both work."""
     import pandas as pd
 
@@ -215,7 +233,7 @@ def _encode_labels(series, column: str, path: Path) -> tuple[np.ndarray, int]:
     return codes.astype(np.int64), len(uniques)
 
 
-def _numeric_features(frame, path: Path) -> np.ndarray:
+def _numeric_features(frame, path: object) -> np.ndarray:
     import pandas as pd
 
     if frame.shape[1] == 0:

@@ -48,6 +48,7 @@ from meshfl.core.topology import make_topology
 from meshfl.experiment.peers import peer_histories
 from meshfl.experiment.run import build_summary, claim_run_dir, handle_signals, write_run_folder
 from meshfl.faults import FaultAction, resolve_faults
+from meshfl.learn.saved import collect_models
 from meshfl.runtime.grpc.faults import write_fired
 from meshfl.runtime.grpc.peer_config import PeerConfig, check_listen, dump_peer_config, is_loopback, split_address
 
@@ -491,6 +492,7 @@ def launch_local(config: ExperimentConfig, run_dir: Path, *, timeout_s: float | 
     (summary and report marked interrupted) and Interrupted is raised with `result` set.
     """
     run_dir = Path(run_dir).resolve()
+    model_env = _user_model_env(config.train.model)  # a model no peer process could build fails here, with one line
     peers_dir = run_dir / "peers"
     host = config.grpc.host
     ports = choose_ports(host, config.grpc.base_port, config.peers)
@@ -507,7 +509,7 @@ def launch_local(config: ExperimentConfig, run_dir: Path, *, timeout_s: float | 
     for peer_config in configs:  # fail here, with one line, not in every peer's log
         check_listen(peer_config.listen, peer_config.tls_for(config), config.grpc.insecure)
     peers_dir.mkdir(parents=True, exist_ok=True)
-    child_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    child_env = {**os.environ, **model_env, **(env or {}), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     started_unix = time.time()
     started = time.perf_counter()
     processes: list[PeerProcess] = []
@@ -551,7 +553,8 @@ def launch_local(config: ExperimentConfig, run_dir: Path, *, timeout_s: float | 
         result = write_grpc_run(config, per_peer, exit_codes, run_dir, started_unix=started_unix,
                                 finished_unix=time.time(), wall_time_s=time.perf_counter() - started, report=report,
                                 interrupted=interrupted is not None,
-                                launcher_events=faults.events if faults is not None else [])
+                                launcher_events=faults.events if faults is not None else [],
+                                peer_folders={p: peers_dir / f"peer-{p}" for p in range(config.peers)})
     if interrupted is not None:
         interrupted.result = result
         raise interrupted
@@ -560,11 +563,29 @@ def launch_local(config: ExperimentConfig, run_dir: Path, *, timeout_s: float | 
     return result
 
 
+def _user_model_env(model: str) -> dict[str, str]:
+    """For a user model (`package.module:factory`): PYTHONPATH giving each peer process this process's
+    import path, so `meshfl node` imports the factory as the launcher would. ConfigError for a factory
+    only this process holds (a Python object, or one defined in `__main__`)."""
+    from meshfl.learn.models import is_user_model, portable
+
+    if not is_user_model(model):
+        return {}
+    if not portable(model):
+        raise ConfigError(f"train.model: {model!r} lives only in this Python process (a factory object or one defined "
+                          "in the script being run); peer processes cannot import it: put it in a module and give "
+                          "`package.module:factory`")
+    paths = [p or os.getcwd() for p in sys.path if p == "" or Path(p).is_dir()]
+    existing = os.environ.get("PYTHONPATH")
+    return {"PYTHONPATH": os.pathsep.join([*dict.fromkeys(paths), *([existing] if existing else [])])}
+
+
 def write_grpc_run(config: ExperimentConfig, per_peer: dict[int, list[dict[str, Any]]], exit_codes: dict[int, int | None],
                    run_dir: Path, *, started_unix: float, finished_unix: float, wall_time_s: float,
                    report: bool = True, interrupted: bool = False,
-                   launcher_events: list[dict[str, Any]] = ()) -> LaunchResult:
-    """One run folder (the simulator's files and report) from every peer's events."""
+                   launcher_events: list[dict[str, Any]] = (), peer_folders: dict[int, Path] | None = None) -> LaunchResult:
+    """One run folder (the simulator's files and report) from every peer's events, with the final
+    models the peers saved in `peer_folders` (`models/peer-<i>.*`)."""
     events = _run_events(config, per_peer, exit_codes, started_unix, finished_unix, launcher_events)
     summary = grpc_summary(config, per_peer, events, exit_codes, wall_time_s, interrupted=interrupted)
     metrics = MetricsLog()
@@ -572,6 +593,7 @@ def write_grpc_run(config: ExperimentConfig, per_peer: dict[int, list[dict[str, 
     stats = {e["partition"].get("peer", 0): e["partition"] for e in events
              if e.get("event") == PEER_STARTED and isinstance(e.get("partition"), dict)}  # one per peer, restarts too
     write_run_folder(run_dir, config, metrics, summary, [stats[p] for p in sorted(stats)], report)
+    collect_models(peer_folders or {}, run_dir)
     return LaunchResult(run_dir, summary, exit_codes, events)
 
 
@@ -594,6 +616,7 @@ def merge_peer_folders(folders: list[Path], run_dir: Path | None = None, *, repo
     config: ExperimentConfig | None = None
     per_peer: dict[int, list[dict[str, Any]]] = {}
     started_at: dict[int, float] = {}
+    folders_of: dict[int, Path] = {}
     for folder in folders:
         for name in ("metrics.jsonl", "config.yaml"):
             if not (folder / name).is_file():
@@ -613,6 +636,7 @@ def merge_peer_folders(folders: list[Path], run_dir: Path | None = None, *, repo
         if not 0 <= peer < config.peers:
             raise ConfigError(f"merge: {folder} is peer {peer}, but the experiment has peers 0..{config.peers - 1}")
         per_peer[peer] = events
+        folders_of[peer] = folder
         started_at[peer] = started["unix_time"]
     assert config is not None
     exit_codes: dict[int, int | None] = {}
@@ -630,7 +654,7 @@ def merge_peer_folders(folders: list[Path], run_dir: Path | None = None, *, repo
     run_dir = claim_run_dir(Path(run_dir) if run_dir is not None else None, config).resolve()
     return write_grpc_run(config, per_peer, exit_codes, run_dir, started_unix=started_unix,
                           finished_unix=finished_unix, wall_time_s=finished_unix - started_unix, report=report,
-                          interrupted=interrupted)
+                          interrupted=interrupted, peer_folders=folders_of)
 
 
 class LocalFaults:

@@ -18,6 +18,7 @@ from meshfl.config import ExperimentConfig, dump_config
 from meshfl.core.metrics import FAULT, METRIC, RUN_FINISHED, RUN_INTERRUPTED, RUN_STARTED, MetricsLog, strict_json
 from meshfl.core.topology import make_topology
 from meshfl.experiment.peers import peer_histories
+from meshfl.learn.saved import MODELS_DIR, write_final_models
 from meshfl.runtime.peer import build_worlds
 from meshfl.runtime.sim.runtime import SimResult, Simulation
 
@@ -116,6 +117,8 @@ class _Progress:
 
     stats: list[dict] = field(default_factory=list)
     sim: Simulation | None = None
+    data_shape: tuple[tuple[int, ...], int] = ((), 0)
+    """(feature_shape, num_classes) the models were built for."""
 
 
 def simulate(config: ExperimentConfig, metrics: MetricsLog | None = None, *, progress: _Progress | None = None,
@@ -128,6 +131,7 @@ def simulate(config: ExperimentConfig, metrics: MetricsLog | None = None, *, pro
     progress = progress if progress is not None else _Progress()
     worlds = build_worlds(config)
     progress.stats = worlds.partition
+    progress.data_shape = (tuple(worlds.learner.feature_shape), worlds.learner.num_classes)
     topology = make_topology(config.topology, config.peers, config.seed)
     algorithm = get_algorithm(config.algorithm)
     section = config.section()
@@ -256,6 +260,11 @@ def run_experiment(config: ExperimentConfig, run_dir: Path | None, metrics: Metr
     summary = summarise(config, result, metrics, time.perf_counter() - started)
     if run_dir is not None:
         write_run_folder(run_dir, config, metrics, summary, stats, report)
+        feature_shape, num_classes = progress.data_shape
+        rounds = {int(p): r for p, r in summary["final_round"].items()}
+        write_final_models(run_dir / MODELS_DIR, config, result.final_params, rounds,
+                           {p: n - 1 for p, n in result.incarnations.items()},
+                           runtime="sim", feature_shape=feature_shape, num_classes=num_classes)
     return RunResult(run_dir, summary, metrics, result)
 
 

@@ -133,8 +133,10 @@ class BatchedTrainer:
         self.device = torch.device(config.device)
         self.feature_shape = tuple(feature_shape)
         self.num_classes = num_classes
-        self.module = _exact_linears(build_model(config.model, self.feature_shape, num_classes)).to(self.device)
+        self.module = _exact_linears(build_model(config.model, self.feature_shape, num_classes, config.model_options)).to(self.device)
         self.layout = Layout.of_module(self.module)
+        if Layout.of_module(self.module, buffers=True) != self.layout:
+            raise ValueError("BatchedTrainer: models with buffers (batch norm) are not supported; use TorchLearner")
         per_model = (PARAM_COPIES * self.layout.numel
                      + ACTIVATION_COPIES * config.batch_size * _activation_elements(self.module, self.feature_shape))
         self.default_chunk = max(1, CHUNK_ELEMENTS // per_model)

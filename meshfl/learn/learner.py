@@ -18,7 +18,7 @@ from meshfl.config import TrainConfig
 from meshfl.core.context import TrainResult
 from meshfl.core.params import Layout, Params, bind_flat
 from meshfl.data import Dataset
-from meshfl.learn.models import build_model
+from meshfl.learn.models import build_model, is_user_model
 
 EVAL_BATCH = 4096
 
@@ -76,16 +76,17 @@ class TorchLearner:
         self.device = torch.device(config.device)
         self.feature_shape = feature_shape
         self.num_classes = num_classes
-        self.module = build_model(config.model, feature_shape, num_classes).to(self.device)
-        self.layout = Layout.of_module(self.module)
-        self.flat = bind_flat(self.module)
+        self.module = build_model(config.model, feature_shape, num_classes, config.model_options).to(self.device)
+        self.layout = Layout.of_module(self.module, buffers=True)
+        self.flat = bind_flat(self.module, buffers=True)
+        self._user_model = is_user_model(config.model)
         self._on_device: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def init_params(self, seed: int) -> Params:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            fresh = build_model(self.config.model, self.feature_shape, self.num_classes)
-        return Params.from_module(fresh)
+            fresh = build_model(self.config.model, self.feature_shape, self.num_classes, self.config.model_options)
+        return Params.from_module(fresh, buffers=True)
 
     def _tensors(self, data: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
         if self.device.type == "cpu":
@@ -107,6 +108,13 @@ class TorchLearner:
         """`steps` mini-batch steps from `params` (a training request is a piece of work, not a round)."""
         if len(data) == 0 or steps == 0:
             return TrainResult(params, 0, 0, float("nan"))
+        if self._user_model:  # dropout and other random layers draw from the peer's own stream, not torch's global one
+            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+                torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
+                return self._train(params, data, generator, steps)
+        return self._train(params, data, generator, steps)
+
+    def _train(self, params: Params, data: Dataset, generator: torch.Generator, steps: int) -> TrainResult:
         self.flat.copy_(params.flat)
         x, y = self._tensors(data)
         optimizer = self._optimizer()

@@ -1,12 +1,41 @@
-"""Model zoo: small, well-known shapes so results compare with other frameworks."""
+"""Models: the built-in zoo (`mlp`, `cnn`) and the user's own `torch.nn.Module` factories.
+
+`train.model` is a zoo name, or `package.module:factory` naming a callable in the user's own
+code, imported on the machine that runs the peer (never from anything received over the
+network), or `python:<name>` for a factory object handed to `meshfl.run` in this process
+(`register_factory`; such an object cannot be rebuilt in another process).
+
+A factory is called with the keyword arguments it names among `feature_shape` (a tuple, e.g.
+(1, 28, 28)) and `num_classes` (every one of them if it takes `**kwargs`), plus
+`train.model_options`; it must return an `nn.Module` whose parameters are float32.
+"""
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import math
+import os
+import re
+import sys
+from collections.abc import Callable
+from typing import Any
 
+import torch
 from torch import nn
 
 MODELS = ("mlp", "cnn")
+SHAPE_ARGS = ("feature_shape", "num_classes")
+
+_REF = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*$")
+_PYTHON = "python:"
+
+_FACTORIES: dict[str, Callable[..., Any]] = {}
+"""Factory objects handed over in this process (`python:<name>` references)."""
+
+
+class ModelError(ValueError):
+    """A user-fixable model problem; the message is one line naming `train.model` (or the field at fault)."""
 
 
 def mlp(feature_shape: tuple[int, ...], num_classes: int) -> nn.Module:
@@ -32,8 +61,124 @@ def cnn(feature_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     )
 
 
-def build_model(name: str, feature_shape: tuple[int, ...], num_classes: int) -> nn.Module:
-    builders = {"mlp": mlp, "cnn": cnn}
-    if name not in builders:
-        raise ValueError(f"train.model must be one of {', '.join(MODELS)}, got {name!r}")
-    return builders[name](feature_shape, num_classes)
+def check_model_name(name: str) -> str:
+    """ValueError (for the config's validation) unless `name` is a zoo name, `package.module:factory` or `python:<name>`.
+
+    Only the form is checked here: the import happens where the model is built, so a run
+    folder's config can be read (merged, reported) on a machine without the user's code.
+    """
+    if name in MODELS or _REF.match(name) or (name.startswith(_PYTHON) and len(name) > len(_PYTHON)):
+        return name
+    raise ValueError(f"must be {' or '.join(MODELS)} or a factory `package.module:factory` returning a torch.nn.Module")
+
+
+def is_user_model(name: str) -> bool:
+    return name not in MODELS
+
+
+def register_factory(factory: Any) -> str:
+    """The `train.model` reference for a factory object: `module:qualname` when importing that
+    gives back the same object (so peer processes can build it too), else `python:<name>`,
+    usable only in this process (the simulator)."""
+    if isinstance(factory, nn.Module):
+        raise ModelError(f"model: pass a factory (the class {type(factory).__name__}, or a function returning "
+                         "a fresh module), not a module instance: meshfl builds the initial model from the run seed")
+    if not callable(factory):
+        raise ModelError(f"model: must be a callable returning a torch.nn.Module (got {type(factory).__name__})")
+    module, qualname = getattr(factory, "__module__", None), getattr(factory, "__qualname__", None)
+    if module and qualname and module != "__main__" and "<" not in qualname:
+        ref = f"{module}:{qualname}"
+        try:
+            if _import_ref(ref) is factory:
+                return ref
+        except ModelError:
+            pass
+    name = re.sub(r"[^\w.]+", "_", qualname or type(factory).__name__)
+    ref = f"{_PYTHON}{name}"
+    if _FACTORIES.get(ref, factory) is not factory:
+        ref = f"{_PYTHON}{name}-{id(factory):x}"
+    _FACTORIES[ref] = factory
+    return ref
+
+
+def portable(name: str) -> bool:
+    """Whether another process (a `meshfl node` peer) can build `name`: a zoo name or an importable reference
+    outside `__main__`."""
+    return not name.startswith(_PYTHON) and not name.startswith("__main__:")
+
+
+def resolve_factory(name: str) -> Callable[..., Any]:
+    """The callable `train.model` names; ModelError (one line naming train.model) if it cannot be had."""
+    if name == "mlp":
+        return mlp
+    if name == "cnn":
+        return cnn
+    if name.startswith(_PYTHON):
+        if name not in _FACTORIES:
+            raise ModelError(f"train.model: {name!r} is a factory object given to meshfl.run in another process; "
+                             "it cannot be rebuilt here: give an importable factory `package.module:factory`")
+        return _FACTORIES[name]
+    return _import_ref(name)
+
+
+def _import_ref(ref: str) -> Callable[..., Any]:
+    if not _REF.match(ref):
+        raise ModelError(f"train.model: must be one of {', '.join(MODELS)} or `package.module:factory` (got {ref!r})")
+    module_name, attribute = ref.split(":", 1)
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:  # `meshfl run` (a console script) finds modules of the current folder too
+        sys.path.append(cwd)
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except Exception as exc:  # noqa: BLE001 - any import failure is the user's to fix; one line
+        raise ModelError(f"train.model: module {module_name!r} does not import ({type(exc).__name__}: {_first_line(exc)}); "
+                         "it must be importable on this machine (PYTHONPATH or the current folder)") from None
+    for part in attribute.split("."):
+        if not hasattr(obj, part):
+            raise ModelError(f"train.model: module {module_name!r} has no attribute {attribute!r}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise ModelError(f"train.model: {ref!r} is not callable (it is a {type(obj).__name__}); name a function or class "
+                         "that returns a torch.nn.Module")
+    return obj
+
+
+def build_model(name: str, feature_shape: tuple[int, ...], num_classes: int,
+                options: dict[str, Any] | None = None) -> nn.Module:
+    """A fresh module for `train.model` (zoo name or user factory) and the data's shape."""
+    factory = resolve_factory(name)
+    if name in MODELS:
+        if options:
+            raise ModelError(f"train.model_options: the built-in model {name!r} takes no options (got {sorted(options)})")
+        return factory(feature_shape, num_classes)
+    kwargs = dict(options or {})
+    try:
+        signature = inspect.signature(factory)
+    except (TypeError, ValueError):
+        signature = None
+    if signature is not None:
+        params = signature.parameters
+        takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+        shape = {"feature_shape": tuple(feature_shape), "num_classes": num_classes}
+        for arg in SHAPE_ARGS:
+            if (arg in params or takes_any) and arg not in kwargs:
+                kwargs[arg] = shape[arg]
+    try:
+        module = factory(**kwargs)
+    except TypeError as exc:
+        raise ModelError(f"train.model: calling {name!r} with {sorted(kwargs) or 'no arguments'} failed ({_first_line(exc)}); "
+                         "a factory takes feature_shape and/or num_classes by name, and train.model_options") from None
+    if not isinstance(module, nn.Module):
+        raise ModelError(f"train.model: {name!r} returned a {type(module).__name__}, not a torch.nn.Module")
+    bad = [n for n, p in module.named_parameters() if p.dtype.is_floating_point and p.dtype != torch.float32]
+    if bad:
+        raise ModelError(f"train.model: {name!r} has parameters that are not float32 ({bad[0]}); meshfl models are float32 "
+                         "(call .float() in the factory)")
+    if not any(True for _ in module.parameters()):
+        raise ModelError(f"train.model: {name!r} returned a module without parameters")
+    return module
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

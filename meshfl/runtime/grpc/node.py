@@ -403,6 +403,7 @@ class PeerNode:
                 raise
             if completed:
                 status = "finished"
+                self._save_final_model()
                 await self._drain(self.peer_config.linger_s + 5.0, stop)
                 await _until_stopped(asyncio.sleep(self.peer_config.linger_s), stop)
             else:
@@ -423,6 +424,20 @@ class PeerNode:
             finally:  # last, after the server stopped: only `serve`'s peer_failed line may follow
                 self.snapshot()
                 self.record(PEER_FINISHED, status=status)
+
+    def _save_final_model(self) -> None:
+        """The model this peer last evaluated, as `<out_dir>/final_model.safetensors` + .json (`meshfl merge` collects it)."""
+        from meshfl.learn.saved import PEER_MODEL, provenance, save_model
+
+        params = self.context.final_params if self.context is not None else None
+        if params is None:
+            return
+        rounds = [e.get("round") for e in self.metrics.events
+                  if e.get("event") == "metric" and e.get("metric") == "global_accuracy" and e.get("peer") == self.peer_id]
+        learner = self.worlds.learner
+        save_model(self.out_dir / PEER_MODEL, params, provenance(
+            self.config, self.peer_id, round=rounds[-1] if rounds else None, incarnation=self.incarnation,
+            runtime="grpc", feature_shape=learner.feature_shape, num_classes=learner.num_classes))
 
     async def _drain(self, timeout: float, stop: asyncio.Event) -> None:
         """Let queued messages go out (bounded), so neighbours get the last round's messages."""

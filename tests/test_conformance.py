@@ -78,3 +78,14 @@ def test_gossip_individual_exchange_with_a_liar_and_a_crash(runtime, tmp_path):
     assert summary["messages_by_type"].get("Contribution", 0) > 0 and "PartialModel" not in summary["messages_by_type"]
     honest = [summary["final_global_accuracy"][str(p)] for p in (0, 2)]
     assert all(a is not None and a > 0.5 for a in honest), summary["final_global_accuracy"]
+
+
+@pytest.mark.parametrize("runtime", ["sim", "grpc"])
+def test_a_sign_flipping_peer_sinks_plain_fedavg_gossip_in_both_runtimes(runtime, tmp_path):
+    """The Byzantine fault means the same over gRPC (the launcher fires it through faults.json) as in the simulator."""
+    overrides = ["rounds=4", "train.local_epochs=3",
+                 "faults=[{kind: byzantine, behaviour: sign_flip, peers: [1], at_round: 1}]"]
+    summary = run(runtime, overrides, tmp_path, 51420)
+    assert summary["byzantine_peers"] == [1] and summary["dead_peers"] == []
+    honest = [summary["final_global_accuracy"][str(p)] for p in (0, 2, 3)]
+    assert all(a is not None and a < 0.3 for a in honest), summary["final_global_accuracy"]  # clean: > 0.8

@@ -174,19 +174,9 @@ def _put(tree: dict[str, Any], dotted: str, value: Any) -> None:
 
 
 def _validate(tree: dict[str, Any], overrides: list[str]) -> ExperimentConfig:
-    from pydantic import ValidationError
+    from meshfl.config import config_from_tree
 
-    from meshfl.config import _format_validation_error, _set_dotted
-
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set peers=4")
-        key, raw = item.split("=", 1)
-        _set_dotted(tree, key.strip(), raw.strip())
-    try:
-        return ExperimentConfig.model_validate(tree)
-    except ValidationError as err:
-        raise ConfigError(_format_validation_error(err)) from None
+    return config_from_tree(tree, overrides)
 
 
 def _run_dir(out: str | Path | bool | None, config: ExperimentConfig) -> Path | None:

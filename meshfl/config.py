@@ -418,6 +418,11 @@ def read_yaml_mapping(p: Path, what: str = "config file") -> dict[str, Any]:
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
     """Load YAML (or defaults), apply `key=value` overrides, validate; raise ConfigError with one line."""
     tree: dict[str, Any] = read_yaml_mapping(Path(path)) if path is not None else {}
+    return config_from_tree(tree, overrides)
+
+
+def config_from_tree(tree: dict[str, Any], overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
+    """A config mapping (changed in place) with `key=value` overrides applied, validated; ConfigError with one line."""
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set peers=4")

@@ -203,10 +203,12 @@ def run(config: ConfigLike = None, *, model: Any = None, dataset: Any = None, ou
     model : callable or str, optional
         Your model: a class or function returning a `torch.nn.Module` (called with the
         `feature_shape` and `num_classes` it names), or ``"package.module:factory"``.
-    dataset : pandas.DataFrame, optional
-        Your data, one row per sample (see `meshfl.data.frame`): `data.label_column` names the
-        label column, every other column is a feature (`data.feature_shape` reshapes them, e.g.
-        [1, 8, 8]). Partitioned among peers like the built-in datasets (`data.partition`).
+    dataset : pandas.DataFrame, datasets.Dataset or torch.utils.data.Dataset, optional
+        Your data, one row per sample (see `meshfl.data.frame`): for a DataFrame or a Hugging Face
+        Dataset `data.label_column` names the label column, every other column is a feature
+        (image columns flattened; `data.feature_shape` reshapes them, e.g. [1, 8, 8]); a torch
+        Dataset yields (features, int label) items and is read once. Partitioned among peers like
+        the built-in datasets (`data.partition`).
     out : str, Path, bool or None
         Run folder, new or empty; None: ``runs/<time>-<name>``; False: write nothing.
     seed : int, optional
@@ -235,9 +237,10 @@ def run(config: ConfigLike = None, *, model: Any = None, dataset: Any = None, ou
     from meshfl.experiment.run import discard_if_empty
 
     if dataset is not None:
-        from meshfl.data.frame import register_frame
+        from meshfl.data.frame import register_dataset
 
-        overrides = ["data.dataset=dataframe", f"data.path={register_frame(dataset)}", *overrides]
+        kind, key = register_dataset(dataset)
+        overrides = [f"data.dataset={kind}", f"data.path={key}", *overrides]
     resolved = resolve_config(config, model=model, seed=seed, overrides=overrides)
     run_dir = _run_dir(out, resolved)
     try:

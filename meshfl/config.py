@@ -19,15 +19,22 @@ from meshfl.faults import FaultList, check_faults
 
 
 class DataConfig(_Section):
-    dataset: Literal["digits", "mnist", "numpy", "csv", "parquet", "dataframe"] = Field(
-        "digits", description="digits ships with scikit-learn (offline); mnist reads IDX files; numpy/csv/parquet read `path`; "
-                              "dataframe: a pandas DataFrame given to meshfl.run(dataset=...) in this process")
+    dataset: Literal["digits", "mnist", "numpy", "csv", "parquet", "json", "jsonl", "sql", "huggingface",
+                     "dataframe", "torch"] = Field(
+        "digits", description="digits ships with scikit-learn (offline); mnist reads IDX files; numpy/csv/parquet/json "
+                              "(an array of records)/jsonl (a record per line) read `path`; sql reads `query` from the "
+                              "database at URL `path`; huggingface: a save_to_disk folder in `path` or a datasets.Dataset, "
+                              "dataframe: a pandas DataFrame, torch: a torch.utils.data.Dataset given to "
+                              "meshfl.run(dataset=...) in this process")
     path: str | None = Field(
-        None, description="mnist: directory with the IDX files (default $MESHFL_DATA/mnist); numpy: .npz with x,y[,x_test,y_test]; csv/parquet: a table file")
+        None, description="mnist: directory with the IDX files (default $MESHFL_DATA/mnist); numpy: .npz with x,y[,x_test,y_test]; "
+                          "csv/parquet/json/jsonl: a table file; sql: a SQLAlchemy URL, e.g. sqlite:////abs/data.db; "
+                          "huggingface: a folder written by Dataset(Dict).save_to_disk (its 'test' split, if any, is the global test set)")
+    query: str | None = Field(None, description="sql: a table name or a SELECT statement giving one row per sample")
     download: bool = Field(True, description="mnist: download from the public mirrors into the cache when the files are missing")
-    label_column: str = Field("label", description="csv/parquet/dataframe: name of the column holding the class label (any values; sorted, numbered 0..K-1)")
-    feature_shape: list[int] | None = Field(None, description="csv/parquet/dataframe: reshape each row's features to this shape, e.g. [1, 8, 8] for a CNN (default: flat)")
-    test_fraction: float = Field(0.2, gt=0, lt=1, description="numpy/csv/parquet/digits without a test split: fraction held out as the global test set")
+    label_column: str = Field("label", description="tables, sql, huggingface: name of the column holding the class label (any values; sorted, numbered 0..K-1)")
+    feature_shape: list[int] | None = Field(None, description="tables, sql, huggingface, torch: reshape each row's features to this shape, e.g. [1, 8, 8] for a CNN (default: flat)")
+    test_fraction: float = Field(0.2, gt=0, lt=1, description="every source without its own test split: fraction held out (stratified) as the global test set")
     partition: Literal["iid", "dirichlet", "shards", "quantity"] = Field(
         "iid", description="how training samples are split among peers")
     dirichlet_alpha: float = Field(0.5, gt=0, description="dirichlet: concentration; small values give strong label skew")

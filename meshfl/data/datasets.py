@@ -69,10 +69,23 @@ def load_dataset(config: DataConfig, seed: int) -> tuple[Dataset, Dataset]:
         x, y = _digits_arrays()
         return _hold_out(x, y, 10, "digits", config.test_fraction, rng)
     if config.dataset == "dataframe":
-        from meshfl.data.frame import registered_frame
+        from meshfl.data.frame import registered
 
-        frame, name = registered_frame(config.path)
+        frame, name = registered(config.path, "dataframe")
         return _table_datasets(frame, config, rng, name, "the DataFrame")
+    if config.dataset == "sql":
+        from meshfl.data.sources import read_sql_frame
+
+        frame, name, where = read_sql_frame(config)
+        return _table_datasets(frame, config, rng, name, where)
+    if config.dataset == "huggingface":
+        return _load_huggingface(config, rng)
+    if config.dataset == "torch":
+        from meshfl.data.frame import registered
+
+        (x, y), name = registered(config.path, "torch")
+        return _hold_out(_shaped(x, config, "the torch Dataset", flat=False), y, int(y.max()) + 1, name,
+                         config.test_fraction, rng)
     path = _require_path(config)
     if config.dataset == "numpy":
         return _load_npz(path, config.test_fraction, rng)
@@ -179,7 +192,7 @@ def _integer_labels(y: np.ndarray) -> np.ndarray | None:
     return labels if labels.min() >= 0 else None
 
 
-# ---------------------------------------------------------------- csv / parquet
+# ---------------------------------------------------------------- csv / parquet / json / jsonl (and DataFrame, SQL)
 
 
 def _load_table(path: Path, config: DataConfig, rng: np.random.Generator) -> tuple[Dataset, Dataset]:
@@ -196,20 +209,50 @@ def _table_datasets(frame, config: DataConfig, rng: np.random.Generator, name: s
         raise DataError(f"data.label_column: {column!r} is not a column of {where} (columns: {list(map(str, frame.columns))})")
     labels, num_classes = _encode_labels(frame[column], column, where)
     x = _numeric_features(frame.drop(columns=[column]), where)
-    if config.feature_shape is not None:
-        shape = tuple(config.feature_shape)
-        if int(np.prod(shape)) != x.shape[1]:
-            raise DataError(f"data.feature_shape: {list(shape)} holds {int(np.prod(shape))} values, but {where} has "
-                            f"{x.shape[1]} feature columns")
-        x = x.reshape(len(x), *shape)
-    return _hold_out(x, labels, num_classes, name, config.test_fraction, rng)
+    return _hold_out(_shaped(x, config, where), labels, num_classes, name, config.test_fraction, rng)
+
+
+def _shaped(x: np.ndarray, config: DataConfig, where: object, flat: bool = True) -> np.ndarray:
+    """x reshaped per sample to data.feature_shape when set (x is [N, features] when flat)."""
+    if config.feature_shape is None:
+        return x
+    shape = tuple(config.feature_shape)
+    have = int(np.prod(x.shape[1:]))
+    if int(np.prod(shape)) != have:
+        what = "feature columns" if flat else f"features per sample (shape {list(x.shape[1:])})"
+        raise DataError(f"data.feature_shape: {list(shape)} holds {int(np.prod(shape))} values, but {where} has "
+                        f"{have} {what}")
+    return x.reshape(len(x), *shape)
+
+
+def _load_huggingface(config: DataConfig, rng: np.random.Generator) -> tuple[Dataset, Dataset]:
+    from meshfl.data.sources import load_huggingface
+
+    obj = None
+    if config.path and config.path.startswith("python:"):
+        from meshfl.data.frame import registered
+
+        obj, _ = registered(config.path, "huggingface")
+    x, y, num_classes, name, test = load_huggingface(config, obj)
+    where = "the datasets.Dataset" if obj is not None else config.path
+    x = _shaped(x, config, where)
+    if test is None:
+        return _hold_out(x, y, num_classes, name, config.test_fraction, rng)
+    xt = _shaped(test[0], config, where)
+    return (Dataset(torch.from_numpy(x), torch.from_numpy(y), num_classes, name),
+            Dataset(torch.from_numpy(xt), torch.from_numpy(test[1]), num_classes, name))
 
 
 def _read_table(path: Path, kind: str):  # -> pandas.DataFrame (pandas imported lazily)
     import pandas as pd
 
     try:
-        frame = pd.read_csv(path) if kind == "csv" else pd.read_parquet(path)
+        if kind == "csv":
+            frame = pd.read_csv(path)
+        elif kind == "parquet":
+            frame = pd.read_parquet(path)
+        else:  # jsonl: one record per line; json: an array of records
+            frame = pd.read_json(path, lines=kind == "jsonl", orient="records", dtype=False)
     except ImportError as exc:
         raise DataError(f"data.dataset=parquet needs pyarrow or fastparquet: pip install pyarrow ({_first_line(exc)})") from None
     except Exception as exc:  # pandas/pyarrow raise many types for a malformed file

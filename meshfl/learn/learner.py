@@ -7,6 +7,7 @@ peer of a simulation in turn: per-peer state is only Params, data and a generato
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -94,7 +95,7 @@ class TorchLearner:
             from meshfl.learn.steps import fedprox
 
             self.step_fn = fedprox
-        self._own_randomness = self._user_model or config.step is not None or self.loss_fn is not None
+        self._user_code = config.step is not None or self.loss_fn is not None
         self._on_device: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def init_params(self, seed: int) -> Params:
@@ -124,9 +125,15 @@ class TorchLearner:
         if len(data) == 0 or steps == 0:
             return TrainResult(params, 0, 0, float("nan"))
         train = self._train if self.step_fn is None else self._train_step
-        if self._own_randomness:  # dropout, random layers, a user step draw from the peer's own stream, not torch's global one
+        if self._user_model:  # dropout and other random layers draw from the peer's own stream, not torch's global one
             with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
                 torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
+                return train(params, data, generator, steps)
+        if self._user_code:  # a user loss or step may draw from torch's global generator too: seed it from the
+            # peer's stream without advancing it, so the batches stay those of meshfl's own loop
+            seed = int.from_bytes(hashlib.blake2b(generator.get_state().numpy().tobytes(), digest_size=8).digest(), "little")
+            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+                torch.manual_seed(seed >> 2)
                 return train(params, data, generator, steps)
         return train(params, data, generator, steps)
 

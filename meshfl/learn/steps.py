@@ -39,7 +39,7 @@ Step = Callable[..., Any]
 
 
 def sgd_step(module: nn.Module, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], *, optimizer: torch.optim.Optimizer,
-             loss: LossFn, global_params: dict[str, torch.Tensor], config: TrainConfig) -> torch.Tensor | None:
+             loss: LossFn, global_params: dict[str, torch.Tensor], config: TrainConfig) -> float | None:
     """meshfl's own loop written as a training step (a template for yours): one optimiser step per batch."""
     total, steps = None, 0
     for x, y in batches:
@@ -49,11 +49,11 @@ def sgd_step(module: nn.Module, batches: Iterator[tuple[torch.Tensor, torch.Tens
         optimizer.step()
         total = value.detach() if total is None else total + value.detach()
         steps += 1
-    return None if total is None else total / steps
+    return None if total is None else float(total) / steps
 
 
 def fedprox(module: nn.Module, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], *, optimizer: torch.optim.Optimizer,
-            loss: LossFn, global_params: dict[str, torch.Tensor], config: TrainConfig) -> torch.Tensor | None:
+            loss: LossFn, global_params: dict[str, torch.Tensor], config: TrainConfig) -> float | None:
     """FedProx (Li et al., 2020): minimise loss + (mu/2)||w - w_given||^2, mu = `config.fedprox_mu`.
 
     The proximal term's gradient mu (w - w_given) is added to each parameter's gradient after
@@ -76,4 +76,4 @@ def fedprox(module: nn.Module, batches: Iterator[tuple[torch.Tensor, torch.Tenso
         optimizer.step()
         total = value.detach() if total is None else total + value.detach()
         steps += 1
-    return None if total is None else total / steps
+    return None if total is None else float(total) / steps

@@ -141,3 +141,13 @@ def test_launch_refuses_functions_only_this_process_holds(tmp_path):
         _user_model_env(config.train)
     assert "PYTHONPATH" in _user_model_env(meshfl.api.resolve_config(SMALL, loss="user_models_for_tests:smoothed_loss").train)
     assert json.dumps(_user_model_env(meshfl.api.resolve_config(SMALL).train)) == "{}"
+
+
+@pytest.mark.parametrize("behaviour", ["label_flip", "sign_flip"])
+def test_byzantine_peers_still_lie_with_fedprox(behaviour):
+    fault = {"kind": "byzantine", "behaviour": behaviour, "count": 1, "at_s": 0}
+    config = {**SMALL, "train": {"local_epochs": 1, "fedprox_mu": 0.1}, "faults": [fault]}
+    lying = meshfl.run(config, out=False, progress=False, report=False)
+    honest = meshfl.run({**config, "faults": []}, out=False, progress=False, report=False)
+    assert lying.summary["byzantine_peers"] and lying.summary["byzantine_peers"] != []
+    assert any(not p.equal(honest.final_models[i]) for i, p in lying.final_models.items())

@@ -40,7 +40,28 @@ Step = Callable[..., Any]
 
 def sgd_step(module: nn.Module, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], *, optimizer: torch.optim.Optimizer,
              loss: LossFn, global_params: dict[str, torch.Tensor], config: TrainConfig) -> float | None:
-    """meshfl's own loop written as a training step (a template for yours): one optimiser step per batch."""
+    """meshfl's own loop written as a training step (a template for yours): one optimiser step per batch.
+
+    Parameters
+    ----------
+    module : torch.nn.Module
+        The peer's model, loaded with the model it was given, in training mode; trained in place.
+    batches : iterator of (Tensor, Tensor)
+        The request's mini-batches, in meshfl's order.
+    optimizer : torch.optim.Optimizer
+        A fresh optimiser over `module.parameters()` from the train config.
+    loss : callable
+        ``(logits, labels) -> scalar tensor``.
+    global_params : dict of str to Tensor
+        The given model's parameters (detached copies), by name.
+    config : TrainConfig
+        The run's train section.
+
+    Returns
+    -------
+    float or None
+        The mean loss over the batches taken (None when there were none).
+    """
     total, steps = None, 0
     for x, y in batches:
         optimizer.zero_grad(set_to_none=True)
@@ -59,6 +80,8 @@ def fedprox(module: nn.Module, batches: Iterator[tuple[torch.Tensor, torch.Tenso
     The proximal term's gradient mu (w - w_given) is added to each parameter's gradient after
     backward (the same gradient as putting the term in the loss, without its forward cost).
     The loss reported is the data loss alone, comparable with plain local training.
+
+    Parameters and Returns are those of `sgd_step`.
     """
     mu = config.fedprox_mu
     named = [(p, global_params[name]) for name, p in module.named_parameters() if p.requires_grad]

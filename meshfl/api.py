@@ -111,7 +111,8 @@ class Result:
 
 
 def resolve_config(config: ConfigLike = None, *, model: Any = None, seed: int | None = None,
-                   overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
+                   overrides: list[str] | tuple[str, ...] = (), loss: Any = None,
+                   metrics: Mapping[str, Any] | None = None, train_step: Any = None) -> ExperimentConfig:
     """An ExperimentConfig from a dict, a YAML path, an ExperimentConfig or None (the defaults).
 
     Parameters
@@ -126,6 +127,13 @@ def resolve_config(config: ConfigLike = None, *, model: Any = None, seed: int | 
         Sets `seed`.
     overrides : sequence of str
         ``key=value`` strings, as `--set` on the command line.
+    loss : callable or str, optional
+        Sets `train.loss`: ``(logits, labels) -> scalar tensor``, or ``"package.module:function"``.
+    metrics : mapping of str to callable or str, optional
+        Sets `train.metrics`: name -> ``(logits, labels) -> float``, logged as
+        ``local_metric_<name>`` and ``global_metric_<name>``.
+    train_step : callable or str, optional
+        Sets `train.step`, your own local training step (see `meshfl.learn.steps`).
 
     Returns
     -------
@@ -155,6 +163,21 @@ def resolve_config(config: ConfigLike = None, *, model: Any = None, seed: int | 
         from meshfl.learn.models import register_factory
 
         _put(tree, "train.model", model if isinstance(model, str) else register_factory(model))
+    if loss is not None or metrics is not None or train_step is not None:
+        from meshfl.learn.models import register_function
+
+        def ref(fn: Any, field: str, name: str | None = None) -> str:
+            return fn if isinstance(fn, str) else register_function(fn, field, name)
+
+        if loss is not None:
+            _put(tree, "train.loss", ref(loss, "loss"))
+        if metrics is not None:
+            if not isinstance(metrics, Mapping):
+                raise ConfigError(f"metrics: must be a mapping name -> function (got {type(metrics).__name__})")
+            train = tree.setdefault("train", {})
+            train["metrics"] = {str(k): ref(v, f"metrics.{k}", str(k)) for k, v in metrics.items()}
+        if train_step is not None:
+            _put(tree, "train.step", ref(train_step, "train_step"))
     return _validate(tree, extra)
 
 
@@ -192,7 +215,8 @@ def _run_dir(out: str | Path | bool | None, config: ExperimentConfig) -> Path | 
 
 def run(config: ConfigLike = None, *, model: Any = None, dataset: Any = None, out: str | Path | bool | None = None,
         seed: int | None = None, progress: bool = True, overrides: list[str] | tuple[str, ...] = (),
-        report: bool = True) -> Result:
+        report: bool = True, loss: Any = None, metrics: Mapping[str, Any] | None = None,
+        train_step: Any = None) -> Result:
     """Run an experiment in the simulator, as `meshfl run` does, and return its results.
 
     Parameters
@@ -219,6 +243,14 @@ def run(config: ConfigLike = None, *, model: Any = None, dataset: Any = None, ou
         ``key=value`` overrides, as `--set`.
     report : bool
         Write the plots and `report.html` too.
+    loss : callable or str, optional
+        Your loss, ``(logits, labels) -> scalar tensor`` (default cross-entropy), for training and evaluation.
+    metrics : mapping of str to callable or str, optional
+        Extra metrics, name -> ``(logits, labels) -> float``, logged at each evaluation as
+        ``local_metric_<name>`` and ``global_metric_<name>``.
+    train_step : callable or str, optional
+        Your own local training step, ``fn(module, batches, *, optimizer, loss, global_params, config)``
+        (see `meshfl.learn.steps`); default meshfl's own loop.
 
     Returns
     -------
@@ -241,7 +273,8 @@ def run(config: ConfigLike = None, *, model: Any = None, dataset: Any = None, ou
 
         kind, key = register_dataset(dataset)
         overrides = [f"data.dataset={kind}", f"data.path={key}", *overrides]
-    resolved = resolve_config(config, model=model, seed=seed, overrides=overrides)
+    resolved = resolve_config(config, model=model, seed=seed, overrides=overrides, loss=loss, metrics=metrics,
+                              train_step=train_step)
     run_dir = _run_dir(out, resolved)
     try:
         outcome = simulate_with_progress(resolved, run_dir, show=progress, report=report)
@@ -255,7 +288,8 @@ def run(config: ConfigLike = None, *, model: Any = None, dataset: Any = None, ou
 
 def launch(config: ConfigLike = None, *, model: str | None = None, out: str | Path | None = None, seed: int | None = None,
            progress: bool = True, overrides: list[str] | tuple[str, ...] = (), timeout_s: float | None = None,
-           report: bool = True) -> Result:
+           report: bool = True, loss: str | None = None, metrics: Mapping[str, str] | None = None,
+           train_step: str | None = None) -> Result:
     """Run an experiment as real peer processes on this host (`meshfl launch --local`) and return its results.
 
     Parameters
@@ -277,6 +311,8 @@ def launch(config: ConfigLike = None, *, model: str | None = None, out: str | Pa
         Stop every peer and raise LaunchError after this many seconds.
     report : bool
         Write the plots and `report.html` too.
+    loss, metrics, train_step : str or mapping of str, optional
+        As for `run`, as ``"package.module:function"`` references the peer processes can import.
 
     Returns
     -------
@@ -291,7 +327,8 @@ def launch(config: ConfigLike = None, *, model: str | None = None, out: str | Pa
     from meshfl.experiment.launch import launch_local
     from meshfl.learn.saved import read_model, saved_model_path, saved_peers
 
-    resolved = resolve_config(config, model=model, seed=seed, overrides=overrides)
+    resolved = resolve_config(config, model=model, seed=seed, overrides=overrides, loss=loss, metrics=metrics,
+                              train_step=train_step)
     run_dir = _run_dir(out, resolved)
     assert run_dir is not None
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),

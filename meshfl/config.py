@@ -63,6 +63,14 @@ class TrainConfig(_Section):
     local_epochs: int = Field(3, ge=0, description="passes over the local train split per round (ignored when local_steps is set)")
     local_steps: int | None = Field(None, ge=1, description="fixed number of mini-batch steps per round instead of epochs")
     device: Literal["cpu", "cuda"] = Field("cpu", description="where local training and evaluation run")
+    loss: str = Field("cross_entropy", description="training (and evaluation) loss: cross_entropy, or your own "
+                                                 "`package.module:function` (logits, labels) -> scalar tensor, imported on each peer's machine")
+    metrics: dict[str, str] = Field(default_factory=dict, description="extra evaluation metrics, a list of `package.module:function` "
+                                                                   "(logits, labels) -> float (or a mapping name: function); each is "
+                                                                   "logged as local_metric_<name> and global_metric_<name>")
+    step: str | None = Field(None, description="your own local training step `package.module:function` (see meshfl/learn/steps.py); "
+                                               "default: meshfl's own loop")
+    fedprox_mu: float = Field(0.0, ge=0, description="FedProx: adds (mu/2)||w - w_given||^2 to the local loss (0: off, plain local SGD)")
 
     @field_validator("model")
     @classmethod
@@ -72,6 +80,48 @@ class TrainConfig(_Section):
         from meshfl.learn.models import check_model_name  # imports torch: only for user models
 
         return check_model_name(value)
+
+    @field_validator("loss", "step")
+    @classmethod
+    def _function_form(cls, value: str | None) -> str | None:
+        if value is None or value == "cross_entropy":
+            return value
+        from meshfl.learn.models import check_function_ref
+
+        return check_function_ref(value)
+
+    @field_validator("metrics", mode="before")
+    @classmethod
+    def _metrics_form(cls, value: Any) -> Any:
+        if value is None:
+            return {}
+        if isinstance(value, (list, tuple)):
+            from meshfl.learn.models import function_name
+
+            named: dict[str, Any] = {}
+            for ref in value:
+                if not isinstance(ref, str):
+                    raise ValueError(f"must be a list of `package.module:function` strings (got {ref!r})")
+                name = function_name(ref)
+                if name in named:
+                    raise ValueError(f"two metrics are named {name!r}; give a mapping name: function")
+                named[name] = ref
+            value = named
+        if isinstance(value, dict):
+            from meshfl.learn.models import check_function_ref
+
+            for name, ref in value.items():
+                if not str(name).isidentifier():
+                    raise ValueError(f"metric name {name!r} must be an identifier")
+                check_function_ref(str(ref))
+        return value
+
+    @model_validator(mode="after")
+    def _one_step(self) -> TrainConfig:
+        if self.step is not None and self.fedprox_mu > 0:
+            raise ValueError("fedprox_mu: a user train.step trains as it sees fit; add the proximal term in it "
+                             "(see meshfl.learn.steps.fedprox) or leave fedprox_mu at 0")
+        return self
 
 
 class TopologyConfig(_Section):

@@ -49,6 +49,8 @@ LOCAL_ACCURACY = "local_accuracy"
 GLOBAL_LOSS = "global_loss"
 LOCAL_LOSS = "local_loss"
 TRAIN_LOSS = "train_loss"
+GLOBAL_METRIC = "global_metric_"  # + name: a `train.metrics` function on the global test set
+LOCAL_METRIC = "local_metric_"  # + name: on the peer's own test split
 
 # peer_crashed reasons and peer_finished statuses
 CRASH_FAULT = "fault"

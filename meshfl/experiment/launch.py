@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from meshfl.config import ConfigError, ExperimentConfig, KeysConfig, TlsConfig, load_config
+from meshfl.config import ConfigError, ExperimentConfig, KeysConfig, TlsConfig, TrainConfig, load_config
 from meshfl.core.metrics import (
     CRASH_KILLED,
     FAULT,
@@ -492,7 +492,7 @@ def launch_local(config: ExperimentConfig, run_dir: Path, *, timeout_s: float | 
     (summary and report marked interrupted) and Interrupted is raised with `result` set.
     """
     run_dir = Path(run_dir).resolve()
-    model_env = _user_model_env(config.train.model)  # a model no peer process could build fails here, with one line
+    model_env = _user_model_env(config.train)  # a model no peer process could build fails here, with one line
     peers_dir = run_dir / "peers"
     host = config.grpc.host
     ports = choose_ports(host, config.grpc.base_port, config.peers)
@@ -563,18 +563,26 @@ def launch_local(config: ExperimentConfig, run_dir: Path, *, timeout_s: float | 
     return result
 
 
-def _user_model_env(model: str) -> dict[str, str]:
-    """For a user model (`package.module:factory`): PYTHONPATH giving each peer process this process's
-    import path, so `meshfl node` imports the factory as the launcher would. ConfigError for a factory
-    only this process holds (a Python object, or one defined in `__main__`)."""
+def _user_model_env(train: TrainConfig) -> dict[str, str]:
+    """For user code (a `package.module:factory` model, loss, metrics, training step): PYTHONPATH giving each
+    peer process this process's import path, so `meshfl node` imports it as the launcher would. ConfigError
+    for a function only this process holds (a Python object, or one defined in `__main__`)."""
     from meshfl.learn.models import is_user_model, portable
 
-    if not is_user_model(model):
+    refs = {f"train.metrics.{name}": ref for name, ref in train.metrics.items()}
+    if is_user_model(train.model):
+        refs["train.model"] = train.model
+    if train.loss != "cross_entropy":
+        refs["train.loss"] = train.loss
+    if train.step is not None:
+        refs["train.step"] = train.step
+    if not refs:
         return {}
-    if not portable(model):
-        raise ConfigError(f"train.model: {model!r} lives only in this Python process (a factory object or one defined "
-                          "in the script being run); peer processes cannot import it: put it in a module and give "
-                          "`package.module:factory`")
+    for name, ref in refs.items():
+        if not portable(ref):
+            raise ConfigError(f"{name}: {ref!r} lives only in this Python process (an object or one defined "
+                              "in the script being run); peer processes cannot import it: put it in a module and give "
+                              "`package.module:function`")
     paths = [p or os.getcwd() for p in sys.path if p == "" or Path(p).is_dir()]
     existing = os.environ.get("PYTHONPATH")
     return {"PYTHONPATH": os.pathsep.join([*dict.fromkeys(paths), *([existing] if existing else [])])}

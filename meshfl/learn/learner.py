@@ -7,8 +7,10 @@ peer of a simulation in turn: per-peer state is only Params, data and a generato
 
 from __future__ import annotations
 
+import hashlib
 import math
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -18,7 +20,7 @@ from meshfl.config import TrainConfig
 from meshfl.core.context import TrainResult
 from meshfl.core.params import Layout, Params, bind_flat
 from meshfl.data import Dataset
-from meshfl.learn.models import build_model, is_user_model
+from meshfl.learn.models import build_model, is_user_model, resolve_function
 
 EVAL_BATCH = 4096
 
@@ -28,6 +30,8 @@ class Evaluation:
     accuracy: float
     loss: float
     samples: int
+    metrics: dict[str, float] = field(default_factory=dict)
+    """`train.metrics`, by name, computed over the whole split at once."""
 
 
 class Learner(Protocol):
@@ -80,6 +84,18 @@ class TorchLearner:
         self.layout = Layout.of_module(self.module, buffers=True)
         self.flat = bind_flat(self.module, buffers=True)
         self._user_model = is_user_model(config.model)
+        # the user's own code, imported here, on the machine that runs the peer (errors name the field)
+        self.loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = (
+            None if config.loss == "cross_entropy" else resolve_function(config.loss, "train.loss"))
+        self.metric_fns = {name: resolve_function(ref, f"train.metrics.{name}") for name, ref in config.metrics.items()}
+        self.step_fn: Callable[..., object] | None = None
+        if config.step is not None:
+            self.step_fn = resolve_function(config.step, "train.step")
+        elif config.fedprox_mu > 0:
+            from meshfl.learn.steps import fedprox
+
+            self.step_fn = fedprox
+        self._user_code = config.step is not None or self.loss_fn is not None
         self._on_device: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def init_params(self, seed: int) -> Params:
@@ -108,11 +124,40 @@ class TorchLearner:
         """`steps` mini-batch steps from `params` (a training request is a piece of work, not a round)."""
         if len(data) == 0 or steps == 0:
             return TrainResult(params, 0, 0, float("nan"))
+        train = self._train if self.step_fn is None else self._train_step
         if self._user_model:  # dropout and other random layers draw from the peer's own stream, not torch's global one
             with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
                 torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
-                return self._train(params, data, generator, steps)
-        return self._train(params, data, generator, steps)
+                return train(params, data, generator, steps)
+        if self._user_code:  # a user loss or step may draw from torch's global generator too: seed it from the
+            # peer's stream without advancing it, so the batches stay those of meshfl's own loop
+            seed = int.from_bytes(hashlib.blake2b(generator.get_state().numpy().tobytes(), digest_size=8).digest(), "little")
+            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+                torch.manual_seed(seed >> 2)
+                return train(params, data, generator, steps)
+        return train(params, data, generator, steps)
+
+    def _train_step(self, params: Params, data: Dataset, generator: torch.Generator, steps: int) -> TrainResult:
+        """A training step function (`train.step`, or FedProx) over the batches the default loop would use."""
+        assert self.step_fn is not None
+        self.flat.copy_(params.flat)
+        x, y = self._tensors(data)
+        indices = batch_indices(len(data), steps, self.config.batch_size, generator)
+        taken = [0, 0]  # steps, samples
+
+        def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+            for idx in indices:
+                idx = idx.to(self.device)
+                taken[0] += 1
+                taken[1] += len(idx)
+                yield x[idx], y[idx]
+
+        given = {name: p.detach().clone() for name, p in self.module.named_parameters()}
+        self.module.train()
+        mean_loss = self.step_fn(self.module, batches(), optimizer=self._optimizer(), loss=self.loss_fn or F.cross_entropy,
+                                 global_params=given, config=self.config)
+        trained = Params(self.flat.detach().to("cpu", copy=True), self.layout)
+        return TrainResult(trained, taken[1], taken[0], float("nan") if mean_loss is None else float(mean_loss))
 
     def _train(self, params: Params, data: Dataset, generator: torch.Generator, steps: int) -> TrainResult:
         self.flat.copy_(params.flat)
@@ -124,7 +169,7 @@ class TorchLearner:
         for idx in batch_indices(len(data), steps, self.config.batch_size, generator):
             idx = idx.to(self.device)
             optimizer.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(self.module(x[idx]), y[idx])
+            loss = (self.loss_fn or F.cross_entropy)(self.module(x[idx]), y[idx])
             loss.backward()
             optimizer.step()
             total_loss += loss.detach()
@@ -135,15 +180,25 @@ class TorchLearner:
     @torch.no_grad()
     def evaluate(self, params: Params, data: Dataset) -> Evaluation:
         if len(data) == 0:
-            return Evaluation(float("nan"), float("nan"), 0)
+            return Evaluation(float("nan"), float("nan"), 0, dict.fromkeys(self.metric_fns, float("nan")))
         self.flat.copy_(params.flat)
         self.module.eval()  # safe: torch evaluation mode, not Python eval
         x, y = self._tensors(data)
         correct = 0
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        outputs: list[torch.Tensor] = []
         for start in range(0, len(data), EVAL_BATCH):
             logits = self.module(x[start:start + EVAL_BATCH])
             target = y[start:start + EVAL_BATCH]
-            loss_sum += F.cross_entropy(logits, target, reduction="sum").double()
+            if self.loss_fn is None:
+                loss_sum += F.cross_entropy(logits, target, reduction="sum").double()
+            else:  # a user loss is a mean over its batch
+                loss_sum += self.loss_fn(logits, target).detach().double() * len(target)
             correct += int((logits.argmax(1) == target).sum())
-        return Evaluation(correct / len(data), float(loss_sum) / len(data), len(data))
+            if self.metric_fns:
+                outputs.append(logits)
+        metrics: dict[str, float] = {}
+        if self.metric_fns:
+            logits = torch.cat(outputs)
+            metrics = {name: float(fn(logits, y)) for name, fn in self.metric_fns.items()}
+        return Evaluation(correct / len(data), float(loss_sum) / len(data), len(data), metrics)

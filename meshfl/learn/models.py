@@ -85,20 +85,55 @@ def register_factory(factory: Any) -> str:
                          "a fresh module), not a module instance: meshfl builds the initial model from the run seed")
     if not callable(factory):
         raise ModelError(f"model: must be a callable returning a torch.nn.Module (got {type(factory).__name__})")
-    module, qualname = getattr(factory, "__module__", None), getattr(factory, "__qualname__", None)
-    if module and qualname and module != "__main__" and "<" not in qualname:
+    return register_function(factory, "model")
+
+
+def register_function(fn: Any, field: str, name: str | None = None) -> str:
+    """The reference for a function object given to `meshfl.run` (a model factory, loss, metric or
+    training step): `module:qualname` when importing that gives back the same object (so peer
+    processes can import it too), else `python:<name>`, usable only in this process (the simulator).
+
+    `field` names the argument in errors; `name` replaces the function's own name in a `python:` reference."""
+    if not callable(fn):
+        raise ModelError(f"{field}: must be a callable (got {type(fn).__name__})")
+    module, qualname = getattr(fn, "__module__", None), getattr(fn, "__qualname__", None)
+    if name is None and module and qualname and module != "__main__" and "<" not in qualname:
         ref = f"{module}:{qualname}"
         try:
-            if _import_ref(ref) is factory:
+            if _import_ref(ref, field) is fn:
                 return ref
         except ModelError:
             pass
-    name = re.sub(r"[^\w.]+", "_", qualname or type(factory).__name__)
+    name = re.sub(r"[^\w.]+", "_", name or qualname or type(fn).__name__)
     ref = f"{_PYTHON}{name}"
-    if _FACTORIES.get(ref, factory) is not factory:
-        ref = f"{_PYTHON}{name}-{id(factory):x}"
-    _FACTORIES[ref] = factory
+    if _FACTORIES.get(ref, fn) is not fn:
+        ref = f"{_PYTHON}{name}-{id(fn):x}"
+    _FACTORIES[ref] = fn
     return ref
+
+
+def check_function_ref(ref: str) -> str:
+    """ValueError (for the config's validation) unless `ref` is `package.module:function` or `python:<name>`;
+    only the form is checked (the import happens on the peer's machine)."""
+    if _REF.match(ref) or (ref.startswith(_PYTHON) and len(ref) > len(_PYTHON)):
+        return ref
+    raise ValueError(f"must be a function `package.module:function` (got {ref!r})")
+
+
+def resolve_function(ref: str, field: str) -> Callable[..., Any]:
+    """The callable a `package.module:function` or `python:<name>` reference names; ModelError (one line
+    naming `field`) if it cannot be had. Imported here, on the machine that runs the peer."""
+    if ref.startswith(_PYTHON):
+        if ref not in _FACTORIES:
+            raise ModelError(f"{field}: {ref!r} is a function object given to meshfl.run in another process; "
+                             "it cannot be had here: give an importable `package.module:function`")
+        return _FACTORIES[ref]
+    return _import_ref(ref, field)
+
+
+def function_name(ref: str) -> str:
+    """The short name of a reference: `pkg.mod:f1_score` -> `f1_score`, `python:macro_f1` -> `macro_f1`."""
+    return re.split(r"[:.]", ref)[-1].split("-")[0] if not ref.startswith(_PYTHON) else ref[len(_PYTHON):]
 
 
 def portable(name: str) -> bool:
@@ -121,9 +156,11 @@ def resolve_factory(name: str) -> Callable[..., Any]:
     return _import_ref(name)
 
 
-def _import_ref(ref: str) -> Callable[..., Any]:
+def _import_ref(ref: str, field: str = "train.model") -> Callable[..., Any]:
     if not _REF.match(ref):
-        raise ModelError(f"train.model: must be one of {', '.join(MODELS)} or `package.module:factory` (got {ref!r})")
+        if field == "train.model":
+            raise ModelError(f"train.model: must be one of {', '.join(MODELS)} or `package.module:factory` (got {ref!r})")
+        raise ModelError(f"{field}: must be `package.module:function` (got {ref!r})")
     module_name, attribute = ref.split(":", 1)
     cwd = os.getcwd()
     if cwd not in sys.path and "" not in sys.path:  # `meshfl run` (a console script) finds modules of the current folder too
@@ -131,15 +168,15 @@ def _import_ref(ref: str) -> Callable[..., Any]:
     try:
         obj: Any = importlib.import_module(module_name)
     except Exception as exc:  # noqa: BLE001 - any import failure is the user's to fix; one line
-        raise ModelError(f"train.model: module {module_name!r} does not import ({type(exc).__name__}: {_first_line(exc)}); "
+        raise ModelError(f"{field}: module {module_name!r} does not import ({type(exc).__name__}: {_first_line(exc)}); "
                          "it must be importable on this machine (PYTHONPATH or the current folder)") from None
     for part in attribute.split("."):
         if not hasattr(obj, part):
-            raise ModelError(f"train.model: module {module_name!r} has no attribute {attribute!r}")
+            raise ModelError(f"{field}: module {module_name!r} has no attribute {attribute!r}")
         obj = getattr(obj, part)
     if not callable(obj):
-        raise ModelError(f"train.model: {ref!r} is not callable (it is a {type(obj).__name__}); name a function or class "
-                         "that returns a torch.nn.Module")
+        raise ModelError(f"{field}: {ref!r} is not callable (it is a {type(obj).__name__}); name a function"
+                         + (" or class that returns a torch.nn.Module" if field == "train.model" else ""))
     return obj
 
 

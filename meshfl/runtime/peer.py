@@ -24,7 +24,7 @@ import torch
 from meshfl.config import ExperimentConfig
 from meshfl.core.context import TrainResult
 from meshfl.core.messages import Message, Reply, Request
-from meshfl.core.metrics import GLOBAL_ACCURACY, GLOBAL_LOSS, LOCAL_ACCURACY, LOCAL_LOSS
+from meshfl.core.metrics import GLOBAL_ACCURACY, GLOBAL_LOSS, GLOBAL_METRIC, LOCAL_ACCURACY, LOCAL_LOSS, LOCAL_METRIC
 from meshfl.core.params import Params
 from meshfl.core.seeds import algorithm_rng, batch_generator, byzantine_generator, initial_model_seed
 from meshfl.core.store import Store
@@ -352,8 +352,13 @@ class PeerContext:
         learner = self._worlds.learner
         local = learner.evaluate(params, self._data.test)
         global_ = self._worlds.evaluate_global(params)
-        return {LOCAL_ACCURACY: local.accuracy, LOCAL_LOSS: local.loss,
-                GLOBAL_ACCURACY: global_.accuracy, GLOBAL_LOSS: global_.loss}
+        result = {LOCAL_ACCURACY: local.accuracy, LOCAL_LOSS: local.loss,
+                  GLOBAL_ACCURACY: global_.accuracy, GLOBAL_LOSS: global_.loss}
+        for name, value in local.metrics.items():  # train.metrics
+            result[f"{LOCAL_METRIC}{name}"] = value
+        for name, value in global_.metrics.items():
+            result[f"{GLOBAL_METRIC}{name}"] = value
+        return result
 
     async def evaluate(self, params: Params) -> dict[str, float]:
         result = await self._compute(self._evaluate, params)

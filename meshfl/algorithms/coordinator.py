@@ -71,7 +71,7 @@ class CoordinatorConfig(Section):
     retry_factor: float = Field(2.0, ge=1, description="each further resend waits this many times longer (jittered, capped)")
     retry_cap_s: float = Field(60.0, gt=0, description="longest wait between two sends of the same work")
     workload_unit: Literal["epochs", "steps"] = Field("epochs", description="what a workload counts: local epochs or mini-batch steps")
-    workload: int = Field(1, ge=1, description="epochs or steps a worker trains per round at first (and the speed rule's reference)")
+    workload: int = Field(1, ge=1, description="epochs or steps a worker trains per round at first (and the speed rule's reference); the coordinator sets the work, so train.local_epochs is not used")
     min_workload: int = Field(1, ge=1, description="load balancing never gives less")
     max_workload: int | None = Field(None, ge=1, description="load balancing never gives more (default 4 x workload); workers refuse more")
     load_balancing: Annotated[Literal["off", "aimd", "speed"], BeforeValidator(_yaml_off)] = Field("off", description="off; aimd: in time +aimd_increase, late halves; speed: workloads that make each round trip match the target")

@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
+from rich.table import Column, Table
 
 from meshfl.config import ConfigError, ExperimentConfig, describe_fields, load_config
 from meshfl.experiment.progress import format_accuracy, simulate_with_progress
@@ -107,8 +107,11 @@ def show_config(
         console.print(dump_config(config), highlight=False, end="")
         return
     resolved = config.model_dump()
-    table = Table("field", "value", "default", "description", show_lines=False)
-    for name, default, description in describe_fields():
+    fields = describe_fields()
+    longest = max(len(name) for name, _, _ in fields)
+    field_column = Column("field", no_wrap=True, min_width=longest)  # a field name is what users copy: never cut
+    table = Table(field_column, "value", "default", "description", show_lines=False)
+    for name, default, description in fields:
         value = resolved
         for key in name.split("."):
             value = value[key]

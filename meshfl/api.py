@@ -95,7 +95,7 @@ class Result:
         if mine.fingerprint != params.layout.fingerprint:
             raise SavedModelError(f"peer {peer}'s final model does not fit this module: {layout_difference(params.layout, mine)}")
         params.to_module(module)
-        return module.eval()
+        return module.eval()  # safe: nn.Module.eval() (inference mode), not Python's eval
 
     def _data_shape(self) -> tuple[tuple[int, ...], int]:
         if self.run_dir is not None:

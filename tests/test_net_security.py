@@ -210,19 +210,17 @@ def test_a_stalled_stream_is_aborted_at_its_deadline(tmp_path):
     port = choose_ports("127.0.0.1", 50606, 2)[0]
     node = _node(tmp_path, digits(2, "wire.stream_deadline_s=0.5", "wire.stream_min_mb_per_s=1"), port)
 
-    async def scenario() -> tuple[grpc.StatusCode, float]:
+    async def scenario() -> grpc.StatusCode:
         server = await node.start_server()
         try:
             async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-                started = asyncio.get_running_loop().time()
-                code = await _stream(channel, chunks=1, chunk_bytes=100_000, hold_s=10)  # deadline 0.5 + 0.1 s
-                return code, asyncio.get_running_loop().time() - started
+                return await _stream(channel, chunks=1, chunk_bytes=100_000, hold_s=10)  # deadline 0.5 + 0.1 s
         finally:
             await server.stop(None)
 
-    code, took = asyncio.run(scenario())
+    code = asyncio.run(scenario())
     node.metrics_file.close()
-    assert code == grpc.StatusCode.DEADLINE_EXCEEDED and took < 3, took
+    assert code == grpc.StatusCode.DEADLINE_EXCEEDED  # the server's deadline, as it counted below (not the client's)
     assert node.door.refused["stream_deadline"] == 1 and node.streams.used == 0
 
 

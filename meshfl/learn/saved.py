@@ -155,7 +155,7 @@ def load_model(run_dir: str | Path, peer: int, module: nn.Module | Callable[...,
     Returns
     -------
     torch.nn.Module
-        `module` (or the one built) holding the saved parameters and buffers, in `eval()` mode.
+        `module` (or the one built) holding the saved parameters and buffers, in inference mode (`module.eval`).
 
     Raises
     ------
@@ -175,7 +175,7 @@ def load_model(run_dir: str | Path, peer: int, module: nn.Module | Callable[...,
         raise SavedModelError(f"{run_dir}: peer {peer}'s saved model does not fit this module "
                               f"(layout {params.layout.fingerprint} vs {mine.fingerprint}: {layout_difference(params.layout, mine)})")
     params.to_module(module)
-    return module.eval()
+    return module.eval()  # safe: nn.Module.eval() (inference mode), not Python's eval
 
 
 def layout_difference(saved: Layout, module: Layout) -> str:

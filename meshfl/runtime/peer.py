@@ -66,7 +66,7 @@ class Worlds:
     def evaluate_global(self, params: Params) -> Evaluation:
         """The learner's evaluation of `params` on the global test set, computed once per distinct model.
 
-        Peers that agree on a round's model (every peer of a converged gossip round) share one
+        Peers that agree on a round's model (every peer of a converged round) share one
         evaluation: the same model gives the same numbers, so only the simulator's wall time changes."""
         key = hashlib.blake2b(params.flat.numpy().tobytes(), digest_size=16).digest() + params.layout.fingerprint.encode()
         found = self.global_evaluations.get(key)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import hashlib
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -61,14 +60,14 @@ class Worlds:
         assert self.keyring is not None
         return self.keyring
 
-    global_evaluations: collections.OrderedDict[bytes, Evaluation] = field(default_factory=collections.OrderedDict)
+    global_evaluations: collections.OrderedDict[str, Evaluation] = field(default_factory=collections.OrderedDict)
 
     def evaluate_global(self, params: Params) -> Evaluation:
         """The learner's evaluation of `params` on the global test set, computed once per distinct model.
 
         Peers that agree on a round's model (every peer of a converged round) share one
         evaluation: the same model gives the same numbers, so only the simulator's wall time changes."""
-        key = hashlib.blake2b(params.flat.numpy().tobytes(), digest_size=16).digest() + params.layout.fingerprint.encode()
+        key = params.digest  # layout and values, hashed once per Params object (one object reaches every simulated peer)
         found = self.global_evaluations.get(key)
         if found is None:
             found = self.global_evaluations[key] = self.learner.evaluate(params, self.global_test)

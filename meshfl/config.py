@@ -62,7 +62,7 @@ class TrainConfig(_Section):
     batch_size: int = Field(32, ge=1, description="local mini-batch size")
     local_epochs: int = Field(3, ge=0, description="passes over the local train split per round (ignored when local_steps is set)")
     local_steps: int | None = Field(None, ge=1, description="fixed number of mini-batch steps per round instead of epochs")
-    device: Literal["cpu", "cuda"] = Field("cpu", description="where local training and evaluation run")
+    device: Literal["cpu", "cuda", "auto"] = Field("cpu", description="where local training and evaluation run (auto: cuda when a GPU is there, else cpu)")
     loss: str = Field("cross_entropy", description="training (and evaluation) loss: cross_entropy, or your own "
                                                  "`package.module:function` (logits, labels) -> scalar tensor, imported on each peer's machine")
     metrics: dict[str, str] = Field(default_factory=dict, description="extra evaluation metrics, a list of `package.module:function` "
@@ -203,6 +203,16 @@ class ComputeConfig(_Section):
     speed_min: float = Field(1.0, gt=0, description="slowest peer speed factor (peers draw uniformly in [speed_min, speed_max])")
     speed_max: float = Field(1.0, gt=0, description="fastest peer speed factor")
     tiers: list[ComputeTier] = Field(default_factory=list, description="heterogeneous compute: tiers of {peers | count | fraction, speed} applied after the uniform draw")
+    batching: Literal["auto", "on", "off"] = Field(
+        "auto", description="simulator: training and evaluation requests of one virtual instant run together, as one vmapped "
+                            "batch of models (auto: when train.model is mlp/cnn with the cross_entropy loss and no train.step/"
+                            "fedprox_mu/metrics, else one by one; on: refuse a config that cannot batch; off: one by one)")
+
+    @field_validator("batching", mode="before")
+    @classmethod
+    def _yaml_switch(cls, value: Any) -> Any:
+        """YAML reads a bare on/off as true/false."""
+        return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
 
     @model_validator(mode="after")
     def _speeds_ordered(self) -> ComputeConfig:

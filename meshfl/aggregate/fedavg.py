@@ -24,7 +24,7 @@ def weighted_rows(stacked: torch.Tensor, weights: Sequence[float]) -> torch.Tens
     """weighted_average of the rows of an already stacked (K x P) tensor."""
     if stacked.shape[0] != len(weights):
         raise ValueError(f"weighted_average: {stacked.shape[0]} vectors but {len(weights)} weights")
-    return _normalised(weights).to(stacked.dtype) @ stacked
+    return _normalised(weights).to(device=stacked.device, dtype=stacked.dtype) @ stacked
 
 
 def _normalised(weights: Sequence[float]) -> torch.Tensor:

@@ -19,7 +19,8 @@ How jobs of different sizes share a step:
   mean that equals `F.cross_entropy`'s mean over the n real samples.
 - The chunk's data is one concatenated tensor; a job's batch indices are offset into it.
 
-Not yet used by the simulator (see ARCHITECTURE.md, "Batched training").
+The simulator trains and evaluates the requests of one virtual instant with it (see
+meshfl/runtime/sim/compute_queue.py and ARCHITECTURE.md, "Batched training").
 """
 
 from __future__ import annotations
@@ -37,8 +38,8 @@ from meshfl.config import TrainConfig
 from meshfl.core.context import TrainResult
 from meshfl.core.params import Layout, Params
 from meshfl.data import Dataset
-from meshfl.learn.learner import batch_indices
-from meshfl.learn.models import build_model
+from meshfl.learn.learner import EVAL_BATCH, Evaluation, batch_indices, resolve_device
+from meshfl.learn.models import build_model, is_user_model
 
 # Elements (float32) one chunk may hold at once: 2^28 = 1 GiB. Far below 2^31, so no tensor of
 # a chunk needs 64-bit indexing.
@@ -49,6 +50,24 @@ PARAM_COPIES = 6
 ACTIVATION_COPIES = 3
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
+
+
+def batching_refusal(config: TrainConfig) -> str | None:
+    """Why models of this train config cannot be trained as one batch (None: they can).
+
+    The batched step is plain cross-entropy through `functional_call`: a user model (random
+    layers, buffers), a user loss or step, FedProx and user metrics go through TorchLearner."""
+    if is_user_model(config.model):
+        return f"train.model={config.model} is a user model (only mlp and cnn are batched)"
+    if config.loss != "cross_entropy":
+        return f"train.loss={config.loss} (only cross_entropy is batched)"
+    if config.step is not None:
+        return f"train.step={config.step} is set"
+    if config.fedprox_mu > 0:
+        return f"train.fedprox_mu={config.fedprox_mu:g} is set"
+    if config.metrics:
+        return "train.metrics are set"
+    return None
 
 
 @dataclass(frozen=True)
@@ -125,12 +144,10 @@ class BatchedTrainer:
 
     def __init__(self, config: TrainConfig, feature_shape: tuple[int, ...], num_classes: int, *,
                  max_models_per_chunk: int | None = None) -> None:
-        if config.device == "cuda" and not torch.cuda.is_available():
-            raise ValueError("train.device=cuda but no CUDA device is available; use train.device=cpu")
         if max_models_per_chunk is not None and max_models_per_chunk < 1:
             raise ValueError(f"max_models_per_chunk must be >= 1, got {max_models_per_chunk}")
         self.config = config
-        self.device = torch.device(config.device)
+        self.device = resolve_device(config.device)
         self.feature_shape = tuple(feature_shape)
         self.num_classes = num_classes
         self.module = _exact_linears(build_model(config.model, self.feature_shape, num_classes, config.model_options)).to(self.device)
@@ -142,6 +159,40 @@ class BatchedTrainer:
         self.default_chunk = max(1, CHUNK_ELEMENTS // per_model)
         self.models_per_chunk = min(self.default_chunk, max_models_per_chunk or self.default_chunk)
         self._step = vmap(grad(self._loss, has_aux=True))
+        self._forward = vmap(self._logits, in_dims=(0, None))  # many models, one dataset
+        self._forward_each = vmap(self._logits)  # model i on inputs i
+        self.params_device = torch.device("cpu")
+        """Where trained Params go: cpu, or the trainer's device when the simulator keeps models there."""
+        self._pool: dict[int, int] = {}  # id(dataset) -> offset into _pool_x/_pool_y
+        self._pool_x = self._pool_y = None
+        self._pool_keep: list[Dataset] = []
+        self._on_device: dict[int, tuple[Dataset, torch.Tensor, torch.Tensor]] = {}
+
+    def use_data(self, datasets: list[Dataset]) -> None:
+        """Keep these datasets concatenated on the trainer's device, once: a chunk whose jobs all
+        train on them gathers its batches from there (no copy per chunk; on CUDA no transfer)."""
+        self._pool, parts_x, parts_y, total = {}, [], [], 0
+        for data in datasets:
+            if id(data) not in self._pool and len(data):
+                self._pool[id(data)] = total
+                parts_x.append(data.x)
+                parts_y.append(data.y)
+                total += len(data)
+        self._pool_keep = list(datasets)  # ids stay valid while the datasets live
+        self._pool_x = torch.cat(parts_x).to(self.device) if parts_x else None
+        self._pool_y = torch.cat(parts_y).to(self.device) if parts_y else None
+
+    def _tensors(self, data: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
+        """`data` on the device, moved once (the global test set is evaluated at every instant)."""
+        if self.device.type == "cpu":
+            return data.x, data.y
+        held = self._on_device.get(id(data))
+        if held is None or held[0] is not data:
+            held = self._on_device[id(data)] = (data, data.x.to(self.device), data.y.to(self.device))
+        return held[1], held[2]
+
+    def _logits(self, named: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        return functional_call(self.module, named, (x,))
 
     def _loss(self, named: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor,
               count: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -192,18 +243,22 @@ class BatchedTrainer:
         """Jobs sorted by steps, longest first, every one with data and steps; their batches."""
         config, device = self.config, self.device
         k = len(jobs)
-        datasets: dict[int, int] = {}  # id(dataset) -> offset in the concatenation
-        parts_x, parts_y, offsets, total = [], [], [], 0
-        for job in jobs:
-            if id(job.data) not in datasets:
-                datasets[id(job.data)] = total
-                parts_x.append(job.data.x)
-                parts_y.append(job.data.y)
-                total += len(job.data)
-            offsets.append(datasets[id(job.data)])
-        x_all = torch.cat(parts_x).to(device)
-        y_all = torch.cat(parts_y).to(device)
-        params = torch.stack([job.params.flat for job in jobs]).to(device)
+        if all(id(job.data) in self._pool for job in jobs):
+            x_all, y_all = self._pool_x, self._pool_y
+            offsets = [self._pool[id(job.data)] for job in jobs]
+        else:  # a dataset outside the pool (e.g. a label-flipping peer's): this chunk's own concatenation
+            datasets: dict[int, int] = {}  # id(dataset) -> offset in the concatenation
+            parts_x, parts_y, offsets, total = [], [], [], 0
+            for job in jobs:
+                if id(job.data) not in datasets:
+                    datasets[id(job.data)] = total
+                    parts_x.append(job.data.x)
+                    parts_y.append(job.data.y)
+                    total += len(job.data)
+                offsets.append(datasets[id(job.data)])
+            x_all = torch.cat(parts_x).to(device)
+            y_all = torch.cat(parts_y).to(device)
+        params = self._stacked([job.params.flat for job in jobs])
         optimizer = self._state(params)
         total_loss = torch.zeros(k, device=device)
         samples = [sum(len(b) for b in job_batches) for job_batches in batches]
@@ -228,10 +283,87 @@ class BatchedTrainer:
             grads, losses = self._step(self._views(params, active), x_all[index], y_all[index], mask, count)
             optimizer(t, active, grads)
             total_loss[:active] += losses
-        trained = params.to("cpu")
+        trained = self._returned(params)
         loss = total_loss.to("cpu")
-        return [TrainResult(Params(trained[j].clone(), self.layout), samples[j], steps[j], float(loss[j]) / steps[j])
+        # each result is a row of the chunk's tensor (no copy per model; the chunk lives while any row does)
+        return [TrainResult(Params(trained[j], self.layout), samples[j], steps[j], float(loss[j]) / steps[j])
                 for j in range(k)]
+
+    def _stacked(self, flats: list[torch.Tensor]) -> torch.Tensor:
+        """The models as one K x P tensor on the device: stacked where they are (on the GPU when the
+        simulator keeps them there), else through pinned memory, so the copy to the GPU is one DMA."""
+        if self.device.type == "cpu" or flats[0].device == self.device:
+            return torch.stack([f.to(self.device) for f in flats])
+        staging = torch.empty((len(flats), flats[0].numel()), dtype=flats[0].dtype, pin_memory=True)
+        torch.stack(flats, out=staging)
+        return staging.to(self.device, non_blocking=True)
+
+    def _returned(self, params: torch.Tensor) -> torch.Tensor:
+        """The trained stack where results live: the device when params stay there, else the CPU."""
+        if params.device == self.params_device:
+            return params
+        out = torch.empty(params.shape, dtype=params.dtype, pin_memory=params.device.type == "cuda")
+        out.copy_(params)
+        return out
+
+    @torch.no_grad()
+    def evaluate_many(self, models: list[Params], data: Dataset) -> list[Evaluation]:
+        """Every model on one dataset (the global test set), as `TorchLearner.evaluate` would give
+        each: models stacked, one vmapped forward per slice of the data and chunk of models."""
+        if not models:
+            return []
+        if len(data) == 0:
+            return [Evaluation(float("nan"), float("nan"), 0) for _ in models]
+        x, y = self._tensors(data)
+        per_model = EVAL_BATCH * _activation_elements(self.module, self.feature_shape) + self.layout.numel
+        size = max(1, min(len(models), CHUNK_ELEMENTS // per_model))
+        results: list[Evaluation] = []
+        for start in range(0, len(models), size):
+            chunk = models[start:start + size]
+            stacked = self._stacked([m.flat for m in chunk])
+            named = self._views(stacked, len(chunk))
+            correct = torch.zeros(len(chunk), dtype=torch.int64, device=self.device)
+            loss_sum = torch.zeros(len(chunk), dtype=torch.float64, device=self.device)
+            for begin in range(0, len(data), EVAL_BATCH):  # the slices TorchLearner.evaluate sums over
+                logits = self._forward(named, x[begin:begin + EVAL_BATCH])
+                target = y[begin:begin + EVAL_BATCH]
+                losses = F.cross_entropy(logits.transpose(1, 2), target.expand(len(chunk), -1), reduction="none")
+                loss_sum += losses.sum(1).double()
+                correct += (logits.argmax(2) == target).sum(1)
+            n = len(data)
+            results.extend(Evaluation(int(c) / n, float(s) / n, n) for c, s in zip(correct.cpu(), loss_sum.cpu(), strict=True))
+        return results
+
+    @torch.no_grad()
+    def evaluate_each(self, pairs: list[tuple[Params, Dataset]]) -> list[Evaluation]:
+        """Model i on dataset i (every peer's model on its own local test split): the splits are
+        padded to the longest and masked, one vmapped forward per chunk of models."""
+        results: list[Evaluation] = [Evaluation(float("nan"), float("nan"), 0) for _ in pairs]
+        busy = [i for i, (_, data) in enumerate(pairs) if len(data)]
+        if not busy:
+            return results
+        longest = max(len(pairs[i][1]) for i in busy)
+        per_model = longest * (_activation_elements(self.module, self.feature_shape) + 2) + self.layout.numel
+        size = max(1, CHUNK_ELEMENTS // per_model)
+        for start in range(0, len(busy), size):
+            chunk = busy[start:start + size]
+            k = len(chunk)
+            x = torch.zeros((k, longest, *self.feature_shape), dtype=torch.float32)
+            y = torch.zeros((k, longest), dtype=torch.int64)
+            mask = torch.zeros((k, longest), dtype=torch.bool)
+            for j, i in enumerate(chunk):
+                data = pairs[i][1]
+                x[j, :len(data)], y[j, :len(data)], mask[j, :len(data)] = data.x, data.y, True
+            x, y, mask = x.to(self.device), y.to(self.device), mask.to(self.device)
+            named = self._views(self._stacked([pairs[i][0].flat for i in chunk]), k)
+            logits = self._forward_each(named, x)
+            losses = F.cross_entropy(logits.transpose(1, 2), y, reduction="none") * mask
+            correct = ((logits.argmax(2) == y) & mask).sum(1).cpu()
+            loss_sum = losses.sum(1).double().cpu()
+            for j, i in enumerate(chunk):
+                n = len(pairs[i][1])
+                results[i] = Evaluation(int(correct[j]) / n, float(loss_sum[j]) / n, n)
+        return results
 
     def _state(self, params: torch.Tensor):
         """A functional optimiser over stacked params: `update(t, active, grads)` steps models

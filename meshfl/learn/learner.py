@@ -72,12 +72,19 @@ def batch_indices(samples: int, steps: int, batch_size: int, generator: torch.Ge
     return batches[:steps]
 
 
+def resolve_device(name: str) -> torch.device:
+    """`train.device` as a torch device: auto is cuda when a GPU is there, else cpu."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("train.device=cuda but no CUDA device is available; use train.device=cpu or auto")
+    return torch.device(name)
+
+
 class TorchLearner:
     def __init__(self, config: TrainConfig, feature_shape: tuple[int, ...], num_classes: int) -> None:
-        if config.device == "cuda" and not torch.cuda.is_available():
-            raise ValueError("train.device=cuda but no CUDA device is available; use train.device=cpu")
         self.config = config
-        self.device = torch.device(config.device)
+        self.device = resolve_device(config.device)
         self.feature_shape = feature_shape
         self.num_classes = num_classes
         self.module = build_model(config.model, feature_shape, num_classes, config.model_options).to(self.device)
@@ -97,12 +104,19 @@ class TorchLearner:
             self.step_fn = fedprox
         self._user_code = config.step is not None or self.loss_fn is not None
         self._on_device: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.params_device = torch.device("cpu")
+        """Where the Params this learner makes live: cpu (what the wire and the stores take), or its own
+        device when the simulator keeps every model on the GPU (`keep_params_on_device`)."""
+
+    def keep_params_on_device(self) -> None:
+        self.params_device = self.device
 
     def init_params(self, seed: int) -> Params:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             fresh = build_model(self.config.model, self.feature_shape, self.num_classes, self.config.model_options)
-        return Params.from_module(fresh, buffers=True)
+        params = Params.from_module(fresh, buffers=True)
+        return params if self.params_device.type == "cpu" else Params(params.flat.to(self.params_device), params.layout)
 
     def _tensors(self, data: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
         if self.device.type == "cpu":
@@ -156,7 +170,7 @@ class TorchLearner:
         self.module.train()
         mean_loss = self.step_fn(self.module, batches(), optimizer=self._optimizer(), loss=self.loss_fn or F.cross_entropy,
                                  global_params=given, config=self.config)
-        trained = Params(self.flat.detach().to("cpu", copy=True), self.layout)
+        trained = Params(self.flat.detach().to(self.params_device, copy=True), self.layout)
         return TrainResult(trained, taken[1], taken[0], float("nan") if mean_loss is None else float(mean_loss))
 
     def _train(self, params: Params, data: Dataset, generator: torch.Generator, steps: int) -> TrainResult:
@@ -174,7 +188,7 @@ class TorchLearner:
             optimizer.step()
             total_loss += loss.detach()
             samples += len(idx)
-        trained = Params(self.flat.detach().to("cpu", copy=True), self.layout)
+        trained = Params(self.flat.detach().to(self.params_device, copy=True), self.layout)
         return TrainResult(trained, samples, steps, float(total_loss) / steps)
 
     @torch.no_grad()

@@ -62,6 +62,16 @@ class Worlds:
 
     global_evaluations: collections.OrderedDict[str, Evaluation] = field(default_factory=collections.OrderedDict)
 
+    def knows_global(self, params: Params) -> bool:
+        return params.digest in self.global_evaluations
+
+    def remember_global(self, params: Params, evaluation: Evaluation) -> None:
+        """An evaluation of `params` on the global test set made elsewhere (the simulator's batched evaluation)."""
+        self.global_evaluations[params.digest] = evaluation
+        self.global_evaluations.move_to_end(params.digest)
+        if len(self.global_evaluations) > GLOBAL_EVALUATIONS_KEPT:
+            self.global_evaluations.popitem(last=False)
+
     def evaluate_global(self, params: Params) -> Evaluation:
         """The learner's evaluation of `params` on the global test set, computed once per distinct model.
 
@@ -311,11 +321,9 @@ class PeerContext:
     async def train(self, params: Params, *, epochs: int | None = None, steps: int | None = None) -> TrainResult:
         learner = self._worlds.learner
         work = learner.steps_for(len(self._data.train), epochs=epochs, steps=steps)
-        per_sample = self.config.compute.seconds_per_sample
         byzantine = self.byzantine()
         if byzantine is None:
-            return await self._compute(learner.train, params, self._data.train, self._torch_generator, work,
-                                       cost=lambda result: result.samples * per_sample)
+            return await self._train_on(params, self._data.train, work)
         if byzantine.behaviour == "free_ride":  # claims the training it did not do, at no compute time
             n, size = len(self._data.train), self.config.train.batch_size
             if n == 0 or work == 0:
@@ -323,9 +331,15 @@ class PeerContext:
             per_pass = -(-n // size)  # batches of one pass; only a pass's last batch is short
             return TrainResult(params, (work // per_pass) * n + (work % per_pass) * size, work, float("nan"))
         data = self._label_flipped() if byzantine.behaviour == "label_flip" else self._data.train
-        result = await self._compute(learner.train, params, data, self._torch_generator, work,
-                                     cost=lambda result: result.samples * per_sample)
+        result = await self._train_on(params, data, work)
         return replace(result, params=self._lie(byzantine, params, result.params))
+
+    async def _train_on(self, params: Params, data: Dataset, steps: int) -> TrainResult:
+        """`steps` steps of this peer's learner on `data`, batches from the peer's generator; charged
+        samples x seconds_per_sample. The simulator overrides it to train requests of one instant together."""
+        per_sample = self.config.compute.seconds_per_sample
+        return await self._compute(self._worlds.learner.train, params, data, self._torch_generator, steps,
+                                   cost=lambda result: result.samples * per_sample)
 
     def _lie(self, byzantine: Byzantine, given: Params, trained: Params) -> Params:
         """What a Byzantine peer returns instead of `trained` (the honest result of training `given`)."""
@@ -338,6 +352,7 @@ class PeerContext:
             if self._byzantine_generator is None:
                 self._byzantine_generator = byzantine_generator(self.config.seed, self._peer_id, self._incarnation)
             noise = torch.randn(trained.flat.shape, generator=self._byzantine_generator, dtype=torch.float32) * byzantine.sigma
+            noise = noise.to(trained.flat.device)  # the simulator's models may live on the GPU
             return Params((trained.flat + noise) if behaviour == "noise" else noise, trained.layout)
         return trained  # inflate_weight (it lies about num_samples), label_flip (it lied to its learner)
 
@@ -348,19 +363,15 @@ class PeerContext:
         return self._flipped
 
     def _evaluate(self, params: Params) -> dict[str, float]:
-        learner = self._worlds.learner
-        local = learner.evaluate(params, self._data.test)
-        global_ = self._worlds.evaluate_global(params)
-        result = {LOCAL_ACCURACY: local.accuracy, LOCAL_LOSS: local.loss,
-                  GLOBAL_ACCURACY: global_.accuracy, GLOBAL_LOSS: global_.loss}
-        for name, value in local.metrics.items():  # train.metrics
-            result[f"{LOCAL_METRIC}{name}"] = value
-        for name, value in global_.metrics.items():
-            result[f"{GLOBAL_METRIC}{name}"] = value
-        return result
+        local = self._worlds.learner.evaluate(params, self._data.test)
+        return evaluation_fields(local, self._worlds.evaluate_global(params))
+
+    async def _evaluation(self, params: Params) -> dict[str, float]:
+        """What `evaluate` reports; the simulator overrides it to evaluate requests of one instant together."""
+        return await self._compute(self._evaluate, params)
 
     async def evaluate(self, params: Params) -> dict[str, float]:
-        result = await self._compute(self._evaluate, params)
+        result = await self._evaluation(params)
         self.final_params = params
         return result
 
@@ -373,6 +384,17 @@ class PeerContext:
         if self._incarnation:
             fields["incarnation"] = self._incarnation
         self._record("metric", **fields)
+
+
+def evaluation_fields(local: Evaluation, global_: Evaluation) -> dict[str, float]:
+    """`ctx.evaluate`'s answer: the model on the peer's local test split and on the global test set."""
+    result = {LOCAL_ACCURACY: local.accuracy, LOCAL_LOSS: local.loss,
+              GLOBAL_ACCURACY: global_.accuracy, GLOBAL_LOSS: global_.loss}
+    for name, value in local.metrics.items():  # train.metrics
+        result[f"{LOCAL_METRIC}{name}"] = value
+    for name, value in global_.metrics.items():
+        result[f"{GLOBAL_METRIC}{name}"] = value
+    return result
 
 
 def _handed_over(waiter: asyncio.Future) -> Message | None:

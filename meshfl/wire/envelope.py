@@ -210,10 +210,11 @@ def chunks(data: bytes, chunk_bytes: int) -> Iterator[bytes]:
 # ---------------------------------------------------------------------------------- decode
 
 
-def decode(data: bytes, layout: Layout, *, max_bytes: int | None = None) -> Message:
-    """Parse and rebuild a message, checking everything but the sender; raises Refused."""
+def decode(data: bytes, layout: Layout, *, max_bytes: int | None = None, device: torch.device | None = None) -> Message:
+    """Parse and rebuild a message, checking everything but the sender; raises Refused.
+    `device`: where its tensors go (the simulator keeps models on the GPU with train.device=cuda)."""
     env = parse(data)
-    return build(env, message_class(env), layout, max_bytes=max_bytes)
+    return build(env, message_class(env), layout, max_bytes=max_bytes, device=device)
 
 
 def parse(data: bytes) -> Envelope:
@@ -237,10 +238,12 @@ def message_class(env: Envelope) -> type[Message]:
     return cls
 
 
-def build(env: Envelope, cls: type[Message], layout: Layout, *, max_bytes: int | None = None) -> Message:
+def build(env: Envelope, cls: type[Message], layout: Layout, *, max_bytes: int | None = None,
+          device: torch.device | None = None) -> Message:
     """Read the fields back by the class's schema; every column must be used up exactly."""
     schema = message_schema(cls)
     reader = _Reader(env, layout, schema.has_codec, max_bytes)
+    reader.device = device
     try:
         fields = reader.read(schema)
         reader.check_used_up(cls.__name__)
@@ -261,6 +264,7 @@ class _Reader:
         self.max_bytes = max_bytes
         self.at = {"ints": 0, "floats": 0, "strings": 0, "lengths": 0, "tensors": 0}
         self.codec = LOSSLESS
+        self.device: torch.device | None = None
 
     def take(self, column: str, count: int) -> list:
         values = getattr(self.env, column)
@@ -329,6 +333,8 @@ class _Reader:
         finite = np.isfinite(flat.numpy())  # numpy: ~30x faster than torch.isfinite on small CPU tensors
         if not finite.all():
             raise Refused("non_finite", f"{int(finite.size - finite.sum())} NaN/Inf entries in the {codec.kind} tensor")
+        if self.device is not None:
+            flat = flat.to(self.device)
         return Params(flat, layout) if whole else ParamsSlice(flat, layout, ranges)
 
     def _ranges(self, tensor: Tensor, whole: bool) -> tuple[tuple[int, int], ...]:

@@ -3,7 +3,9 @@
 asyncio asks its selector to wait `timeout` seconds for I/O when nothing is ready. Here
 the selector instead advances the virtual clock by `timeout` and returns at once, so time
 jumps to the next timer only when every task is blocked (the scheduler, not the clock,
-decides). No timer pending while tasks still wait is a deadlock: it raises, naming the
+decides). Before it moves, the clock's `at_rest` hook runs the work every blocked task waits for
+at this instant (the simulator's queued training and evaluation); if there was any, the loop
+runs again at the same instant. No timer pending while tasks still wait is a deadlock: it raises, naming the
 waiting peers. Passing the hard end time raises the same way. Ties between timers due at
 the same instant are broken by asyncio's heap in insertion order, which is deterministic
 because everything runs on one thread.
@@ -31,6 +33,8 @@ class _VirtualSelector(selectors.DefaultSelector):
         ready = super().select(0)  # only asyncio's self-pipe can be registered; poll it
         if ready or timeout == 0:
             return ready
+        if self._clock.at_rest():  # work of this instant was done: its waiters run before time moves
+            return []
         if timeout is None:
             raise SimulationStalled(f"deadlock at t={self._clock.now:.3f}s: every peer is waiting and no timer is pending: "
                                     f"{self._clock.describe_waiters()}")
@@ -41,10 +45,13 @@ class _VirtualSelector(selectors.DefaultSelector):
 class VirtualClock:
     """Virtual seconds since the run started, with a hard end."""
 
-    def __init__(self, end_time: float, describe_waiters: Callable[[], str]) -> None:
+    def __init__(self, end_time: float, describe_waiters: Callable[[], str],
+                 at_rest: Callable[[], bool] = lambda: False) -> None:
         self.now = 0.0
         self.end_time = end_time
         self.describe_waiters = describe_waiters
+        self.at_rest = at_rest
+        """Called when every task is blocked, before the clock moves; True: it did work, run the loop again."""
 
     def advance(self, seconds: float) -> None:
         target = self.now + seconds

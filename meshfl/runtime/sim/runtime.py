@@ -22,16 +22,22 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from meshfl.algorithms import PeerMain
 from meshfl.config import ExperimentConfig
+from meshfl.core.context import TrainResult
 from meshfl.core.messages import Message, PeerLiveness
 from meshfl.core.metrics import PEER_CRASHED, PEER_FINISHED, PEER_STARTED, MetricsLog
 from meshfl.core.params import Layout, Params
 from meshfl.core.store import MemoryStore
 from meshfl.core.topology import Topology
+from meshfl.data import Dataset
 from meshfl.faults import Byzantine
-from meshfl.runtime.peer import PeerContext, Worlds
+from meshfl.learn.batched import TrainJob
+from meshfl.runtime.peer import PeerContext, Worlds, evaluation_fields
 from meshfl.runtime.sim.compute import peer_speeds
+from meshfl.runtime.sim.compute_queue import ComputeQueue
 from meshfl.runtime.sim.faults import FaultInjector
 from meshfl.runtime.sim.loop import VirtualClock, run_virtual
 from meshfl.runtime.sim.network import SimNetwork, TrafficCounters
@@ -83,6 +89,17 @@ class SimContext(PeerContext):
         if cost is not None:
             await self.sleep(cost(result) / self._sim.speeds[self.peer_id])
         return result
+
+    async def _train_on(self, params: Params, data: Dataset, steps: int) -> TrainResult:
+        """Queued with this instant's other training requests (one batch), then charged as before."""
+        with self._sim.waiting(self.peer_id, "train"):
+            result = await self._sim.compute.train(TrainJob(params, data, self._torch_generator, steps))
+        await self.sleep(result.samples * self.config.compute.seconds_per_sample / self._sim.speeds[self.peer_id])
+        return result
+
+    async def _evaluation(self, params: Params) -> dict[str, float]:
+        with self._sim.waiting(self.peer_id, "evaluate"):
+            return await self._sim.compute.evaluate(params, self._data.test, evaluation_fields)
 
     def is_alive(self, peer: int) -> bool:
         return self._sim.detector.is_alive(self.peer_id, peer)
@@ -216,7 +233,8 @@ class Simulation:
         self.metrics = metrics
         self.new_peer = new_peer  # a fresh coroutine function for every start (incarnation)
         self._waiting: dict[int, collections.Counter[str]] = {}
-        self.clock = VirtualClock(config.max_virtual_time_s, self._describe_waiters)
+        self.compute = ComputeQueue(config, worlds)
+        self.clock = VirtualClock(config.max_virtual_time_s, self._describe_waiters, self.compute.flush)
         self.speeds = peer_speeds(config.compute, config.peers, config.seed)
         self.network = SimNetwork(config.network, config.peers, config.seed, self._schedule_delivery)
         self.slots = [PeerSlot(p) for p in range(config.peers)]
@@ -261,7 +279,7 @@ class Simulation:
             return
         self.network.traffic.messages_received[target] += 1
         self.detector.heard(target, message.sender)
-        slot.context.deliver(_as_received(message, self.worlds.learner.layout))
+        slot.context.deliver(_as_received(message, self.worlds.learner.layout, self.worlds.learner.params_device))
 
     # -- lifecycle
     def start(self, peer: int) -> None:
@@ -357,7 +375,7 @@ class Simulation:
         return SimResult(self.network.traffic, self.clock.now, dict(sorted(self.final_params.items())), incarnations)
 
 
-def _as_received(message: Message, layout: Layout) -> Message:
+def _as_received(message: Message, layout: Layout, device: torch.device) -> Message:
     """What the receiver gets: the message itself, or, for a lossy codec, what decoding its bytes gives.
 
     The decoded copy is kept on the message, so one message sent to many peers is coded once.
@@ -366,6 +384,6 @@ def _as_received(message: Message, layout: Layout) -> Message:
         return message
     received = message.__dict__.get("_meshfl_received")
     if received is None:
-        received = decode(encode(message), layout)
+        received = decode(encode(message), layout, device=None if device.type == "cpu" else device)
         object.__setattr__(message, "_meshfl_received", received)
     return received

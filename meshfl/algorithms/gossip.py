@@ -277,6 +277,41 @@ class RelayBatch:
     sources: set[int] = field(default_factory=set)
 
 
+class _VoteWatch:
+    """Whether every peer the detector believes alive (and this one) has a ballot: `state.ballots.keys() >=
+    set(alive peers)`, re-checked after every message of the election without scanning every peer each time.
+
+    Ballots are only ever added during a round, so the peers (in id order) before `_start` that held one
+    hold one for good; the last peer found alive without a ballot (`_witness`) is asked first. The answer is
+    always the one a full scan gives: beliefs about peers past `_start` are read afresh at every call.
+    """
+
+    def __init__(self, ctx: NodeContext, ballots: dict[int, Ballot]) -> None:
+        self._ctx = ctx
+        self._ballots = ballots
+        self._peers = ctx.peers
+        self._start = 0
+        self._witness: int | None = None
+
+    def _awaited(self, peer: int) -> bool:
+        return peer not in self._ballots and (peer == self._ctx.peer_id or self._ctx.is_alive(peer))
+
+    def __call__(self) -> bool:
+        witness = self._witness
+        if witness is not None and self._awaited(witness):
+            return False
+        peers, ballots, start = self._peers, self._ballots, self._start
+        while start < len(peers) and peers[start] in ballots:
+            start += 1
+        self._start = start
+        for i in range(start, len(peers)):
+            if self._awaited(peers[i]):
+                self._witness = peers[i]
+                return False
+        self._witness = None
+        return True
+
+
 class GossipPeer:
     """One peer's side of the protocol (one object per incarnation); `run` drives it round by round."""
 
@@ -453,8 +488,7 @@ class GossipPeer:
         own = replace(own, signature=ctx.sign(ballot_bytes(round, own)))
         self._learn_ballots(ctx, round, (own,), came_from=ctx.peer_id)
         self._send_relays(ctx)  # one's own ballot goes out at once
-        voted = lambda: state.ballots.keys() >= set(self._alive_peers(ctx))  # noqa: E731
-        await self._pump(ctx, voted, ctx.now() + self.config.vote_timeout_s)
+        await self._pump(ctx, _VoteWatch(ctx, state.ballots), ctx.now() + self.config.vote_timeout_s)
         expected = self._alive_peers(ctx)
         missing = len(set(expected) - state.ballots.keys())
         if missing:

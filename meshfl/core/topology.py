@@ -168,6 +168,59 @@ def _is_connected(adj: np.ndarray) -> bool:
     return len(_components(adj)) == 1
 
 
+# Sparse twins of the above, for the random generators: neighbour sets instead of a peers x peers matrix
+# (10,000 peers would need 100 MB per matrix and peers^2 work per component search). Same graphs.
+
+def _components_of(rows: list[set[int]]) -> list[list[int]]:
+    """Connected components, each sorted, ordered by their smallest id."""
+    seen = [False] * len(rows)
+    comps: list[list[int]] = []
+    for start in range(len(rows)):
+        if seen[start]:
+            continue
+        seen[start] = True
+        comp, queue = [start], deque([start])
+        while queue:
+            for v in rows[queue.popleft()]:
+                if not seen[v]:
+                    seen[v] = True
+                    comp.append(v)
+                    queue.append(v)
+        comps.append(sorted(comp))
+    return comps
+
+
+def _repair_rows(rows: list[set[int]]) -> None:
+    """Chain components together (in place): smallest id of each to the smallest id of the next."""
+    heads = [comp[0] for comp in _components_of(rows)]
+    for a, b in pairwise(heads):
+        rows[a].add(b)
+        rows[b].add(a)
+
+
+def _from_rows(kind: str, rows: list[set[int]]) -> Topology:
+    return Topology(kind, tuple(tuple(sorted(row)) for row in rows))
+
+
+_DRAW_CHUNK = 1 << 22
+"""Uniforms drawn at once while sampling G(n, p): the same stream as one peers x peers draw, in bounded memory."""
+
+
+def _draw_gnp(n: int, p: float, rng: np.random.Generator) -> list[set[int]]:
+    """Edges (i, j), i < j, where the (i, j) entry of an n x n uniform draw (row-major) is < p."""
+    rows: list[set[int]] = [set() for _ in range(n)]
+    chunk = max(1, _DRAW_CHUNK // max(n, 1))
+    for first in range(0, n, chunk):
+        block = rng.random((min(chunk, n - first), n)) < p
+        us, vs = np.nonzero(block)
+        us += first
+        keep = vs > us
+        for u, v in zip(us[keep].tolist(), vs[keep].tolist(), strict=True):
+            rows[u].add(v)
+            rows[v].add(u)
+    return rows
+
+
 # --- deterministic generators -------------------------------------------------------------
 
 
@@ -244,13 +297,12 @@ def random_graph(n: int, p: float, seed: int) -> Topology:
         raise TopologyError(f"topology 'random': topology.edge_probability must be in (0, 1] (got {p})")
     rng = _rng(seed)
     for _ in range(_MAX_REDRAWS):
-        adj = np.triu(rng.random((n, n)) < p, k=1)
-        adj = adj | adj.T
-        if _is_connected(adj):
+        rows = _draw_gnp(n, p, rng)
+        if len(_components_of(rows)) == 1:
             break
     else:
-        adj = _repair(adj)
-    return _from_matrix("random", adj)
+        _repair_rows(rows)
+    return _from_rows("random", rows)
 
 
 def small_world(n: int, k: int, beta: float, seed: int) -> Topology:
@@ -262,30 +314,38 @@ def small_world(n: int, k: int, beta: float, seed: int) -> Topology:
     if not 0 <= beta <= 1:
         raise TopologyError(f"topology 'small_world': topology.rewire_probability must be in [0, 1] (got {beta})")
     rng = _rng(seed)
-    adj = np.zeros((n, n), dtype=bool)
-    idx = np.arange(n)
+    rows: list[set[int]] = [set() for _ in range(n)]
     for j in range(1, k // 2 + 1):
-        adj[idx, (idx + j) % n] = adj[(idx + j) % n, idx] = True
+        for u in range(n):
+            rows[u].add((u + j) % n)
+            rows[(u + j) % n].add(u)
     for j in range(1, k // 2 + 1):  # same order as networkx: by lattice distance, then by peer
         for u in range(n):
             v = (u + j) % n
             if rng.random() < beta:
-                _rewire(adj, u, v, rng)
-    if not _is_connected(adj):
-        adj = _repair(adj)
-    return _from_matrix("small_world", adj)
+                _rewire(rows, u, v, rng)
+    if len(_components_of(rows)) != 1:
+        _repair_rows(rows)
+    return _from_rows("small_world", rows)
 
 
-def _rewire(adj: np.ndarray, u: int, v: int, rng: np.random.Generator) -> None:
-    """Move edge (u, v) to (u, w) for a uniformly drawn w that is neither u nor a neighbour."""
-    free = ~adj[u]
-    free[u] = False
-    candidates = np.flatnonzero(free)
-    if candidates.size == 0:
+def _rewire(rows: list[set[int]], u: int, v: int, rng: np.random.Generator) -> None:
+    """Move edge (u, v) to (u, w) for a uniformly drawn w that is neither u nor a neighbour.
+
+    w is the index-th smallest such peer: counted past u and its neighbours, without listing the free peers."""
+    taken = sorted(rows[u] | {u})
+    free = len(rows) - len(taken)
+    if free == 0:
         return
-    w = int(candidates[rng.integers(candidates.size)])
-    adj[u, v] = adj[v, u] = False
-    adj[u, w] = adj[w, u] = True
+    w = int(rng.integers(free))
+    for t in taken:  # the w-th free peer: skip every taken id at or below it
+        if t > w:
+            break
+        w += 1
+    rows[u].discard(v)
+    rows[v].discard(u)
+    rows[u].add(w)
+    rows[w].add(u)
 
 
 # --- config entry point --------------------------------------------------------------------

@@ -115,7 +115,9 @@ def _dirichlet_counts(class_sizes: np.ndarray, num_peers: int, alpha: float, rng
     proportions = rng.dirichlet(np.full(num_peers, alpha), size=len(class_sizes))
     bad = ~np.isfinite(proportions).all(axis=1)
     if bad.any():  # tiny alpha can underflow to NaN: the limit is all mass on one peer
-        proportions[bad] = np.eye(num_peers)[rng.integers(num_peers, size=int(bad.sum()))]
+        rows = np.flatnonzero(bad)  # one-hot rows, without a peers x peers identity matrix
+        proportions[rows] = 0.0
+        proportions[rows, rng.integers(num_peers, size=rows.size)] = 1.0
     bounds = np.floor(np.cumsum(proportions, axis=1) * class_sizes[:, None]).astype(np.int64)
     bounds = np.minimum(bounds, class_sizes[:, None])  # cumsum may overshoot 1.0 by rounding
     bounds[:, -1] = class_sizes

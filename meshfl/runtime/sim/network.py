@@ -154,8 +154,21 @@ class SimNetwork:
         return result
 
     def reachable(self, a: int, b: int) -> bool:
-        """False while an active partition separates a and b."""
-        return self._link(a, b)[3]
+        """False while an active partition separates a and b.
+
+        Not cached: the failure detector asks it for every pair at a partition, and a peers x peers
+        cache is what the simulator must not hold at scale."""
+        cached = self._cache.get((a, b))
+        if cached is not None:
+            return cached[3]
+        self._check_peer(a, "send")
+        self._check_peer(b, "send")
+        return all(groups[a] == groups[b] for groups in self._partitions.values())
+
+    @property
+    def partitioned(self) -> bool:
+        """Whether some partition is active (else every pair is reachable)."""
+        return bool(self._partitions)
 
     def latency(self, a: int, b: int) -> float:
         """One-way latency from a to b now, seconds (without serialisation)."""

@@ -17,9 +17,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import Any
 
 import torch
@@ -128,22 +129,32 @@ class SimDetector:
     """The failure detector every peer runs, modelled: a peer that goes down is believed dead
     by each other peer `timeout_s` after its last sign of life (what heartbeats would show);
     it is believed alive again once it is heard from, or `latency` after it comes back.
-    A peer that ends on purpose says goodbye: it is believed gone after LINGER_S and one latency."""
+    A peer that ends on purpose says goodbye: it is believed gone after LINGER_S and one latency.
+
+    Scale: beliefs are kept per observer as the set of subjects it believes dead (nothing for the
+    common case, everyone alive), and with liveness.watch=all the watchers of a peer (everyone else)
+    are a range, never a materialised peers x peers table."""
 
     def __init__(self, sim: Simulation) -> None:
         self._sim = sim
         self.timeout_s = sim.config.liveness.timeout_s
-        self._dead: set[tuple[int, int]] = set()  # (observer, subject)
+        self._peers = sim.config.peers
+        self._dead: list[set[int]] = [set() for _ in range(self._peers)]  # observer -> subjects believed dead
         self._epoch = [0] * sim.config.peers  # bumped whenever a peer goes down or comes up
         self._network_epoch = 0  # bumped at every partition or heal
-        peers = range(sim.config.peers)
-        if sim.config.liveness.watch == "all":
-            self._watchers = [tuple(o for o in peers if o != s) for s in peers]  # symmetric: who watches s = whom s watches
-        else:  # only the overlay neighbours watch a peer, as over gRPC with liveness.watch=overlay
-            self._watchers = [tuple(sim.topology.neighbours[s]) for s in peers]
+        # symmetric: who watches s = whom s watches; None (watch=all): every other peer, in id order
+        self._watchers: list[tuple[int, ...]] | None = None
+        if sim.config.liveness.watch != "all":  # only the overlay neighbours watch a peer, as over gRPC with liveness.watch=overlay
+            self._watchers = [tuple(sim.topology.neighbours[s]) for s in range(self._peers)]
+
+    def watchers(self, subject: int) -> Iterable[int]:
+        """The peers that watch `subject` (and that `subject` watches), in id order."""
+        if self._watchers is not None:
+            return self._watchers[subject]
+        return chain(range(subject), range(subject + 1, self._peers))
 
     def is_alive(self, observer: int, subject: int) -> bool:
-        return (observer, subject) not in self._dead
+        return subject not in self._dead[observer]
 
     def went_down(self, subject: int, delay: float) -> None:
         """`subject` stopped (crash: delay = detector timeout; goodbye: one latency)."""
@@ -159,10 +170,9 @@ class SimDetector:
 
     def fresh_observer(self, observer: int) -> None:
         """A restarted peer knows nothing: it believes everyone alive until its timeout says otherwise."""
-        for subject in range(self._sim.config.peers):
-            self._dead.discard((observer, subject))
+        self._dead[observer].clear()
         loop, later = asyncio.get_running_loop(), self._sim.clock.now + self.timeout_s
-        for subject in self._watchers[observer]:
+        for subject in self.watchers(observer):
             if not self._sim.slots[subject].up:
                 loop.call_at(later, self._believe_down_for, observer, subject, self._epoch[subject])
             elif not self._sim.network.reachable(subject, observer):
@@ -173,49 +183,52 @@ class SimDetector:
         self._network_epoch += 1
         epoch = self._network_epoch
         network, slots, loop = self._sim.network, self._sim.slots, asyncio.get_running_loop()
-        for observer in range(self._sim.config.peers):
-            for subject in self._watchers[observer]:
+        for observer in range(self._peers):
+            dead = self._dead[observer]
+            # with no partition left every pair is reachable: only subjects believed dead (always watched ones) matter
+            subjects = self.watchers(observer) if network.partitioned else sorted(dead)
+            for subject in subjects:
                 if not slots[subject].up:
                     continue
                 if not network.reachable(subject, observer):
                     loop.call_at(self._sim.clock.now + self.timeout_s, self._cut_off, observer, subject, epoch)
-                elif (observer, subject) in self._dead:
+                elif subject in dead:
                     loop.call_at(self._sim.clock.now + network.latency(subject, observer), self._reconnected,
                                  observer, subject, epoch)
 
     def _cut_off(self, observer: int, subject: int, epoch: int) -> None:
-        if epoch == self._network_epoch and (observer, subject) not in self._dead:
+        if epoch == self._network_epoch and subject not in self._dead[observer]:
             self._set(observer, subject, False)
 
     def _reconnected(self, observer: int, subject: int, epoch: int) -> None:
-        if epoch == self._network_epoch and (observer, subject) in self._dead and self._sim.slots[subject].up:
+        if epoch == self._network_epoch and subject in self._dead[observer] and self._sim.slots[subject].up:
             self._set(observer, subject, True)
 
     def heard(self, observer: int, subject: int) -> None:
-        if (observer, subject) in self._dead:
+        if subject in self._dead[observer]:
             self._set(observer, subject, True)
 
     def _believe_down(self, subject: int, epoch: int) -> None:
-        for observer in self._watchers[subject]:
+        for observer in self.watchers(subject):
             self._believe_down_for(observer, subject, epoch)
 
     def _believe_down_for(self, observer: int, subject: int, epoch: int) -> None:
-        if self._epoch[subject] != epoch or observer == subject or (observer, subject) in self._dead:
+        if self._epoch[subject] != epoch or observer == subject or subject in self._dead[observer]:
             return
         self._set(observer, subject, False)
 
     def _believe_up(self, subject: int, epoch: int) -> None:
         if self._epoch[subject] != epoch:
             return
-        for observer in range(self._sim.config.peers):
-            if (observer, subject) in self._dead and self._sim.network.reachable(subject, observer):
+        for observer in range(self._peers):
+            if subject in self._dead[observer] and self._sim.network.reachable(subject, observer):
                 self._set(observer, subject, True)
 
     def _set(self, observer: int, subject: int, alive: bool) -> None:
         if alive:
-            self._dead.discard((observer, subject))
+            self._dead[observer].discard(subject)
         else:
-            self._dead.add((observer, subject))
+            self._dead[observer].add(subject)
         slot = self._sim.slots[observer]
         if slot.up and slot.context is not None:
             slot.context.deliver(PeerLiveness(sender=observer, peer=subject, alive=alive))

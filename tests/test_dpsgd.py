@@ -217,3 +217,11 @@ def test_same_seed_same_run():
     assert without_wall_clock(first.events) == without_wall_clock(again.events)
     for peer, params in first_result.final_params.items():
         assert torch.equal(params.flat, again_result.final_params[peer].flat)
+
+
+def test_the_example_is_a_valid_dpsgd_config():
+    from pathlib import Path
+
+    config = load_config(Path(__file__).resolve().parent.parent / "examples" / "dpsgd.yaml", [])
+    assert config.algorithm == "dpsgd" and config.peers == 16 and config.topology.kind == "ring"
+    assert config.section().mixing == "metropolis"

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from meshfl.algorithms.coordinator import Done, Held, Update, Work
+from meshfl.algorithms.dpsgd import Model as DpsgdModel
 from meshfl.algorithms.gossip import (
     AggregatedModel,
     Ballot,
@@ -278,6 +279,10 @@ def _updates(codec: Codec) -> list[Message]:
                    codec=codec)]
 
 
+def _dpsgd_models(codec: Codec) -> list[Message]:
+    return [DpsgdModel(sender=3, round=4, degree=2, params=_params(seed=16), codec=codec)]
+
+
 def _dones(codec: Codec) -> list[Message]:
     return [Done(sender=0, round=9, params=_params(seed=15))]
 
@@ -301,6 +306,7 @@ FACTORIES: dict[type[Message], Callable[[Codec], list[Message]]] = {
     Update: _updates,
     Done: _dones,
     Held: _helds,
+    DpsgdModel: _dpsgd_models,
 }
 
 

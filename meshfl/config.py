@@ -125,8 +125,9 @@ class TrainConfig(_Section):
 
 
 class TopologyConfig(_Section):
-    kind: Literal["full", "ring", "line", "star", "grid", "random", "small_world"] = Field(
-        "full", description="overlay graph between peers")
+    kind: Literal["full", "ring", "line", "star", "grid", "random", "regular", "small_world"] = Field(
+        "full", description="overlay graph between peers (regular: random topology.degree-regular graph)")
+    degree: int = Field(8, ge=1, description="regular: every peer's number of neighbours (peers x degree must be even)")
     edge_probability: float = Field(0.3, gt=0, le=1, description="random: Erdos-Renyi edge probability p")
     small_world_neighbours: int = Field(4, ge=2, description="small_world: each peer links to this many nearest ring neighbours (even)")
     rewire_probability: float = Field(0.1, ge=0, le=1, description="small_world: probability of rewiring each edge")

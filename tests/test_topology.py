@@ -309,3 +309,22 @@ def test_small_world_bad_k_via_config_names_field() -> None:
     config = TopologyConfig(kind="small_world", small_world_neighbours=4)
     with pytest.raises(TopologyError, match=r"topology\.small_world_neighbours .*peers \(4\)"):
         make_topology(config, 4, seed=0)
+
+
+@pytest.mark.parametrize(("n", "degree"), [(10, 3), (64, 8), (2000, 8)])
+def test_random_regular_gives_every_peer_degree_neighbours(n, degree):
+    from meshfl.core.topology import random_regular
+
+    graph = random_regular(n, degree, seed=3)
+    assert all(len(row) == degree and i not in row for i, row in enumerate(graph.neighbours))
+    assert graph.neighbours == random_regular(n, degree, seed=3).neighbours  # a pure function of the seed
+    assert graph.neighbours != random_regular(n, degree, seed=4).neighbours
+
+
+def test_random_regular_refuses_impossible_degrees():
+    from meshfl.core.topology import random_regular
+
+    with pytest.raises(TopologyError, match="topology.degree"):
+        random_regular(9, 3, seed=0)  # 27 stubs cannot pair up
+    with pytest.raises(TopologyError, match="topology.degree"):
+        random_regular(5, 5, seed=0)

@@ -194,7 +194,7 @@ def _lowest_live(ctx: NodeContext, passing_over: int | None = None) -> int:
 
 def usable(params: Params, like: Params) -> bool:
     """A received model we may average: our layout, every value finite."""
-    return params.layout.fingerprint == like.layout.fingerprint and bool(params.flat.isfinite().all())
+    return params.layout.fingerprint == like.layout.fingerprint and params.finite
 
 
 # ---- per-worker bookkeeping ----------------------------------------------------------------

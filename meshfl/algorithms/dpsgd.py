@@ -225,7 +225,7 @@ class DpsgdPeer:
         return (message.sender in self._neighbours and 1 <= message.round <= self.rounds
                 and 1 <= message.degree <= self._max_degree
                 and self.model is not None and message.params.layout.fingerprint == self.model.layout.fingerprint
-                and bool(message.params.flat.isfinite().all()))
+                and message.params.finite)
 
 
 def _worst_case_s(config: DpsgdConfig, experiment: ExperimentConfig) -> float:

@@ -445,7 +445,7 @@ class GossipPeer:
             ctx.log("missed_models", len(missed), round=round)
         chosen = [state.contributions[o] for o in origins]
         usable = [c for c in chosen if c.params.layout.fingerprint == start.layout.fingerprint
-                  and bool(c.params.flat.isfinite().all())]
+                  and c.params.finite]
         if len(usable) < len(chosen):
             ctx.log("unusable_models", len(chosen) - len(usable), round=round)  # NaN/Inf (a diverged or lying peer)
         if not usable:

@@ -11,6 +11,7 @@ import hashlib
 from dataclasses import dataclass
 from functools import cached_property
 
+import numpy as np
 import torch
 
 
@@ -124,6 +125,15 @@ class Params:
 
     def equal(self, other: Params) -> bool:
         return self.layout == other.layout and torch.equal(self.flat, other.flat)
+
+    @cached_property
+    def finite(self) -> bool:
+        """No NaN or Inf (checked once per object). numpy on CPU: torch.isfinite on a CPU tensor
+        costs ~1000x more here (it was 40 ms per MNIST model on 2 busy cores, numpy 0.04 ms)."""
+        flat = self.flat.detach()
+        if flat.device.type == "cpu":
+            return bool(np.isfinite(flat.contiguous().numpy()).all())
+        return bool(torch.isfinite(flat).all())
 
     @cached_property
     def digest(self) -> str:

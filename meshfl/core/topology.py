@@ -351,14 +351,55 @@ def _rewire(rows: list[set[int]], u: int, v: int, rng: np.random.Generator) -> N
 # --- config entry point --------------------------------------------------------------------
 
 
+def random_regular(n: int, degree: int, seed: int) -> Topology:
+    """A random `degree`-regular graph (Steger-Wormald pairing, as networkx's random_regular_graph):
+    stubs are paired at random, pairs that would repeat an edge or make a loop are paired again
+    among themselves; redrawn while disconnected. O(n * degree) per draw."""
+    _check_n("regular", n)
+    if not 0 < degree < n or (n * degree) % 2:
+        raise TopologyError(f"topology 'regular': topology.degree must be in 1..peers-1 ({n - 1}) with peers x degree even "
+                            f"(got degree {degree} for {n} peers)")
+    rng = _rng(seed)
+    rows: list[set[int]] | None = None
+    for _ in range(_MAX_REDRAWS * 10):
+        rows = _pair_stubs(n, degree, rng)
+        if rows is not None and len(_components_of(rows)) == 1:
+            break
+    if rows is None:
+        raise TopologyError(f"topology 'regular': no {degree}-regular graph on {n} peers found; try another degree")
+    if len(_components_of(rows)) > 1:
+        _repair_rows(rows)
+    return _from_rows("regular", rows)
+
+
+def _pair_stubs(n: int, degree: int, rng: np.random.Generator) -> list[set[int]] | None:
+    rows: list[set[int]] = [set() for _ in range(n)]
+    stubs = np.repeat(np.arange(n), degree)
+    while stubs.size:
+        rng.shuffle(stubs)
+        again: list[int] = []
+        for a, b in stubs.reshape(-1, 2).tolist():
+            if a != b and b not in rows[a]:
+                rows[a].add(b)
+                rows[b].add(a)
+            else:
+                again += (a, b)
+        if again and not any(u != v and v not in rows[u] for u in set(again) for v in set(again)):
+            return None  # the stubs left can only make loops or repeats: start over
+        stubs = np.asarray(again, dtype=np.int64)
+    return rows
+
+
 def make_topology(config: TopologyConfig, num_peers: int, seed: int) -> Topology:
     """The overlay graph a run uses: a pure function of (config, num_peers, seed)."""
     kind = config.kind
     if kind == "random":
         return random_graph(num_peers, config.edge_probability, seed)
+    if kind == "regular":
+        return random_regular(num_peers, config.degree, seed)
     if kind == "small_world":
         return small_world(num_peers, config.small_world_neighbours, config.rewire_probability, seed)
     builders = {"full": full, "ring": ring, "line": line, "star": star, "grid": grid}
     if kind not in builders:
-        raise TopologyError(f"topology {kind!r} is not known; choose one of {sorted([*builders, 'random', 'small_world'])}")
+        raise TopologyError(f"topology {kind!r} is not known; choose one of {sorted([*builders, 'random', 'regular', 'small_world'])}")
     return builders[kind](num_peers)

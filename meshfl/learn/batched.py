@@ -48,6 +48,17 @@ CHUNK_ELEMENTS = 1 << 28
 PARAM_COPIES = 6
 # Per sample: forward activations kept for backward, their gradients, and the gathered input.
 ACTIVATION_COPIES = 3
+# On a GPU a chunk may be larger (one big vmapped step keeps it busy): a quarter of its free
+# memory, but below 2^31 elements, so every tensor of a chunk keeps 32-bit indexing.
+CUDA_CHUNK_ELEMENTS_MAX = (1 << 31) - 1
+
+
+def chunk_elements(device: torch.device) -> int:
+    """float32 elements one chunk of models may hold on `device`."""
+    if device.type != "cuda":
+        return CHUNK_ELEMENTS
+    free, _total = torch.cuda.mem_get_info(device)
+    return max(CHUNK_ELEMENTS, min(CUDA_CHUNK_ELEMENTS_MAX, free // 4 // 4))
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
 
@@ -156,7 +167,8 @@ class BatchedTrainer:
             raise ValueError("BatchedTrainer: models with buffers (batch norm) are not supported; use TorchLearner")
         per_model = (PARAM_COPIES * self.layout.numel
                      + ACTIVATION_COPIES * config.batch_size * _activation_elements(self.module, self.feature_shape))
-        self.default_chunk = max(1, CHUNK_ELEMENTS // per_model)
+        self.chunk_elements = chunk_elements(self.device)
+        self.default_chunk = max(1, self.chunk_elements // per_model)
         self.models_per_chunk = min(self.default_chunk, max_models_per_chunk or self.default_chunk)
         self._step = vmap(grad(self._loss, has_aux=True))
         self._forward = vmap(self._logits, in_dims=(0, None))  # many models, one dataset
@@ -231,7 +243,7 @@ class BatchedTrainer:
         start = 0
         while start < len(busy):
             # The chunk's index table holds steps x batch entries per model (its first job has the most steps).
-            size = max(1, min(self.models_per_chunk, CHUNK_ELEMENTS // (jobs[busy[start]].steps * self.config.batch_size)))
+            size = max(1, min(self.models_per_chunk, self.chunk_elements // (jobs[busy[start]].steps * self.config.batch_size)))
             chunk = busy[start:start + size]
             start += size
             for i, result in zip(chunk, self._train_chunk([jobs[i] for i in chunk], [batches[i] for i in chunk]),
@@ -316,7 +328,7 @@ class BatchedTrainer:
             return [Evaluation(float("nan"), float("nan"), 0) for _ in models]
         x, y = self._tensors(data)
         per_model = EVAL_BATCH * _activation_elements(self.module, self.feature_shape) + self.layout.numel
-        size = max(1, min(len(models), CHUNK_ELEMENTS // per_model))
+        size = max(1, min(len(models), self.chunk_elements // per_model))
         results: list[Evaluation] = []
         for start in range(0, len(models), size):
             chunk = models[start:start + size]
@@ -344,7 +356,7 @@ class BatchedTrainer:
             return results
         longest = max(len(pairs[i][1]) for i in busy)
         per_model = longest * (_activation_elements(self.module, self.feature_shape) + 2) + self.layout.numel
-        size = max(1, CHUNK_ELEMENTS // per_model)
+        size = max(1, self.chunk_elements // per_model)
         for start in range(0, len(busy), size):
             chunk = busy[start:start + size]
             k = len(chunk)

@@ -75,9 +75,11 @@ def batch_indices(samples: int, steps: int, batch_size: int, generator: torch.Ge
 def resolve_device(name: str) -> torch.device:
     """`train.device` as a torch device: auto is cuda when a GPU is there, else cpu."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("train.device=cuda but no CUDA device is available; use train.device=cpu or auto")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("train.device=cuda but no CUDA device is available; use train.device=cpu or auto")
+        return torch.device("cuda", torch.cuda.current_device())  # with its index: tensors report cuda:0, not cuda
     return torch.device(name)
 
 

@@ -77,6 +77,8 @@ class Worlds:
 
         Peers that agree on a round's model (every peer of a converged round) share one
         evaluation: the same model gives the same numbers, so only the simulator's wall time changes."""
+        if params.flat.device.type != "cpu":  # a digest would copy the model back; the simulator's GPU runs batch this anyway
+            return self.learner.evaluate(params, self.global_test)
         key = params.digest  # layout and values, hashed once per Params object (one object reaches every simulated peer)
         found = self.global_evaluations.get(key)
         if found is None:

@@ -16,6 +16,7 @@ agreement tests compare. Requests of a peer that crashed while waiting are skipp
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -57,6 +58,10 @@ class ComputeQueue:
                 self.trainer.params_device = self.trainer.device
         self.flushes = 0
         self.batched_jobs = 0
+        # wall-clock accounting for benchmarks and the summary; never read by the simulation itself
+        self.train_seconds = 0.0
+        self.train_samples = 0
+        self.evaluate_seconds = 0.0
 
     @property
     def batched(self) -> bool:
@@ -86,8 +91,13 @@ class ComputeQueue:
         evaluations = [r for r in live if r.job is None]
         answers: dict[int, Any] = {}
         failures: dict[int, BaseException] = {}
+        started = time.perf_counter()
         self._train(trains, answers, failures)
+        trained = time.perf_counter()
         self._evaluate(evaluations, answers, failures)
+        self.train_seconds += trained - started
+        self.evaluate_seconds += time.perf_counter() - trained
+        self.train_samples += sum(answers[id(r)].samples for r in trains if id(r) in answers)
         for r in live:  # in request order: the peers resume in the order they asked
             if id(r) in failures:
                 r.future.set_exception(failures[id(r)])
@@ -121,19 +131,21 @@ class ComputeQueue:
         if not requests:
             return
         worlds, learner = self._worlds, self._worlds.learner
-        batched: dict[str, Evaluation] = {}
+        batched: dict[Any, Evaluation] = {}
         if self.trainer is not None:  # the distinct models not evaluated yet on the global test set, at once
-            fresh: dict[str, Params] = {}
+            fresh: dict[Any, Params] = {}
             for r in requests:
                 assert r.params is not None
-                if not worlds.knows_global(r.params) and r.params.digest not in fresh:
-                    fresh[r.params.digest] = r.params
+                key = _model_key(r.params)
+                if key not in fresh and not (isinstance(key, str) and worlds.knows_global(r.params)):
+                    fresh[key] = r.params
             if len(fresh) > 1:
                 try:
                     models = list(fresh.values())
-                    for params, evaluation in zip(models, self.trainer.evaluate_many(models, worlds.global_test), strict=True):
-                        batched[params.digest] = evaluation
-                        worlds.remember_global(params, evaluation)
+                    for key, evaluation in zip(fresh, self.trainer.evaluate_many(models, worlds.global_test), strict=True):
+                        batched[key] = evaluation
+                        if isinstance(key, str):
+                            worlds.remember_global(fresh[key], evaluation)
                 except Exception as exc:  # noqa: BLE001
                     failures.update((id(r), exc) for r in requests)
                     return
@@ -147,8 +159,15 @@ class ComputeQueue:
         for j, r in enumerate(requests):
             assert r.params is not None and r.local_test is not None and r.answer is not None
             try:
-                global_ = batched.get(r.params.digest) or worlds.evaluate_global(r.params)
+                global_ = batched.get(_model_key(r.params)) or worlds.evaluate_global(r.params)
                 answers[id(r)] = r.answer(local[j] if local is not None else learner.evaluate(r.params, r.local_test), global_)
             except Exception as exc:  # noqa: BLE001
                 failures[id(r)] = exc
 
+
+
+def _model_key(params: Params) -> Any:
+    """Which requests share one global evaluation: equal models on the CPU (by digest, so the
+    peers of a converged round share it), the same object on a GPU (a digest would copy every
+    model back to the CPU; equal copies are just evaluated again, in the same batch)."""
+    return params.digest if params.flat.device.type == "cpu" else id(params)

@@ -206,8 +206,9 @@ class ComputeConfig(_Section):
     tiers: list[ComputeTier] = Field(default_factory=list, description="heterogeneous compute: tiers of {peers | count | fraction, speed} applied after the uniform draw")
     batching: Literal["auto", "on", "off"] = Field(
         "auto", description="simulator: training and evaluation requests of one virtual instant run together, as one vmapped "
-                            "batch of models (auto: when train.model is mlp/cnn with the cross_entropy loss and no train.step/"
-                            "fedprox_mu/metrics, else one by one; on: refuse a config that cannot batch; off: one by one)")
+                            "batch of models (auto: training when train.model is mlp/cnn with the cross_entropy loss and no "
+                            "train.step/fedprox_mu/metrics, evaluation too on a GPU; on: both, refusing a config that cannot "
+                            "batch; off: one by one)")
 
     @field_validator("batching", mode="before")
     @classmethod

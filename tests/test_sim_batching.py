@@ -83,3 +83,35 @@ def test_batching_values_from_yaml_and_bad_ones():
     with pytest.raises(ConfigError, match="train.device"):
         load_config(None, ["train.device=tpu"])
     assert load_config(None, ["train.device=auto"]).train.device == "auto"
+
+
+def test_batched_evaluation_matches_the_learner():
+    from meshfl.config import TrainConfig
+    from meshfl.data import Dataset
+    from meshfl.learn.batched import BatchedTrainer
+    from meshfl.learn.learner import TorchLearner
+
+    config = TrainConfig(model="mlp")
+    learner, trainer = TorchLearner(config, (1, 8, 8), 10), BatchedTrainer(config, (1, 8, 8), 10)
+    g = torch.Generator().manual_seed(1)
+    models = [learner.init_params(seed) for seed in range(5)]
+    shared = Dataset(torch.rand(5000, 1, 8, 8, generator=g), torch.randint(0, 10, (5000,), generator=g), 10, "test")
+    for got, model in zip(trainer.evaluate_many(models, shared), models, strict=True):  # two slices of 4,096
+        want = learner.evaluate(model, shared)
+        assert got.accuracy == want.accuracy and got.samples == 5000
+        assert abs(got.loss - want.loss) < 1e-5
+    own = [shared.subset(torch.arange(n).numpy()) for n in (7, 0, 130, 1, 64)]
+    for got, model, data in zip(trainer.evaluate_each(list(zip(models, own, strict=True))), models, own, strict=True):
+        want = learner.evaluate(model, data)
+        assert got.samples == len(data)
+        if len(data):
+            assert got.accuracy == want.accuracy and abs(got.loss - want.loss) < 1e-5
+        else:
+            assert got.accuracy != got.accuracy  # NaN, as the learner gives for an empty split
+
+
+def test_auto_batches_evaluation_only_on_a_gpu():
+    _, _, auto = run("rounds=1")
+    assert auto.compute.batched and auto.compute.batch_evaluations == (auto.compute.trainer.device.type != "cpu")
+    _, _, on = run("rounds=1", "compute.batching=on")
+    assert on.compute.batch_evaluations

@@ -56,6 +56,10 @@ class ComputeQueue:
             worlds.learner.keep_params_on_device()
             if self.trainer is not None:
                 self.trainer.params_device = self.trainer.device
+        # Evaluation is batched on a GPU (or with batching=on): on CPU the stacked forward over 4,096
+        # test samples per model measured slower than one model at a time (12.5 s vs 9.1 s, 100 peers).
+        self.batch_evaluations = self.trainer is not None and (
+            config.compute.batching == "on" or self.trainer.device.type != "cpu")
         self.flushes = 0
         self.batched_jobs = 0
         # wall-clock accounting for benchmarks and the summary; never read by the simulation itself
@@ -132,7 +136,7 @@ class ComputeQueue:
             return
         worlds, learner = self._worlds, self._worlds.learner
         batched: dict[Any, Evaluation] = {}
-        if self.trainer is not None:  # the distinct models not evaluated yet on the global test set, at once
+        if self.batch_evaluations:  # the distinct models not evaluated yet on the global test set, at once
             fresh: dict[Any, Params] = {}
             for r in requests:
                 assert r.params is not None
@@ -150,7 +154,7 @@ class ComputeQueue:
                     failures.update((id(r), exc) for r in requests)
                     return
         local: list[Evaluation] | None = None
-        if self.trainer is not None and len(requests) > 1:  # every model on its own peer's local test split, at once
+        if self.batch_evaluations and len(requests) > 1:  # every model on its own peer's local test split, at once
             try:
                 local = self.trainer.evaluate_each([(r.params, r.local_test) for r in requests])  # type: ignore[misc]
             except Exception as exc:  # noqa: BLE001

@@ -48,9 +48,10 @@ def test_batched_run_agrees_with_one_by_one(extra, bound):
     assert batched.virtual_time_s == alone.virtual_time_s
 
 
-def test_batched_runs_are_bit_identical():
-    first, first_metrics, _ = run("compute.batching=on")
-    second, second_metrics, _ = run("compute.batching=on")
+@pytest.mark.parametrize("mode", ["on", "off"])
+def test_runs_are_bit_identical_in_both_modes(mode):
+    first, first_metrics, _ = run(f"compute.batching={mode}")
+    second, second_metrics, _ = run(f"compute.batching={mode}")
     assert first.final_params.keys() == second.final_params.keys()
     for p in first.final_params:
         assert torch.equal(first.final_params[p].flat, second.final_params[p].flat)

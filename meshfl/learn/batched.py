@@ -8,8 +8,9 @@ one `torch.func.vmap(grad(...))` call over `functional_call` of a template modul
 by an optimiser step on the stacked tensors.
 
 How jobs of different sizes share a step:
-- Each job's batches come from `batch_indices(len(data), steps, batch_size, generator)` drawn
-  up front, so the generator ends exactly where `TorchLearner.train` leaves it.
+- Each job's batches come from the permutations `batch_indices(len(data), steps, batch_size,
+  generator)` would draw (one per pass), drawn up front, so the generator ends exactly where
+  `TorchLearner.train` leaves it.
 - Jobs are sorted by step count (longest first, stable) before chunking, so at step t the
   models still training are a prefix of the chunk: the step runs on that prefix only. A job
   with fewer steps is simply not in the prefix any more: its parameters and optimiser state
@@ -32,13 +33,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
-from torch.nn.utils.rnn import pad_sequence
 
 from meshfl.config import TrainConfig
 from meshfl.core.context import TrainResult
 from meshfl.core.params import Layout, Params
 from meshfl.data import Dataset
-from meshfl.learn.learner import EVAL_BATCH, Evaluation, batch_indices, resolve_device
+from meshfl.learn.learner import EVAL_BATCH, Evaluation, resolve_device
 from meshfl.learn.models import build_model, is_user_model
 
 # Elements (float32) one chunk may hold at once: 2^28 = 1 GiB. Far below 2^31, so no tensor of
@@ -150,6 +150,13 @@ def _activation_elements(module: nn.Module, feature_shape: tuple[int, ...]) -> i
     return total + sum(outputs)
 
 
+def _passes(samples: int, steps: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
+    """The permutations `batch_indices` draws for `steps` steps (one per pass over the data, from
+    the same generator in the same order), not yet cut into batches."""
+    per_pass = -(-samples // batch_size)
+    return [torch.randperm(samples, generator=generator) for _ in range(-(-steps // per_pass))]
+
+
 class BatchedTrainer:
     """Trains K models of one architecture at once; results match `TorchLearner.train` per job."""
 
@@ -237,7 +244,7 @@ class BatchedTrainer:
                 busy.append(i)
         # Batches first, in job order (two jobs may share a generator: one peer's two requests),
         # each from its job's generator exactly as TorchLearner.train draws them.
-        batches = {i: batch_indices(len(jobs[i].data), jobs[i].steps, self.config.batch_size, jobs[i].generator)
+        batches = {i: _passes(len(jobs[i].data), jobs[i].steps, self.config.batch_size, jobs[i].generator)
                    for i in busy}
         busy.sort(key=lambda i: -jobs[i].steps)  # stable: ties keep job order
         start = 0
@@ -252,7 +259,7 @@ class BatchedTrainer:
         return results  # type: ignore[return-value]
 
     def _train_chunk(self, jobs: list[TrainJob], batches: list[list[torch.Tensor]]) -> list[TrainResult]:
-        """Jobs sorted by steps, longest first, every one with data and steps; their batches."""
+        """Jobs sorted by steps, longest first, every one with data and steps; their passes (`_passes`)."""
         config, device = self.config, self.device
         k = len(jobs)
         if all(id(job.data) in self._pool for job in jobs):
@@ -273,14 +280,21 @@ class BatchedTrainer:
         params = self._stacked([job.params.flat for job in jobs])
         optimizer = self._state(params)
         total_loss = torch.zeros(k, device=device)
-        samples = [sum(len(b) for b in job_batches) for job_batches in batches]
         steps = [job.steps for job in jobs]
         # Every job's batches as rows of one [K, steps, batch] index tensor, -1 past a short
-        # batch's end and past a job's last step (two tensor ops per job, none per step and job).
-        table = torch.full((k, steps[0], config.batch_size), -1, dtype=torch.int64)
-        for j, job_batches in enumerate(batches):
-            rows = pad_sequence(job_batches, batch_first=True, padding_value=-1)
-            table[j, :rows.shape[0], :rows.shape[1]] = rows
+        # batch's end and past a job's last step. A pass's batches are its permutation cut into
+        # batch-size pieces with only the last one short, so a pass fills its steps' flattened
+        # slots from the start: one slice assignment per pass, no tensor per batch.
+        size = config.batch_size
+        table = torch.full((k, steps[0], size), -1, dtype=torch.int64)
+        flat = table.view(k, -1)
+        samples = [0] * k
+        for j, (job, passes) in enumerate(zip(jobs, batches, strict=True)):
+            per_pass = -(-len(job.data) // size)
+            for p, order in enumerate(passes):
+                take = min(len(order), (job.steps - p * per_pass) * size)
+                flat[j, p * per_pass * size:p * per_pass * size + take] = order[:take]
+                samples[j] += take
         starts = torch.tensor(offsets, dtype=torch.int64)[:, None]
         for t in range(steps[0]):
             active = sum(1 for s in steps if s > t)  # a prefix: jobs are sorted by steps

@@ -26,6 +26,7 @@ from meshfl.core.params import Params
 from meshfl.data import Dataset
 from meshfl.learn.batched import BatchedTrainer, TrainJob, batching_refusal
 from meshfl.learn.learner import Evaluation
+from meshfl.runtime.peer import Worlds
 
 
 @dataclass
@@ -40,7 +41,7 @@ class _Request:
 class ComputeQueue:
     """The simulator's pending training and evaluation requests (see the module docstring)."""
 
-    def __init__(self, config: ExperimentConfig, worlds: Any) -> None:
+    def __init__(self, config: ExperimentConfig, worlds: Worlds) -> None:
         self._worlds = worlds
         self._requests: list[_Request] = []
         self.trainer: BatchedTrainer | None = None
@@ -62,7 +63,7 @@ class ComputeQueue:
             config.compute.batching == "on" or self.trainer.device.type != "cpu")
         self.flushes = 0
         self.batched_jobs = 0
-        # wall-clock accounting for benchmarks and the summary; never read by the simulation itself
+        # wall-clock accounting for benchmarks; never read by the simulation itself
         self.train_seconds = 0.0
         self.train_samples = 0
         self.evaluate_seconds = 0.0

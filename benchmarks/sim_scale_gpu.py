@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import sys
 import time
 
 import torch
@@ -148,6 +149,8 @@ def main() -> None:
     parser.add_argument("--device", choices=("cpu", "cuda", "auto"), default="auto")
     parser.add_argument("--max-one-by-one", type=int, default=1000, help="largest K also run with compute.batching=off")
     parser.add_argument("--loop-models", type=int, default=300, help="peers the plain PyTorch loop trains (a rate)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="more config overrides for every simulated run (e.g. data.train_samples=2000)")
     parser.add_argument("--default-run", action="store_true", help="also time `meshfl run --set peers=100` (digits, MNIST)")
     args = parser.parse_args()
     device = resolve_device(args.device)
@@ -155,9 +158,10 @@ def main() -> None:
                  "threads": torch.get_num_threads(), "rounds": args.rounds, "runs": []}
     simulated(scale_overrides(16, 1, args.device, 4), "on")  # one-off costs (CUDA context, first vmap) not timed
     for k in args.peers:
-        overrides = scale_overrides(k, args.rounds, args.device, args.degree)
-        per_peer = 60_000 // k
-        run: dict = {"peers": k, "samples_per_peer": per_peer, "batched": simulated(overrides, "on")}
+        overrides = [*scale_overrides(k, args.rounds, args.device, args.degree), *args.overrides]
+        batched = simulated(overrides, "on")
+        per_peer = batched["train_samples"] // (k * args.rounds)  # one epoch a round: a peer's train split
+        run: dict = {"peers": k, "samples_per_peer": per_peer, "batched": batched}
         if k <= args.max_one_by_one:
             run["one_by_one"] = simulated(overrides, "off")
         run["torch_loop"] = torch_loop(overrides, args.loop_models)
@@ -169,7 +173,7 @@ def main() -> None:
         if "one_by_one" in run:
             run["speedup_wall"] = round(run["one_by_one"]["wall_s"] / run["batched"]["wall_s"], 2)
         out["runs"].append(run)
-        print(json.dumps(run), flush=True)
+        print(json.dumps(run), file=sys.stderr, flush=True)  # progress; the result is stdout's JSON
     if args.default_run:
         out["default_run"] = []
         for dataset in ("digits", "mnist"):
@@ -177,7 +181,7 @@ def main() -> None:
             row = {"dataset": dataset, "batched": simulated(overrides, "on"), "one_by_one": simulated(overrides, "off")}
             row["speedup_wall"] = round(row["one_by_one"]["wall_s"] / row["batched"]["wall_s"], 2)
             out["default_run"].append(row)
-            print(json.dumps(row), flush=True)
+            print(json.dumps(row), file=sys.stderr, flush=True)
     print(json.dumps(out, indent=2))
 
 

@@ -63,3 +63,18 @@ def test_byzantine_table_writes_the_table_and_the_plot(tmp_path):
                   "--behaviours", "sign_flip", "--rules", "fedavg,median", "--splits", "iid", "--train-samples", "0",
                   "-o", str(tmp_path))
     assert again["ran_now"] == 0 and again["honest_accuracy"] == out["honest_accuracy"]  # resumed, nothing re-run
+
+
+@pytest.mark.skipif(not (Path(os.environ.get("MESHFL_DATA", "/nonexistent")) / "mnist").is_dir(),
+                    reason="needs MNIST under $MESHFL_DATA/mnist")
+def test_sim_scale_gpu_compares_batched_one_by_one_loop_and_bare_vmap():
+    out = bench("benchmarks/sim_scale_gpu.py", "--device", "cpu", "--peers", "12", "--rounds", "1", "--degree", "4",
+                "--loop-models", "3", "--set", "data.train_samples=1200")
+    (run,) = out["runs"]
+    batched, alone = run["batched"], run["one_by_one"]
+    assert batched["batched_jobs"] == 12 and alone["batched_jobs"] == 0
+    assert batched["crashes"] == 0 and batched["peers_reporting"] == 12
+    assert batched["train_samples"] == alone["train_samples"] == 12 * 90  # 1,200 samples, 100 a peer, 90 to train
+    assert abs(batched["mean_final_accuracy"] - alone["mean_final_accuracy"]) <= 1e-4
+    for name in ("torch_loop", "bare_vmap_sim_batch", "bare_vmap_batch_32"):
+        assert run[name]["samples_per_s"] > 0

@@ -155,3 +155,12 @@ def test_keras_on_another_backend_and_missing_packages_are_one_line(monkeypatch,
         _run({**FOUR, "train.model": "needs_lightning:make"})
     assert "needs 'pytorch_lightning', which is not installed: pip install 'meshfl[lightning]'" in str(info.value)
     assert "\n" not in str(info.value)
+
+
+def test_keras_model_trains_in_peer_processes_with_the_simulators_names(tmp_path):
+    config = {"peers": 3, "rounds": 2, "train": {"local_epochs": 1, "model": KERAS}}
+    result = meshfl.launch(config, out=tmp_path / "grpc", progress=False, report=False, timeout_s=240)
+    assert result.summary["dead_peers"] == [] and sorted(result.final_models) == [0, 1, 2]
+    simulated = _run(config)  # every process counts layer names afresh: the layouts agree
+    assert result.final_models[0].layout == simulated.final_models[0].layout
+    assert result.summary["mean_final_accuracy"] > 0.5

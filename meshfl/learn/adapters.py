@@ -45,7 +45,19 @@ INSTALL_KERAS = "pip install 'meshfl[keras]' (keras 3)"
 # -- detection -------------------------------------------------------------------------------
 
 def lightning_base(obj: Any) -> type | None:
-    """The `LightningModule` class `obj` is an instance of (from whichever Lightning package defines it), or None."""
+    """The `LightningModule` class `obj` is an instance of (from whichever Lightning package defines it).
+
+    Parameters
+    ----------
+    obj : object
+        What a `train.model` factory returned.
+
+    Returns
+    -------
+    type or None
+        `lightning.pytorch.LightningModule` or `pytorch_lightning.LightningModule`; None if neither
+        (a package that was never imported cannot have made `obj`).
+    """
     for name in LIGHTNING_PACKAGES:
         package = sys.modules.get(name)
         base = getattr(package, "LightningModule", None) if package is not None else None
@@ -55,7 +67,13 @@ def lightning_base(obj: Any) -> type | None:
 
 
 def check_keras_backend() -> None:
-    """ModelError (one line) unless the imported keras runs on the torch backend."""
+    """Check that the imported keras runs on the torch backend.
+
+    Raises
+    ------
+    ModelError
+        One line naming `train.model` and saying to set ``KERAS_BACKEND=torch``.
+    """
     import keras
 
     backend = keras.backend.backend()
@@ -97,14 +115,33 @@ def make_learner(config: TrainConfig, feature_shape: tuple[int, ...], num_classe
 
 
 def layout_of(module: Any) -> Layout:
-    """The Params layout of a model of any supported framework (a Keras model's variables by path)."""
+    """The Params layout of a model of any supported framework.
+
+    Parameters
+    ----------
+    module : torch.nn.Module or keras.Model
+        A torch or Lightning module (parameters, then float buffers, by name) or a Keras model
+        (float weights by variable path).
+
+    Returns
+    -------
+    Layout
+    """
     if is_keras_model(module):
         return Layout(*zip(*[(name, tuple(v.shape)) for name, v in _keras_weights(module)], strict=True))
     return Layout.of_module(module, buffers=True)
 
 
 def load_into(module: Any, params: Params) -> None:
-    """Copy `params` into a model of any supported framework (layouts must match)."""
+    """Copy `params` into a model of any supported framework.
+
+    Parameters
+    ----------
+    module : torch.nn.Module or keras.Model
+        The model; its `layout_of` must equal `params.layout`.
+    params : Params
+        The values, e.g. a peer's final model.
+    """
     if is_keras_model(module):
         for name, variable in _keras_weights(module):
             variable.assign(params.tensor(name).to(variable.value.device))
@@ -237,6 +274,17 @@ class LightningLearner(TorchLearner):
     `transfer_batch_to_device`, checkpoint hooks, `predict_step`, and `train.optimizer`,
     `learning_rate`, `momentum` (the module's own optimiser rules). `train.loss`,
     `train.step` and `train.fedprox_mu` are refused (ModelError naming the field).
+
+    Parameters
+    ----------
+    config : TrainConfig
+        The run's train section (`model` names the factory that built `module`).
+    feature_shape : tuple of int
+        One sample's shape.
+    num_classes : int
+        Classes of the dataset.
+    module : LightningModule
+        The module the factory returned; this learner trains it for every peer in turn.
     """
 
     def __init__(self, config: TrainConfig, feature_shape: tuple[int, ...], num_classes: int, module: torch.nn.Module) -> None:
@@ -373,9 +421,17 @@ def _keras_weights(model: Any) -> list[tuple[str, Any]]:
 
 @contextlib.contextmanager
 def keras_build_scope(seed: int | None = None) -> Iterator[None]:
-    """Where a factory builds a Keras model: layer names counted from scratch (so every build of one factory
-    names its variables alike, in any process), and with `seed` every random draw of the build (Python,
-    NumPy, torch and Keras's global seed generator) seeded, all restored afterwards."""
+    """Where a factory builds a Keras model.
+
+    Layer names are counted from scratch (so every build of one factory names its variables
+    alike, in any process); with `seed`, every random draw of the build (Python, NumPy, torch and
+    Keras's global seed generator) is seeded. All of it is restored afterwards.
+
+    Parameters
+    ----------
+    seed : int, optional
+        Seed of the build's random draws (the initial weights); None leaves them alone.
+    """
     import random  # noqa: TID251 - saved and restored around keras's own seeding, never drawn from here
 
     from keras.src.backend.common import global_state
@@ -422,6 +478,17 @@ class KerasLearner:
     with one tensor output. `train.optimizer`, `learning_rate`, `momentum` and `train.device`
     do not apply (Keras places the model); `train.loss`, `train.step` and `train.fedprox_mu`
     are refused.
+
+    Parameters
+    ----------
+    config : TrainConfig
+        The run's train section (`model` names the factory that built `model`).
+    feature_shape : tuple of int
+        One sample's shape (the model's input, without the batch axis).
+    num_classes : int
+        Classes of the dataset.
+    model : keras.Model
+        The compiled model the factory returned; this learner trains it for every peer in turn.
     """
 
     def __init__(self, config: TrainConfig, feature_shape: tuple[int, ...], num_classes: int, model: Any) -> None:

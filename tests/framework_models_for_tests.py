@@ -76,3 +76,39 @@ def digits_keras(feature_shape, num_classes, hidden=32):
 
 def uncompiled_keras(feature_shape, num_classes):
     return keras.Sequential([keras.Input(tuple(feature_shape)), keras.layers.Flatten(), keras.layers.Dense(num_classes)])
+
+
+class HookedLightning(DigitsLightning):
+    """Records the hooks meshfl calls; `on_train_batch_start` ends the request at its fourth batch."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.calls: list[str] = []
+
+    def on_train_batch_start(self, batch, batch_idx):
+        self.calls.append("on_train_batch_start")
+        return -1 if self.calls.count("on_train_batch_start") == 4 else None
+
+    def optimizer_zero_grad(self, epoch, batch_idx, optimizer):
+        self.calls.append("optimizer_zero_grad")
+        optimizer.zero_grad()
+
+    def on_before_backward(self, loss):
+        self.calls.append("on_before_backward")
+
+    def on_after_backward(self):
+        self.calls.append("on_after_backward")
+
+    def on_before_optimizer_step(self, optimizer):
+        self.calls.append("on_before_optimizer_step")
+
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None):
+        self.calls.append("optimizer_step")
+        optimizer.step(closure=optimizer_closure)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        self.calls.append("on_train_batch_end")
+
+    def lr_scheduler_step(self, scheduler, metric):
+        self.calls.append("lr_scheduler_step")
+        scheduler.step()

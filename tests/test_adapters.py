@@ -20,6 +20,7 @@ os.environ.setdefault("KERAS_BACKEND", "torch")  # before keras is first importe
 pytest.importorskip("keras")
 
 import meshfl  # noqa: E402
+from meshfl.api import resolve_config  # noqa: E402
 from meshfl.config import ConfigError  # noqa: E402
 from meshfl.data import load_dataset  # noqa: E402
 from meshfl.learn.adapters import KerasLearner, LightningLearner, check_keras_backend, layout_of, load_into, make_learner  # noqa: E402
@@ -97,7 +98,7 @@ def test_keras_model_trains_four_gossip_peers_deterministically(tmp_path):
 
 @pytest.mark.parametrize("model", [LIGHTNING, KERAS])
 def test_weights_round_trip_exactly_through_params(model):
-    config = meshfl.api.resolve_config({"train.model": model}).train
+    config = resolve_config({"train.model": model}).train
     learner = make_learner(config, (1, 8, 8), 10)
     assert isinstance(learner, LightningLearner if model == LIGHTNING else KerasLearner)
     params = learner.init_params(7)
@@ -110,7 +111,7 @@ def test_weights_round_trip_exactly_through_params(model):
     else:
         read = torch.cat([t.detach().reshape(-1) for t in fresh.state_dict().values() if t.is_floating_point()])
     assert torch.equal(read, params.flat)
-    data, _ = load_dataset(meshfl.api.resolve_config({}).data, 0)
+    data, _ = load_dataset(resolve_config({}).data, 0)
     trained = learner.train(params, data, torch.Generator().manual_seed(3), 4)
     again = learner.train(params, data, torch.Generator().manual_seed(3), 4)
     assert trained.steps == 4 and trained.samples == 4 * config.batch_size
@@ -164,3 +165,15 @@ def test_keras_model_trains_in_peer_processes_with_the_simulators_names(tmp_path
     simulated = _run(config)  # every process counts layer names afresh: the layouts agree
     assert result.final_models[0].layout == simulated.final_models[0].layout
     assert result.summary["mean_final_accuracy"] > 0.5
+
+
+def test_lightning_hooks_are_called_in_lightnings_order():
+    config = resolve_config({"train.model": "framework_models_for_tests:HookedLightning"}).train
+    learner = make_learner(config, (1, 8, 8), 10)
+    data, _ = load_dataset(resolve_config({}).data, 0)
+    result = learner.train(learner.init_params(0), data, torch.Generator().manual_seed(0), 10)
+    assert result.steps == 3 and result.samples == 3 * config.batch_size  # -1 from on_train_batch_start stopped it
+    one = ["on_train_batch_start", "optimizer_step", "optimizer_zero_grad", "on_before_backward", "on_after_backward",
+           "on_before_optimizer_step", "on_train_batch_end", "lr_scheduler_step"]  # the closure runs inside optimizer_step
+    assert learner.module.calls == one * 3 + ["on_train_batch_start"]
+    assert set(learner.logged) == {"train_loss"}

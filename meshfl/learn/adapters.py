@@ -575,7 +575,9 @@ class KerasLearner:
         keep = global_state.get_global_attribute("global_seed_generator")
         losses: list[float] = []
         try:
-            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []), warnings.catch_warnings():
+                # keras turns each step's logs to numpy by np.array(tensor), which NumPy 2 warns about at every step
+                warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"keras\.")
                 torch.manual_seed(seed)  # unseeded dropout draws from torch's generator
                 global_state.set_global_attribute("global_seed_generator", SeedGenerator(seed % 2**31))
                 for idx in indices:

@@ -80,21 +80,21 @@ class Result:
         """
         from torch import nn
 
-        from meshfl.core.params import Layout
-        from meshfl.learn.models import build_model, register_factory
+        from meshfl.learn.adapters import layout_of, load_into
+        from meshfl.learn.models import build_model, is_keras_model, register_factory
         from meshfl.learn.saved import SavedModelError, layout_difference
 
         if peer not in self.final_models:
             raise SavedModelError(f"peer {peer} has no final model (finished peers: {sorted(self.final_models)})")
         params = self.final_models[peer]
-        if module is None or not isinstance(module, nn.Module):
+        if module is None or not (isinstance(module, nn.Module) or is_keras_model(module)):
             name = self.config.train.model if module is None else register_factory(module)
             shape = self._data_shape()
             module = build_model(name, shape[0], shape[1], self.config.train.model_options if module is None else None)
-        mine = Layout.of_module(module, buffers=True)
+        mine = layout_of(module)
         if mine.fingerprint != params.layout.fingerprint:
             raise SavedModelError(f"peer {peer}'s final model does not fit this module: {layout_difference(params.layout, mine)}")
-        params.to_module(module)
+        load_into(module, params)
         return module.eval()  # safe: nn.Module.eval() (inference mode), not Python's eval
 
     def _data_shape(self) -> tuple[tuple[int, ...], int]:

@@ -35,7 +35,16 @@ class Evaluation:
 
 
 class Learner(Protocol):
+    """What the runtimes ask of a learner: `TorchLearner`, or an adapter of `meshfl.learn.adapters`
+    (`make_learner` picks one from what `train.model` builds)."""
+
     layout: Layout
+    feature_shape: tuple[int, ...]
+    num_classes: int
+    device: torch.device
+    params_device: torch.device
+
+    def keep_params_on_device(self) -> None: ...
 
     def init_params(self, seed: int) -> Params: ...
 
@@ -84,12 +93,15 @@ def resolve_device(name: str) -> torch.device:
 
 
 class TorchLearner:
-    def __init__(self, config: TrainConfig, feature_shape: tuple[int, ...], num_classes: int) -> None:
+    def __init__(self, config: TrainConfig, feature_shape: tuple[int, ...], num_classes: int,
+                 module: torch.nn.Module | None = None) -> None:
         self.config = config
         self.device = resolve_device(config.device)
         self.feature_shape = feature_shape
         self.num_classes = num_classes
-        self.module = build_model(config.model, feature_shape, num_classes, config.model_options).to(self.device)
+        if module is None:  # else one `make_learner` built already (it looked at its type)
+            module = build_model(config.model, feature_shape, num_classes, config.model_options)
+        self.module = module.to(self.device)
         self.layout = Layout.of_module(self.module, buffers=True)
         self.flat = bind_flat(self.module, buffers=True)
         self._user_model = is_user_model(config.model)

@@ -7,11 +7,15 @@ network), or `python:<name>` for a factory object handed to `meshfl.run` in this
 
 A factory is called with the keyword arguments it names among `feature_shape` (a tuple, e.g.
 (1, 28, 28)) and `num_classes` (every one of them if it takes `**kwargs`), plus
-`train.model_options`; it must return an `nn.Module` whose parameters are float32.
+`train.model_options`; it must return an `nn.Module` whose parameters are float32, a
+`LightningModule` (trained with its own `training_step` and `configure_optimizers`) or a
+compiled Keras 3 `Model` on the torch backend (trained with its own loss and optimiser): see
+`meshfl.learn.adapters`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
 import math
@@ -29,6 +33,10 @@ SHAPE_ARGS = ("feature_shape", "num_classes")
 
 _REF = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*$")
 _PYTHON = "python:"
+
+_EXTRAS = {"pytorch_lightning": "pip install 'meshfl[lightning]'", "lightning": "pip install 'meshfl[lightning]'",
+           "keras": "pip install 'meshfl[keras]'"}
+"""What to install when a user module needs a framework meshfl adapts (see `meshfl.learn.adapters`)."""
 
 _FACTORIES: dict[str, Callable[..., Any]] = {}
 """Factory objects handed over in this process (`python:<name>` references)."""
@@ -80,9 +88,9 @@ def register_factory(factory: Any) -> str:
     """The `train.model` reference for a factory object: `module:qualname` when importing that
     gives back the same object (so peer processes can build it too), else `python:<name>`,
     usable only in this process (the simulator)."""
-    if isinstance(factory, nn.Module):
+    if isinstance(factory, nn.Module) or is_keras_model(factory):
         raise ModelError(f"model: pass a factory (the class {type(factory).__name__}, or a function returning "
-                         "a fresh module), not a module instance: meshfl builds the initial model from the run seed")
+                         "a fresh module or Keras model), not an instance: meshfl builds the initial model from the run seed")
     if not callable(factory):
         raise ModelError(f"model: must be a callable returning a torch.nn.Module (got {type(factory).__name__})")
     return register_function(factory, "model")
@@ -162,12 +170,18 @@ def _import_ref(ref: str, field: str = "train.model") -> Callable[..., Any]:
             raise ModelError(f"train.model: must be one of {', '.join(MODELS)} or `package.module:factory` (got {ref!r})")
         raise ModelError(f"{field}: must be `package.module:function` (got {ref!r})")
     module_name, attribute = ref.split(":", 1)
+    if "keras" not in sys.modules:  # user code that imports keras gets its torch backend (the only one meshfl trains)
+        os.environ.setdefault("KERAS_BACKEND", "torch")
     cwd = os.getcwd()
     if cwd not in sys.path and "" not in sys.path:  # `meshfl run` (a console script) finds modules of the current folder too
         sys.path.append(cwd)
     try:
         obj: Any = importlib.import_module(module_name)
     except Exception as exc:  # noqa: BLE001 - any import failure is the user's to fix; one line
+        missing = getattr(exc, "name", None) if isinstance(exc, ModuleNotFoundError) else None
+        extra = _EXTRAS.get((missing or "").split(".")[0])
+        if extra is not None:
+            raise ModelError(f"{field}: module {module_name!r} needs {missing!r}, which is not installed: {extra}") from None
         raise ModelError(f"{field}: module {module_name!r} does not import ({type(exc).__name__}: {_first_line(exc)}); "
                          "it must be importable on this machine (PYTHONPATH or the current folder)") from None
     for part in attribute.split("."):
@@ -201,12 +215,18 @@ def build_model(name: str, feature_shape: tuple[int, ...], num_classes: int,
             if (arg in params or takes_any) and arg not in kwargs:
                 kwargs[arg] = shape[arg]
     try:
-        module = factory(**kwargs)
+        with _build_scope():
+            module = factory(**kwargs)
     except TypeError as exc:
         raise ModelError(f"train.model: calling {name!r} with {sorted(kwargs) or 'no arguments'} failed ({_first_line(exc)}); "
                          "a factory takes feature_shape and/or num_classes by name, and train.model_options") from None
+    if is_keras_model(module):
+        from meshfl.learn.adapters import check_keras_backend
+
+        check_keras_backend()
     if not isinstance(module, nn.Module):
-        raise ModelError(f"train.model: {name!r} returned a {type(module).__name__}, not a torch.nn.Module")
+        raise ModelError(f"train.model: {name!r} returned a {type(module).__name__}, not a torch.nn.Module "
+                         "(nor a LightningModule or a Keras model)")
     bad = [n for n, p in module.named_parameters() if p.dtype.is_floating_point and p.dtype != torch.float32]
     if bad:
         raise ModelError(f"train.model: {name!r} has parameters that are not float32 ({bad[0]}); meshfl models are float32 "
@@ -214,6 +234,21 @@ def build_model(name: str, feature_shape: tuple[int, ...], num_classes: int,
     if not any(True for _ in module.parameters()):
         raise ModelError(f"train.model: {name!r} returned a module without parameters")
     return module
+
+
+def _build_scope() -> contextlib.AbstractContextManager[None]:
+    """Where a user factory runs: with keras imported, layer names counted afresh (see `adapters.keras_build_scope`)."""
+    if "keras" not in sys.modules:
+        return contextlib.nullcontext()
+    from meshfl.learn.adapters import keras_build_scope
+
+    return keras_build_scope()
+
+
+def is_keras_model(obj: Any) -> bool:
+    """Whether `obj` is a Keras 3 `keras.Model` (keras is only looked at if it was imported already)."""
+    keras = sys.modules.get("keras")
+    return keras is not None and isinstance(obj, getattr(keras, "Model", ()))
 
 
 def _first_line(exc: BaseException) -> str:

@@ -164,17 +164,21 @@ def load_model(run_dir: str | Path, peer: int, module: nn.Module | Callable[...,
         and shapes) differs from the saved one; the message names the first difference.
     """
     params, record = read_model(saved_model_path(run_dir, peer))
-    if module is None or not isinstance(module, nn.Module):
+    from meshfl.learn.models import is_keras_model
+
+    if module is None or not (isinstance(module, nn.Module) or is_keras_model(module)):
         from meshfl.learn.models import build_model, register_factory
 
         name = record["model"] if module is None else register_factory(module)
         module = build_model(name, tuple(record["feature_shape"]), int(record["num_classes"]),
                              record.get("model_options") if module is None else None)
-    mine = Layout.of_module(module, buffers=True)
+    from meshfl.learn.adapters import layout_of, load_into
+
+    mine = layout_of(module)
     if mine.fingerprint != params.layout.fingerprint:
         raise SavedModelError(f"{run_dir}: peer {peer}'s saved model does not fit this module "
                               f"(layout {params.layout.fingerprint} vs {mine.fingerprint}: {layout_difference(params.layout, mine)})")
-    params.to_module(module)
+    load_into(module, params)
     return module.eval()  # safe: nn.Module.eval() (inference mode), not Python's eval
 
 

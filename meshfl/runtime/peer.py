@@ -29,7 +29,8 @@ from meshfl.core.seeds import algorithm_rng, batch_generator, byzantine_generato
 from meshfl.core.store import Store
 from meshfl.data import Dataset, PeerData, load_dataset, partition_stats, split_for_peers
 from meshfl.faults import Byzantine
-from meshfl.learn.learner import Evaluation, TorchLearner
+from meshfl.learn.adapters import make_learner
+from meshfl.learn.learner import Evaluation, Learner
 from meshfl.runtime.keys import Keyring, Signer, keys_for
 from meshfl.wire.envelope import encoded_size
 
@@ -42,7 +43,7 @@ class Worlds:
 
     peer_data: list[PeerData]
     global_test: Dataset
-    learner: TorchLearner
+    learner: Learner
     partition: list[dict]
     keyring: Keyring | None = None
     """Every peer's public key, loaded or derived on first use (see runtime/keys.py)."""
@@ -92,7 +93,7 @@ def build_worlds(config: ExperimentConfig) -> Worlds:
     """Dataset, per-peer split and learner of a run; one function for both runtimes."""
     train, global_test = load_dataset(config.data, config.seed)
     peer_data = split_for_peers(train, config.peers, config.data, config.seed)
-    learner = TorchLearner(config.train, train.feature_shape, train.num_classes)
+    learner = make_learner(config.train, train.feature_shape, train.num_classes)
     return Worlds(peer_data, global_test, learner, partition_stats(peer_data, train.num_classes))
 
 

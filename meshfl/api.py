@@ -202,6 +202,17 @@ def _validate(tree: dict[str, Any], overrides: list[str]) -> ExperimentConfig:
     return config_from_tree(tree, overrides)
 
 
+def _tracking(tensorboard: bool, mlflow: str | None, out: str | Path | bool | None) -> Any:
+    """The Tracking asked for, checked (missing package, no run folder) before any run folder is claimed."""
+    from meshfl.experiment.tracking import Tracking, TrackingError, check_tracking
+
+    tracking = Tracking(bool(tensorboard), None if mlflow is None else str(mlflow))
+    check_tracking(tracking)
+    if tracking and out is False:
+        raise TrackingError("tensorboard/mlflow tracking needs a run folder (out=False writes none)")
+    return tracking
+
+
 def _run_dir(out: str | Path | bool | None, config: ExperimentConfig) -> Path | None:
     from meshfl.experiment.run import claim_run_dir, device_error
 
@@ -216,7 +227,7 @@ def _run_dir(out: str | Path | bool | None, config: ExperimentConfig) -> Path | 
 def run(config: ConfigLike = None, *, model: Any = None, dataset: Any = None, out: str | Path | bool | None = None,
         seed: int | None = None, progress: bool = True, overrides: list[str] | tuple[str, ...] = (),
         report: bool = True, loss: Any = None, metrics: Mapping[str, Any] | None = None,
-        train_step: Any = None) -> Result:
+        train_step: Any = None, tensorboard: bool = False, mlflow: str | None = None) -> Result:
     """Run an experiment in the simulator, as `meshfl run` does, and return its results.
 
     Parameters
@@ -251,6 +262,10 @@ def run(config: ConfigLike = None, *, model: Any = None, dataset: Any = None, ou
     train_step : callable or str, optional
         Your own local training step, ``fn(module, batches, *, optimizer, loss, global_params, config)``
         (see `meshfl.learn.steps`); default meshfl's own loop.
+    tensorboard : bool
+        Also write TensorBoard event files to ``<run folder>/tensorboard`` (needs ``meshfl[tensorboard]``).
+    mlflow : str, optional
+        Also record the run in MLflow at this tracking URI, e.g. ``"file:./mlruns"`` (needs ``meshfl[mlflow]``).
 
     Returns
     -------
@@ -275,9 +290,10 @@ def run(config: ConfigLike = None, *, model: Any = None, dataset: Any = None, ou
         overrides = [f"data.dataset={kind}", f"data.path={key}", *overrides]
     resolved = resolve_config(config, model=model, seed=seed, overrides=overrides, loss=loss, metrics=metrics,
                               train_step=train_step)
+    tracking = _tracking(tensorboard, mlflow, out)
     run_dir = _run_dir(out, resolved)
     try:
-        outcome = simulate_with_progress(resolved, run_dir, show=progress, report=report)
+        outcome = simulate_with_progress(resolved, run_dir, show=progress, report=report, tracking=tracking)
     except Exception:
         if run_dir is not None:
             discard_if_empty(run_dir)
@@ -289,7 +305,7 @@ def run(config: ConfigLike = None, *, model: Any = None, dataset: Any = None, ou
 def launch(config: ConfigLike = None, *, model: str | None = None, out: str | Path | None = None, seed: int | None = None,
            progress: bool = True, overrides: list[str] | tuple[str, ...] = (), timeout_s: float | None = None,
            report: bool = True, loss: str | None = None, metrics: Mapping[str, str] | None = None,
-           train_step: str | None = None) -> Result:
+           train_step: str | None = None, tensorboard: bool = False, mlflow: str | None = None) -> Result:
     """Run an experiment as real peer processes on this host (`meshfl launch --local`) and return its results.
 
     Parameters
@@ -313,6 +329,8 @@ def launch(config: ConfigLike = None, *, model: str | None = None, out: str | Pa
         Write the plots and `report.html` too.
     loss, metrics, train_step : str or mapping of str, optional
         As for `run`, as ``"package.module:function"`` references the peer processes can import.
+    tensorboard, mlflow : bool, str
+        As for `run`: the merged metrics of every peer go to TensorBoard / MLflow.
 
     Returns
     -------
@@ -329,6 +347,7 @@ def launch(config: ConfigLike = None, *, model: str | None = None, out: str | Pa
 
     resolved = resolve_config(config, model=model, seed=seed, overrides=overrides, loss=loss, metrics=metrics,
                               train_step=train_step)
+    tracking = _tracking(tensorboard, mlflow, out)
     run_dir = _run_dir(out, resolved)
     assert run_dir is not None
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -340,6 +359,6 @@ def launch(config: ConfigLike = None, *, model: str | None = None, out: str | Pa
             bar.update(task, completed=rounds, description=f"round {rounds}", running=running,
                        mean="-" if math.isnan(mean) else f"{mean:.4f}")
 
-        outcome = launch_local(resolved, run_dir, timeout_s=timeout_s, progress=show, report=report)
+        outcome = launch_local(resolved, run_dir, timeout_s=timeout_s, progress=show, report=report, tracking=tracking)
     final = {p: read_model(saved_model_path(run_dir, p))[0] for p in saved_peers(run_dir)}
     return Result(resolved, outcome.summary, outcome.events, final, run_dir)

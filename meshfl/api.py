@@ -213,6 +213,26 @@ def _tracking(tensorboard: bool, mlflow: str | None, out: str | Path | bool | No
     return tracking
 
 
+def _frame_for_peers(dataset: Any) -> Any:
+    """The DataFrame `launch` hands its peers as a file (None without one); ConfigError for other objects."""
+    if dataset is None:
+        return None
+    import pandas as pd
+
+    if not isinstance(dataset, pd.DataFrame):
+        raise ConfigError(f"dataset: meshfl.launch takes a pandas DataFrame (got {type(dataset).__name__}); for other data "
+                          "write it to a file (save_to_disk folder, .npz) and set data.dataset and data.path")
+    return dataset
+
+
+def _write_frame(frame: Any, run_dir: Path) -> Path:
+    """`frame` as `<run_dir>/data/dataset.parquet` (column names as text, as Parquet needs); its absolute path."""
+    path = (run_dir / "data" / "dataset.parquet").resolve()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    frame.rename(columns=str).to_parquet(path, index=False)
+    return path
+
+
 def _run_dir(out: str | Path | bool | None, config: ExperimentConfig) -> Path | None:
     from meshfl.experiment.run import claim_run_dir, device_error
 
@@ -302,19 +322,23 @@ def run(config: ConfigLike = None, *, model: Any = None, dataset: Any = None, ou
     return Result(resolved, outcome.summary, outcome.metrics.events, final, run_dir)
 
 
-def launch(config: ConfigLike = None, *, model: str | None = None, out: str | Path | None = None, seed: int | None = None,
-           progress: bool = True, overrides: list[str] | tuple[str, ...] = (), timeout_s: float | None = None,
-           report: bool = True, loss: str | None = None, metrics: Mapping[str, str] | None = None,
-           train_step: str | None = None, tensorboard: bool = False, mlflow: str | None = None) -> Result:
+def launch(config: ConfigLike = None, *, model: Any = None, dataset: Any = None, out: str | Path | None = None,
+           seed: int | None = None, progress: bool = True, overrides: list[str] | tuple[str, ...] = (),
+           timeout_s: float | None = None, report: bool = True, loss: str | None = None,
+           metrics: Mapping[str, str] | None = None, train_step: str | None = None, tensorboard: bool = False,
+           mlflow: str | None = None) -> Result:
     """Run an experiment as real peer processes on this host (`meshfl launch --local`) and return its results.
 
     Parameters
     ----------
     config : dict, str, Path, ExperimentConfig or None
         As for `run`.
-    model : str, optional
+    model : str or callable, optional
         ``"package.module:factory"``, importable by the peer processes (they get this
         process's import path); a factory object works only if importable by that name.
+    dataset : pandas.DataFrame, optional
+        Your data, as for `run`: written to ``<run folder>/data/dataset.parquet``, which the config
+        then names (``data.dataset: parquet``), so every peer process reads the same rows.
     out : str, Path or None
         Run folder, new or empty; None: ``runs/<time>-<name>``.
     seed : int, optional
@@ -348,8 +372,11 @@ def launch(config: ConfigLike = None, *, model: str | None = None, out: str | Pa
     resolved = resolve_config(config, model=model, seed=seed, overrides=overrides, loss=loss, metrics=metrics,
                               train_step=train_step)
     tracking = _tracking(tensorboard, mlflow, out)
+    frame = _frame_for_peers(dataset)
     run_dir = _run_dir(out, resolved)
     assert run_dir is not None
+    if frame is not None:  # peer processes cannot see this process's objects: they read the rows from a file
+        resolved = resolve_config(resolved, overrides=["data.dataset=parquet", f"data.path={_write_frame(frame, run_dir)}"])
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("peers running {task.fields[running]}  mean acc {task.fields[mean]}"), TimeElapsedColumn())
     with Progress(*columns, console=Console(), disable=not progress, transient=False) as bar:

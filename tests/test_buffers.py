@@ -119,3 +119,21 @@ def learner_data():
 
     train, _ = load_dataset(_config("local").data, 0)
     return train
+
+
+def test_local_buffers_over_grpc_stay_in_each_peers_store_and_model(tmp_path):
+    from meshfl.core.store import DirectoryStore
+    from meshfl.learn.learner import TorchLearner
+
+    config = _config("local", "peers=3")
+    result = meshfl.launch(config, out=tmp_path / "grpc", progress=False, report=False, timeout_s=240)
+    assert result.summary["dead_peers"] == [] and sorted(result.final_models) == [0, 1, 2]
+    learner = TorchLearner(config.train, (1, 8, 8), 10)
+    started = [e for e in result.events if e["event"] == "peer_started"]
+    assert {e["layout"] for e in started} == {learner.layout.fingerprint}  # what the door admits: parameters only
+    final = result.final_models
+    assert final[0].layout == learner.module_layout and not torch.equal(final[0].tensor(STATS[0]), final[1].tensor(STATS[0]))
+    for peer in range(3):
+        store = DirectoryStore(tmp_path / "grpc" / "peers" / f"peer-{peer}" / "store")
+        stored, _ = store.get_params(BUFFERS_ENTRY, learner.buffer_layout)
+        assert torch.equal(stored.tensor(STATS[1]), final[peer].tensor(STATS[1]))

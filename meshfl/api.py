@@ -202,6 +202,37 @@ def _validate(tree: dict[str, Any], overrides: list[str]) -> ExperimentConfig:
     return config_from_tree(tree, overrides)
 
 
+def _tracking(tensorboard: bool, mlflow: str | None, out: str | Path | bool | None) -> Any:
+    """The Tracking asked for, checked (missing package, no run folder) before any run folder is claimed."""
+    from meshfl.experiment.tracking import Tracking, TrackingError, check_tracking
+
+    tracking = Tracking(bool(tensorboard), None if mlflow is None else str(mlflow))
+    check_tracking(tracking)
+    if tracking and out is False:
+        raise TrackingError("tensorboard/mlflow tracking needs a run folder (out=False writes none)")
+    return tracking
+
+
+def _frame_for_peers(dataset: Any) -> Any:
+    """The DataFrame `launch` hands its peers as a file (None without one); ConfigError for other objects."""
+    if dataset is None:
+        return None
+    import pandas as pd
+
+    if not isinstance(dataset, pd.DataFrame):
+        raise ConfigError(f"dataset: meshfl.launch takes a pandas DataFrame (got {type(dataset).__name__}); for other data "
+                          "write it to a file (save_to_disk folder, .npz) and set data.dataset and data.path")
+    return dataset
+
+
+def _write_frame(frame: Any, run_dir: Path) -> Path:
+    """`frame` as `<run_dir>/data/dataset.parquet` (column names as text, as Parquet needs); its absolute path."""
+    path = (run_dir / "data" / "dataset.parquet").resolve()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    frame.rename(columns=str).to_parquet(path, index=False)
+    return path
+
+
 def _run_dir(out: str | Path | bool | None, config: ExperimentConfig) -> Path | None:
     from meshfl.experiment.run import claim_run_dir, device_error
 
@@ -216,7 +247,7 @@ def _run_dir(out: str | Path | bool | None, config: ExperimentConfig) -> Path | 
 def run(config: ConfigLike = None, *, model: Any = None, dataset: Any = None, out: str | Path | bool | None = None,
         seed: int | None = None, progress: bool = True, overrides: list[str] | tuple[str, ...] = (),
         report: bool = True, loss: Any = None, metrics: Mapping[str, Any] | None = None,
-        train_step: Any = None) -> Result:
+        train_step: Any = None, tensorboard: bool = False, mlflow: str | None = None) -> Result:
     """Run an experiment in the simulator, as `meshfl run` does, and return its results.
 
     Parameters
@@ -251,6 +282,10 @@ def run(config: ConfigLike = None, *, model: Any = None, dataset: Any = None, ou
     train_step : callable or str, optional
         Your own local training step, ``fn(module, batches, *, optimizer, loss, global_params, config)``
         (see `meshfl.learn.steps`); default meshfl's own loop.
+    tensorboard : bool
+        Also write TensorBoard event files to ``<run folder>/tensorboard`` (needs ``meshfl[tensorboard]``).
+    mlflow : str, optional
+        Also record the run in MLflow at this tracking URI, e.g. ``"file:./mlruns"`` (needs ``meshfl[mlflow]``).
 
     Returns
     -------
@@ -275,9 +310,10 @@ def run(config: ConfigLike = None, *, model: Any = None, dataset: Any = None, ou
         overrides = [f"data.dataset={kind}", f"data.path={key}", *overrides]
     resolved = resolve_config(config, model=model, seed=seed, overrides=overrides, loss=loss, metrics=metrics,
                               train_step=train_step)
+    tracking = _tracking(tensorboard, mlflow, out)
     run_dir = _run_dir(out, resolved)
     try:
-        outcome = simulate_with_progress(resolved, run_dir, show=progress, report=report)
+        outcome = simulate_with_progress(resolved, run_dir, show=progress, report=report, tracking=tracking)
     except Exception:
         if run_dir is not None:
             discard_if_empty(run_dir)
@@ -286,19 +322,23 @@ def run(config: ConfigLike = None, *, model: Any = None, dataset: Any = None, ou
     return Result(resolved, outcome.summary, outcome.metrics.events, final, run_dir)
 
 
-def launch(config: ConfigLike = None, *, model: str | None = None, out: str | Path | None = None, seed: int | None = None,
-           progress: bool = True, overrides: list[str] | tuple[str, ...] = (), timeout_s: float | None = None,
-           report: bool = True, loss: str | None = None, metrics: Mapping[str, str] | None = None,
-           train_step: str | None = None) -> Result:
+def launch(config: ConfigLike = None, *, model: Any = None, dataset: Any = None, out: str | Path | None = None,
+           seed: int | None = None, progress: bool = True, overrides: list[str] | tuple[str, ...] = (),
+           timeout_s: float | None = None, report: bool = True, loss: str | None = None,
+           metrics: Mapping[str, str] | None = None, train_step: str | None = None, tensorboard: bool = False,
+           mlflow: str | None = None) -> Result:
     """Run an experiment as real peer processes on this host (`meshfl launch --local`) and return its results.
 
     Parameters
     ----------
     config : dict, str, Path, ExperimentConfig or None
         As for `run`.
-    model : str, optional
+    model : str or callable, optional
         ``"package.module:factory"``, importable by the peer processes (they get this
         process's import path); a factory object works only if importable by that name.
+    dataset : pandas.DataFrame, optional
+        Your data, as for `run`: written to ``<run folder>/data/dataset.parquet``, which the config
+        then names (``data.dataset: parquet``), so every peer process reads the same rows.
     out : str, Path or None
         Run folder, new or empty; None: ``runs/<time>-<name>``.
     seed : int, optional
@@ -313,6 +353,8 @@ def launch(config: ConfigLike = None, *, model: str | None = None, out: str | Pa
         Write the plots and `report.html` too.
     loss, metrics, train_step : str or mapping of str, optional
         As for `run`, as ``"package.module:function"`` references the peer processes can import.
+    tensorboard, mlflow : bool, str
+        As for `run`: the merged metrics of every peer go to TensorBoard / MLflow.
 
     Returns
     -------
@@ -329,8 +371,12 @@ def launch(config: ConfigLike = None, *, model: str | None = None, out: str | Pa
 
     resolved = resolve_config(config, model=model, seed=seed, overrides=overrides, loss=loss, metrics=metrics,
                               train_step=train_step)
+    tracking = _tracking(tensorboard, mlflow, out)
+    frame = _frame_for_peers(dataset)
     run_dir = _run_dir(out, resolved)
     assert run_dir is not None
+    if frame is not None:  # peer processes cannot see this process's objects: they read the rows from a file
+        resolved = resolve_config(resolved, overrides=["data.dataset=parquet", f"data.path={_write_frame(frame, run_dir)}"])
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("peers running {task.fields[running]}  mean acc {task.fields[mean]}"), TimeElapsedColumn())
     with Progress(*columns, console=Console(), disable=not progress, transient=False) as bar:
@@ -340,6 +386,6 @@ def launch(config: ConfigLike = None, *, model: str | None = None, out: str | Pa
             bar.update(task, completed=rounds, description=f"round {rounds}", running=running,
                        mean="-" if math.isnan(mean) else f"{mean:.4f}")
 
-        outcome = launch_local(resolved, run_dir, timeout_s=timeout_s, progress=show, report=report)
+        outcome = launch_local(resolved, run_dir, timeout_s=timeout_s, progress=show, report=report, tracking=tracking)
     final = {p: read_model(saved_model_path(run_dir, p))[0] for p in saved_peers(run_dir)}
     return Result(resolved, outcome.summary, outcome.events, final, run_dir)

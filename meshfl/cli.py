@@ -6,15 +6,19 @@ import math
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Column, Table
 
 from meshfl.config import ConfigError, ExperimentConfig, describe_fields, load_config
 from meshfl.experiment.progress import format_accuracy, simulate_with_progress
+
+if TYPE_CHECKING:
+    from meshfl.experiment.tracking import Tracking
 
 app = typer.Typer(add_completion=False, no_args_is_help=False, pretty_exceptions_enable=False,
                   help="meshfl: federated learning with no single point of failure.")
@@ -29,7 +33,7 @@ def _fields_help() -> str:
 
 
 def _fail(message: str, code: int = 2) -> None:
-    errors.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    errors.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)  # a message's [..] is text, not markup
     raise typer.Exit(code)
 
 
@@ -52,12 +56,39 @@ def _claim_run_dir(out: Optional[Path], config: ExperimentConfig) -> Path:
     raise AssertionError("unreachable")
 
 
+TENSORBOARD_HELP = "also write TensorBoard event files to <run folder>/tensorboard (needs: pip install 'meshfl[tensorboard]')"
+MLFLOW_HELP = "also record the run in MLflow at this tracking URI, e.g. file:./mlruns (needs: pip install 'meshfl[mlflow]')"
+
+
+def _tracking(tensorboard: bool, mlflow: Optional[str]) -> Tracking:
+    """The tracking asked for on the command line; a missing package is one line and exit code 2, before any work."""
+    from meshfl.experiment.tracking import Tracking, TrackingError, check_tracking
+
+    tracking = Tracking(tensorboard, mlflow)
+    try:
+        check_tracking(tracking)
+    except TrackingError as exc:
+        _fail(str(exc))
+    return tracking
+
+
+def _tracked(tracking: Tracking, run_dir: Path, name: str) -> None:
+    """Where the run's tracking records went (one line each)."""
+    if tracking.tensorboard:
+        console.print(f"tensorboard: {run_dir / 'tensorboard'}  (view: tensorboard --logdir {run_dir / 'tensorboard'})",
+                      highlight=False, soft_wrap=True)
+    if tracking.mlflow is not None:
+        console.print(f"mlflow: run {run_dir.name} in experiment {name} at {tracking.mlflow}", highlight=False, soft_wrap=True)
+
+
 @app.command(epilog=_fields_help())
 def run(
     config_path: Annotated[Optional[Path], typer.Argument(metavar="[CONFIG.yaml]", help="experiment config; defaults are used for missing fields")] = None,
     set_: Annotated[list[str], typer.Option("--set", "-s", metavar="KEY=VALUE", help="override a config field, e.g. --set peers=4 --set train.model=cnn")] = [],  # noqa: B006
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="run folder, new or empty (default runs/<time>-<name>)")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
+    tensorboard: Annotated[bool, typer.Option("--tensorboard", help=TENSORBOARD_HELP)] = False,
+    mlflow: Annotated[Optional[str], typer.Option("--mlflow", metavar="URI", help=MLFLOW_HELP)] = None,
 ) -> None:
     """Run a simulated experiment and write its run folder (config, metrics, summary, plots, report).
 
@@ -72,9 +103,10 @@ def run(
         config = load_config(config_path, set_)
     except ConfigError as exc:
         _fail(str(exc))
+    tracking = _tracking(tensorboard, mlflow)
     run_dir = _claim_run_dir(out, config)
     try:
-        result = simulate_with_progress(config, run_dir, console=console, show=not quiet)
+        result = simulate_with_progress(config, run_dir, console=console, show=not quiet, tracking=tracking)
     except (DataError, TopologyError, ModelError) as exc:
         discard_if_empty(run_dir)
         _fail(str(exc))
@@ -88,6 +120,7 @@ def run(
                   f"{summary['total_messages']} messages, {summary['total_bytes'] / 1e6:.1f} MB, "
                   f"virtual {summary['virtual_time_s']:.1f}s, wall {summary['wall_time_s']:.1f}s")
     console.print(f"run folder: {run_dir}  (report: {run_dir / 'report.html'})")
+    _tracked(tracking, run_dir, config.name)
 
 
 @app.command("config")
@@ -374,6 +407,8 @@ def launch(
     timeout: Annotated[Optional[float], typer.Option("--timeout", help="stop every peer and fail after this many seconds")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
     insecure: Annotated[bool, typer.Option("--insecure", help="allow grpc.host off loopback without mTLS; every peer warns at start")] = False,
+    tensorboard: Annotated[bool, typer.Option("--tensorboard", help=TENSORBOARD_HELP)] = False,
+    mlflow: Annotated[Optional[str], typer.Option("--mlflow", metavar="URI", help=MLFLOW_HELP)] = None,
 ) -> None:
     """Run an experiment with real peer processes talking gRPC, then write the same run folder as `meshfl run`.
 
@@ -389,6 +424,7 @@ def launch(
         config = load_config(config_path, set_)
     except ConfigError as exc:
         _fail(str(exc))
+    tracking = _tracking(tensorboard, mlflow)
     run_dir = _claim_run_dir(out, config)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("peers running {task.fields[running]}  mean acc {task.fields[mean]}"), TimeElapsedColumn())
@@ -400,7 +436,7 @@ def launch(
                 progress.update(task, completed=rounds, description=f"round {rounds}", running=running,
                                 mean="-" if math.isnan(mean) else f"{mean:.4f}")
 
-            result = launch_local(config, run_dir, timeout_s=timeout, progress=show, insecure=insecure)
+            result = launch_local(config, run_dir, timeout_s=timeout, progress=show, insecure=insecure, tracking=tracking)
     except (ConfigError, TopologyError, LaunchError) as exc:
         if not isinstance(exc, LaunchError):
             discard_if_empty(run_dir)
@@ -420,6 +456,7 @@ def launch(
                   f"{summary['total_messages']} messages, {summary['total_wire_bytes'] / 1e6:.1f} MB on the wire, "
                   f"{summary['total_refused']} refused, dead peers {dead or 'none'}, wall {summary['wall_time_s']:.1f}s")
     console.print(f"run folder: {run_dir}  (report: {run_dir / 'report.html'})")
+    _tracked(tracking, run_dir, config.name)
 
 
 @app.command()

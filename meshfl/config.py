@@ -71,6 +71,10 @@ class TrainConfig(_Section):
     step: str | None = Field(None, description="your own local training step `package.module:function` (see meshfl/learn/steps.py); "
                                                "default: meshfl's own loop")
     fedprox_mu: float = Field(0.0, ge=0, description="FedProx: adds (mu/2)||w - w_given||^2 to the local loss (0: off, plain local SGD)")
+    buffers: Literal["average", "local"] = Field(
+        "average", description="a model's float buffers (batch norm running mean/variance): average = they travel with the "
+                               "parameters and are averaged with them; local = each peer keeps its own (FedBN), only "
+                               "parameters travel, and the peer's buffers are put back before it trains or evaluates")
 
     @field_validator("model")
     @classmethod

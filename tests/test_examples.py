@@ -107,3 +107,40 @@ def test_byzantine_example_median_keeps_what_fedavg_loses_to_a_sign_flipping_pee
         assert len(summary["byzantine_peers"]) == 1
         honest[rule] = summary["honest_mean_final_accuracy"]
     assert honest["fedavg"] < 0.3 and honest["median"] > honest["fedavg"] + 0.5, honest
+
+
+def _custom_model_script() -> dict:
+    import runpy
+
+    return runpy.run_path(str(ROOT / "examples" / "custom_model.py"), run_name="custom_model_example")
+
+
+def test_custom_model_yaml_is_the_script_through_yaml(tmp_path, monkeypatch):
+    monkeypatch.setattr("sys.path", list(__import__("sys").path))  # the script adds its folder: undone after the test
+    monkeypatch.chdir(ROOT)  # `examples.custom_cnn:SmallCNN` is found from the repository root, as the YAML says
+    monkeypatch.syspath_prepend(str(ROOT))
+    config = load_config(ROOT / "examples" / "custom_model.yaml", ["peers=4", "rounds=2"])
+    assert config.train.model == "examples.custom_cnn:SmallCNN" and config.data.dataset == "digits"
+    from_yaml = run_experiment(config, tmp_path / "yaml", report=False).summary
+    assert from_yaml["dead_peers"] == [] and from_yaml["min_final_accuracy"] > 0.7
+    assert len(list((tmp_path / "yaml" / "models").glob("peer-*.safetensors"))) == 4
+    script = _custom_model_script()
+    from_script = script["main"](["--peers", "4", "--rounds", "2", "--quiet", "--out", str(tmp_path / "script")]).summary
+    # the same model (one definition), the same digits (built-in dataset = the script's DataFrame): the same run
+    assert from_yaml["final_global_accuracy"] == from_script["final_global_accuracy"]
+
+
+def test_custom_model_example_over_launch_local(tmp_path, monkeypatch):
+    import json
+    import sys
+
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the script adds its folder: undone after the test
+    script = _custom_model_script()
+    result = script["main"](["--launch", "--peers", "4", "--rounds", "2", "--quiet", "--out", str(tmp_path / "grpc")])
+    summary = json.loads((tmp_path / "grpc" / "summary.json").read_text())
+    assert summary["peers"] == 4 and summary["dead_peers"] == [] and summary["min_final_accuracy"] > 0.7
+    assert sorted(result.final_models) == [0, 1, 2, 3]
+    assert (tmp_path / "grpc" / "data" / "dataset.parquet").is_file()  # how the DataFrame reached the peer processes
+    assert result.config.data.dataset == "parquet" and result.config.train.model == "custom_cnn:SmallCNN"
+    record = json.loads((tmp_path / "grpc" / "models" / "peer-2.json").read_text())
+    assert record["runtime"] == "grpc" and record["round"] == 2 and "features.1.running_mean" in record["layout"]["names"]

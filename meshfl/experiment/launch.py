@@ -47,6 +47,7 @@ from meshfl.core.metrics import (
 from meshfl.core.topology import make_topology
 from meshfl.experiment.peers import peer_histories
 from meshfl.experiment.run import build_summary, claim_run_dir, handle_signals, write_run_folder
+from meshfl.experiment.tracking import Tracking, check_tracking
 from meshfl.faults import FaultAction, resolve_faults
 from meshfl.learn.saved import collect_models
 from meshfl.runtime.grpc.faults import write_fired
@@ -482,16 +483,18 @@ class LaunchResult:
 def launch_local(config: ExperimentConfig, run_dir: Path, *, timeout_s: float | None = None, report: bool = True,
                  progress: ProgressCallback | None = None, linger_s: float = 1.0,
                  on_started: Callable[[list[PeerProcess]], None] | None = None,
-                 env: dict[str, str] | None = None, insecure: bool = False) -> LaunchResult:
+                 env: dict[str, str] | None = None, insecure: bool = False, tracking: Tracking | None = None) -> LaunchResult:
     """Run every peer as a `meshfl node` process on grpc.host; write the merged run folder to `run_dir`.
 
     grpc.host off loopback needs mTLS (grpc.tls) or `insecure` (then recorded as grpc.insecure in
-    the run's config, and every peer warns at start); checked before any process starts.
+    the run's config, and every peer warns at start); checked before any process starts. `tracking`: the
+    merged metrics also go to TensorBoard / MLflow (see experiment/tracking.py); a missing package fails here.
 
     On Ctrl-C/SIGTERM every peer is stopped, their metrics are merged into the run folder
     (summary and report marked interrupted) and Interrupted is raised with `result` set.
     """
     run_dir = Path(run_dir).resolve()
+    check_tracking(tracking)
     model_env = _user_model_env(config.train)  # a model no peer process could build fails here, with one line
     peers_dir = run_dir / "peers"
     host = config.grpc.host
@@ -554,7 +557,7 @@ def launch_local(config: ExperimentConfig, run_dir: Path, *, timeout_s: float | 
                                 finished_unix=time.time(), wall_time_s=time.perf_counter() - started, report=report,
                                 interrupted=interrupted is not None,
                                 launcher_events=faults.events if faults is not None else [],
-                                peer_folders={p: peers_dir / f"peer-{p}" for p in range(config.peers)})
+                                peer_folders={p: peers_dir / f"peer-{p}" for p in range(config.peers)}, tracking=tracking)
     if interrupted is not None:
         interrupted.result = result
         raise interrupted
@@ -591,7 +594,8 @@ def _user_model_env(train: TrainConfig) -> dict[str, str]:
 def write_grpc_run(config: ExperimentConfig, per_peer: dict[int, list[dict[str, Any]]], exit_codes: dict[int, int | None],
                    run_dir: Path, *, started_unix: float, finished_unix: float, wall_time_s: float,
                    report: bool = True, interrupted: bool = False,
-                   launcher_events: list[dict[str, Any]] = (), peer_folders: dict[int, Path] | None = None) -> LaunchResult:
+                   launcher_events: list[dict[str, Any]] = (), peer_folders: dict[int, Path] | None = None,
+                   tracking: Tracking | None = None) -> LaunchResult:
     """One run folder (the simulator's files and report) from every peer's events, with the final
     models the peers saved in `peer_folders` (`models/peer-<i>.*`)."""
     events = _run_events(config, per_peer, exit_codes, started_unix, finished_unix, launcher_events)
@@ -600,7 +604,8 @@ def write_grpc_run(config: ExperimentConfig, per_peer: dict[int, list[dict[str, 
     metrics.events = events
     stats = {e["partition"].get("peer", 0): e["partition"] for e in events
              if e.get("event") == PEER_STARTED and isinstance(e.get("partition"), dict)}  # one per peer, restarts too
-    write_run_folder(run_dir, config, metrics, summary, [stats[p] for p in sorted(stats)], report)
+    write_run_folder(run_dir, config, metrics, summary, [stats[p] for p in sorted(stats)], report, tracking=tracking,
+                     runtime="grpc")
     collect_models(peer_folders or {}, run_dir)
     return LaunchResult(run_dir, summary, exit_codes, events)
 

@@ -14,6 +14,7 @@ from meshfl.core.metrics import GLOBAL_ACCURACY, METRIC
 
 if TYPE_CHECKING:
     from meshfl.experiment.run import RunResult
+    from meshfl.experiment.tracking import Tracking
 
 
 def format_accuracy(value: object) -> str:
@@ -61,7 +62,7 @@ RUN_COLUMNS = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn
 
 
 def simulate_with_progress(config: ExperimentConfig, run_dir: Path | None, *, console: Console | None = None,
-                           show: bool = True, report: bool = True) -> RunResult:
+                           show: bool = True, report: bool = True, tracking: Tracking | None = None) -> RunResult:
     """`run_experiment` under the round progress bar (what `meshfl run` shows); raises what it raises."""
     from meshfl.core.metrics import MetricsLog
     from meshfl.experiment.run import run_experiment
@@ -69,4 +70,4 @@ def simulate_with_progress(config: ExperimentConfig, run_dir: Path | None, *, co
     metrics = MetricsLog()
     with Progress(*RUN_COLUMNS, console=console or Console(), disable=not show, transient=False) as progress:
         metrics.subscribe(RoundProgress(progress, config))
-        return run_experiment(config, run_dir, metrics, report)
+        return run_experiment(config, run_dir, metrics, report, tracking=tracking)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import re
 import signal
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -18,6 +19,7 @@ from meshfl.config import ExperimentConfig, dump_config
 from meshfl.core.metrics import FAULT, METRIC, RUN_FINISHED, RUN_INTERRUPTED, RUN_STARTED, MetricsLog, strict_json
 from meshfl.core.topology import make_topology
 from meshfl.experiment.peers import peer_histories
+from meshfl.experiment.tracking import Tracking
 from meshfl.learn.saved import MODELS_DIR, write_final_models
 from meshfl.runtime.peer import build_worlds
 from meshfl.runtime.sim.runtime import SimResult, Simulation
@@ -234,12 +236,19 @@ def timeline(config: ExperimentConfig, events: list[dict[str, Any]]) -> list[dic
 
 
 def run_experiment(config: ExperimentConfig, run_dir: Path | None, metrics: MetricsLog | None = None,
-                   report: bool = True, *, on_simulation: Callable[[Simulation], None] | None = None) -> RunResult:
-    """Simulate `config` and, if `run_dir` is given, write the run folder there.
+                   report: bool = True, *, on_simulation: Callable[[Simulation], None] | None = None,
+                   tracking: Tracking | None = None) -> RunResult:
+    """Simulate `config` and, if `run_dir` is given, write the run folder there (and what `tracking` asks).
 
     On Ctrl-C the simulation stops, the run folder is written from what the MetricsLog
     holds (summary marked `interrupted`), and RunInterrupted carries the result.
     """
+    if tracking:
+        from meshfl.experiment.tracking import TrackingError, check_tracking
+
+        check_tracking(tracking)
+        if run_dir is None:
+            raise TrackingError("tensorboard/mlflow tracking needs a run folder (out=False writes none)")
     started = time.perf_counter()
     metrics = metrics or MetricsLog()
     progress = _Progress()
@@ -255,11 +264,11 @@ def run_experiment(config: ExperimentConfig, run_dir: Path | None, metrics: Metr
             summary = _summarise_traffic(config, getattr(network, "traffic", None), metrics, virtual,
                                          time.perf_counter() - started, interrupted=True)
             if run_dir is not None:
-                write_run_folder(run_dir, config, metrics, summary, progress.stats, report)
+                write_run_folder(run_dir, config, metrics, summary, progress.stats, report, tracking=tracking)
         raise RunInterrupted(RunResult(run_dir, summary, metrics, None)) from None
     summary = summarise(config, result, metrics, time.perf_counter() - started)
     if run_dir is not None:
-        write_run_folder(run_dir, config, metrics, summary, stats, report)
+        write_run_folder(run_dir, config, metrics, summary, stats, report, tracking=tracking)
         feature_shape, num_classes = progress.data_shape
         rounds = {int(p): r for p, r in summary["final_round"].items()}
         write_final_models(run_dir / MODELS_DIR, config, result.final_params, rounds,
@@ -287,8 +296,12 @@ def handle_signals(handler: Any, signals: tuple[int, ...] = STOP_SIGNALS) -> Ite
 
 
 def write_run_folder(run_dir: Path, config: ExperimentConfig, metrics: MetricsLog, summary: dict[str, Any],
-                     stats: list[dict], report: bool) -> None:
-    """config.yaml, metrics.jsonl, summary.json, partition.json (all strict JSON) and the report."""
+                     stats: list[dict], report: bool, *, tracking: Tracking | None = None, runtime: str = "sim") -> None:
+    """config.yaml, metrics.jsonl, summary.json, partition.json (all strict JSON) and the report; then, if
+    `tracking` asks, the TensorBoard event files and MLflow run of these metrics (see experiment/tracking.py).
+
+    A tracking backend that fails (a tracking server that does not answer) costs one warning line on
+    stderr, not the run: the run folder is complete by then."""
     run_dir.mkdir(parents=True, exist_ok=True)
     config_text = dump_config(config)
     (run_dir / "config.yaml").write_text(config_text)
@@ -299,3 +312,13 @@ def write_run_folder(run_dir: Path, config: ExperimentConfig, metrics: MetricsLo
         from meshfl.experiment.report import write_report
         title = f"meshfl: {config.name}" + (" (interrupted)" if summary.get("interrupted") else "")
         write_report(run_dir, metrics.events, summary, config_text, title=title)
+    if tracking:
+        from meshfl.experiment.tracking import TrackingError, write_tracking
+
+        try:
+            write_tracking(tracking, run_dir, config, metrics.events, summary, runtime=runtime)
+        except TrackingError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the run is written; a tracking backend's failure is a warning
+            print(f"warning: experiment tracking failed ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+                  f"the run folder {run_dir} is complete", file=sys.stderr)

@@ -494,6 +494,11 @@ class KerasLearner:
     def __init__(self, config: TrainConfig, feature_shape: tuple[int, ...], num_classes: int, model: Any) -> None:
         _refuse_torch_fields(config, "Keras", "compiled loss and optimizer")
         check_keras_backend()
+        if config.buffers == "local":
+            raise ModelError("train.buffers: local keeps torch modules' buffers per peer; a Keras model's statistics "
+                              "(e.g. batch norm's moving mean) travel with its weights: use train.buffers=average")
+        self.local_buffers = False
+        """Keras statistics always travel with the weights (`train.buffers: local` is refused above)."""
         self.config = config
         self.feature_shape = tuple(feature_shape)
         self.num_classes = num_classes

@@ -67,7 +67,10 @@ def batching_refusal(config: TrainConfig) -> str | None:
     """Why models of this train config cannot be trained as one batch (None: they can).
 
     The batched step is plain cross-entropy through `functional_call`: a user model (random
-    layers, buffers), a user loss or step, FedProx and user metrics go through TorchLearner."""
+    layers, buffers), a user loss or step, FedProx and user metrics go through TorchLearner.
+    `train.buffers` needs no refusal: only a model with buffers is affected by it, and the batched
+    models (mlp, cnn) have none, so `local` and `average` batch alike (a model with buffers is refused
+    as a user model, and `BatchedTrainer` refuses any module with buffers)."""
     if is_user_model(config.model):
         return f"train.model={config.model} is a user model (only mlp and cnn are batched)"
     if config.loss != "cross_entropy":

@@ -2,7 +2,9 @@
 
 `TorchLearner` keeps one module whose parameters are views into a flat buffer, so loading
 a peer's Params is one copy and reading them back is one clone. One learner serves every
-peer of a simulation in turn: per-peer state is only Params, data and a generator.
+peer of a simulation in turn: per-peer state is only Params, data and a generator (and, with
+`train.buffers: local`, the peer's own batch-norm buffers, which the peer's context keeps and
+joins to the parameters it trains or evaluates: `with_buffers` / `split`).
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ class Learner(Protocol):
     num_classes: int
     device: torch.device
     params_device: torch.device
+    local_buffers: bool
 
     def keep_params_on_device(self) -> None: ...
 
@@ -102,8 +105,17 @@ class TorchLearner:
         if module is None:  # else one `make_learner` built already (it looked at its type)
             module = build_model(config.model, feature_shape, num_classes, config.model_options)
         self.module = module.to(self.device)
-        self.layout = Layout.of_module(self.module, buffers=True)
+        self.module_layout = Layout.of_module(self.module, buffers=True)
+        """Parameters then float buffers: what `train` and `evaluate` take and give, and what a saved model holds."""
         self.flat = bind_flat(self.module, buffers=True)
+        parameters = Layout.of_module(self.module, buffers=False)
+        self.local_buffers = config.buffers == "local" and parameters.numel < self.module_layout.numel
+        """True when each peer keeps its own buffers (`train.buffers: local` and a model that has some)."""
+        self.layout = parameters if self.local_buffers else self.module_layout
+        """What travels and is aggregated: the module layout, or only the parameters when buffers stay local."""
+        self.buffer_layout = Layout(self.module_layout.names[len(parameters.names):],
+                                    self.module_layout.shapes[len(parameters.names):])
+        """The float buffers alone (empty for a model without any)."""
         self._user_model = is_user_model(config.model)
         # the user's own code, imported here, on the machine that runs the peer (errors name the field)
         self.loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = (
@@ -127,8 +139,18 @@ class TorchLearner:
         self.params_device = self.device
 
     def init_params(self, seed: int) -> Params:
-        """The model a seed initialises (a fresh copy each call: every simulated peer starts from the
-        run's one initial model, and building a module per peer cost 10,000 peers 17 s)."""
+        """The model a seed initialises, in the travelling `layout` (a fresh copy each call: every simulated
+        peer starts from the run's one initial model, and building a module per peer cost 10,000 peers 17 s)."""
+        made = self._initial_model(seed)
+        return Params(made.flat[:self.layout.numel].to(self.params_device, copy=True), self.layout)
+
+    def init_buffers(self, seed: int) -> Params:
+        """The float buffers of the model a seed initialises (`buffer_layout`): a peer's own buffers
+        before it has trained, with `train.buffers: local`."""
+        made = self._initial_model(seed)
+        return Params(made.flat[self.layout.numel:].to(self.params_device, copy=True), self.buffer_layout)
+
+    def _initial_model(self, seed: int) -> Params:
         made = self._initial.get(seed)
         if made is None:
             with torch.random.fork_rng(devices=[]):
@@ -137,7 +159,39 @@ class TorchLearner:
             made = self._initial[seed] = Params.from_module(fresh, buffers=True)
             if len(self._initial) > 8:
                 self._initial.pop(next(iter(self._initial)))
-        return Params(made.flat.to(self.params_device, copy=True), made.layout)
+        return made
+
+    def with_buffers(self, params: Params, buffers: Params) -> Params:
+        """`params` (the travelling layout) and a peer's own `buffers` as one model of `module_layout`.
+
+        Parameters
+        ----------
+        params : Params
+            Parameters only (`layout`, with `train.buffers: local`).
+        buffers : Params
+            The peer's float buffers (`buffer_layout`).
+
+        Returns
+        -------
+        Params
+            What `train` and `evaluate` take.
+        """
+        if params.layout.fingerprint != self.layout.fingerprint or buffers.layout.fingerprint != self.buffer_layout.fingerprint:
+            raise ValueError("with_buffers: params or buffers do not have this learner's layouts")
+        return Params(torch.cat([params.flat, buffers.flat.to(params.flat.device)]), self.module_layout)
+
+    def split(self, model: Params) -> tuple[Params, Params]:
+        """A model of `module_layout` as (parameters in `layout`, buffers in `buffer_layout`): the inverse of `with_buffers`."""
+        if model.layout.fingerprint != self.module_layout.fingerprint:
+            raise ValueError("split: the model does not have this learner's module layout")
+        n = self.layout.numel
+        return Params(model.flat[:n].clone(), self.layout), Params(model.flat[n:].clone(), self.buffer_layout)
+
+    def _load(self, params: Params) -> None:
+        if params.flat.numel() != self.flat.numel():
+            raise ValueError(f"learner: a model of {params.flat.numel()} values for a module of {self.flat.numel()} "
+                             "(with train.buffers=local, join the peer's buffers first: with_buffers)")
+        self.flat.copy_(params.flat)
 
     def _tensors(self, data: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
         if self.device.type == "cpu":
@@ -175,7 +229,7 @@ class TorchLearner:
     def _train_step(self, params: Params, data: Dataset, generator: torch.Generator, steps: int) -> TrainResult:
         """A training step function (`train.step`, or FedProx) over the batches the default loop would use."""
         assert self.step_fn is not None
-        self.flat.copy_(params.flat)
+        self._load(params)
         x, y = self._tensors(data)
         indices = batch_indices(len(data), steps, self.config.batch_size, generator)
         taken = [0, 0]  # steps, samples
@@ -191,11 +245,11 @@ class TorchLearner:
         self.module.train()
         mean_loss = self.step_fn(self.module, batches(), optimizer=self._optimizer(), loss=self.loss_fn or F.cross_entropy,
                                  global_params=given, config=self.config)
-        trained = Params(self.flat.detach().to(self.params_device, copy=True), self.layout)
+        trained = Params(self.flat.detach().to(self.params_device, copy=True), self.module_layout)
         return TrainResult(trained, taken[1], taken[0], float("nan") if mean_loss is None else float(mean_loss))
 
     def _train(self, params: Params, data: Dataset, generator: torch.Generator, steps: int) -> TrainResult:
-        self.flat.copy_(params.flat)
+        self._load(params)
         x, y = self._tensors(data)
         optimizer = self._optimizer()
         self.module.train()
@@ -209,14 +263,14 @@ class TorchLearner:
             optimizer.step()
             total_loss += loss.detach()
             samples += len(idx)
-        trained = Params(self.flat.detach().to(self.params_device, copy=True), self.layout)
+        trained = Params(self.flat.detach().to(self.params_device, copy=True), self.module_layout)
         return TrainResult(trained, samples, steps, float(total_loss) / steps)
 
     @torch.no_grad()
     def evaluate(self, params: Params, data: Dataset) -> Evaluation:
         if len(data) == 0:
             return Evaluation(float("nan"), float("nan"), 0, dict.fromkeys(self.metric_fns, float("nan")))
-        self.flat.copy_(params.flat)
+        self._load(params)
         self.module.eval()  # safe: torch evaluation mode, not Python eval
         x, y = self._tensors(data)
         correct = 0

@@ -35,6 +35,9 @@ from meshfl.runtime.keys import Keyring, Signer, keys_for
 from meshfl.wire.envelope import encoded_size
 
 GLOBAL_EVALUATIONS_KEPT = 64
+BUFFERS_ENTRY = "meshfl.buffers"
+"""`ctx.store` entry of a peer's own batch-norm buffers (`train.buffers: local`): survives a crash and a
+restart as the store does, not a wipe (then the peer starts again from the initial model's buffers)."""
 
 
 @dataclass
@@ -209,6 +212,7 @@ class PeerContext:
         self.final_params: Params | None = None
         self._byzantine_generator: torch.Generator | None = None  # made on the first lie that draws
         self._flipped: Dataset | None = None  # label_flip: the peer's train split with labels C-1-y
+        self._buffers: Params | None = None  # train.buffers=local: this peer's own buffers, read from the store on first use
 
     # -- identity
     @property
@@ -326,7 +330,7 @@ class PeerContext:
         work = learner.steps_for(len(self._data.train), epochs=epochs, steps=steps)
         byzantine = self.byzantine()
         if byzantine is None:
-            return await self._train_on(params, self._data.train, work)
+            return await self._train_own(params, self._data.train, work)
         if byzantine.behaviour == "free_ride":  # claims the training it did not do, at no compute time
             n, size = len(self._data.train), self.config.train.batch_size
             if n == 0 or work == 0:
@@ -334,8 +338,30 @@ class PeerContext:
             per_pass = -(-n // size)  # batches of one pass; only a pass's last batch is short
             return TrainResult(params, (work // per_pass) * n + (work % per_pass) * size, work, float("nan"))
         data = self._label_flipped() if byzantine.behaviour == "label_flip" else self._data.train
-        result = await self._train_on(params, data, work)
+        result = await self._train_own(params, data, work)
         return replace(result, params=self._lie(byzantine, params, result.params))
+
+    async def _train_own(self, params: Params, data: Dataset, steps: int) -> TrainResult:
+        """`_train_on` with this peer's own buffers joined to `params` (train.buffers=local) and the trained
+        buffers kept back: the result holds parameters only, like what came in."""
+        full = self._with_own_buffers(params)
+        result = await self._train_on(full, data, steps)
+        if full is params:
+            return result
+        trained, buffers = self._worlds.learner.split(result.params)
+        self._buffers = buffers
+        self._store.put_params(BUFFERS_ENTRY, buffers)
+        return replace(result, params=trained)
+
+    def _with_own_buffers(self, params: Params) -> Params:
+        """`params` as the learner's whole model: itself when buffers travel, else joined to this peer's buffers."""
+        learner = self._worlds.learner
+        if not learner.local_buffers:
+            return params
+        if self._buffers is None:
+            stored = self._store.get_params(BUFFERS_ENTRY, learner.buffer_layout) if BUFFERS_ENTRY in self._store else None
+            self._buffers = stored[0] if stored is not None else learner.init_buffers(initial_model_seed(self.config.seed))
+        return learner.with_buffers(params, self._buffers)
 
     async def _train_on(self, params: Params, data: Dataset, steps: int) -> TrainResult:
         """`steps` steps of this peer's learner on `data`, batches from the peer's generator; charged
@@ -374,8 +400,9 @@ class PeerContext:
         return await self._compute(self._evaluate, params)
 
     async def evaluate(self, params: Params) -> dict[str, float]:
-        result = await self._evaluation(params)
-        self.final_params = params
+        model = self._with_own_buffers(params)  # with train.buffers=local a peer's model is the given parameters + its own buffers
+        result = await self._evaluation(model)
+        self.final_params = model
         return result
 
     def log(self, metric: str, value: float, *, round: int | None = None, about: int | None = None) -> None:
@@ -417,5 +444,7 @@ def warm_up(worlds: Worlds, peer_id: int, batch_size: int) -> None:
         return
     sample = data.subset(np.arange(min(len(data), batch_size)))
     params = worlds.learner.init_params(0)
+    if worlds.learner.local_buffers:
+        params = worlds.learner.with_buffers(params, worlds.learner.init_buffers(0))
     worlds.learner.train(params, sample, torch.Generator().manual_seed(0), 1)
     worlds.learner.evaluate(params, sample)

@@ -25,11 +25,14 @@ import zstandard
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from meshfl.algorithms.recovery import MESSAGES, Replica, ReplicaEntry  # noqa: E402
 from meshfl.algorithms.replica_codec import decode_payload, encode_payload, pack  # noqa: E402
 from meshfl.config import DataConfig  # noqa: E402
+from meshfl.core.messages import register_message  # noqa: E402
 from meshfl.core.params import Params, bind_flat  # noqa: E402
 from meshfl.data.datasets import load_dataset  # noqa: E402
 from meshfl.learn.models import mlp  # noqa: E402
+from meshfl.wire.envelope import encoded_size  # noqa: E402
 
 
 def rounds_of_models(dataset: str, peers: int, rounds: int, steps: int, seed: int) -> list[Params]:
@@ -68,6 +71,14 @@ def other_forms(previous: Params, current: Params) -> dict[str, int]:
             "xor_zstd": len(zstd.compress(xor.tobytes())), "xor_planes_zstd": len(zstd.compress(planes))}
 
 
+def wire_bytes(payload: bytes, layout, codec: str, compression: str, base_round: int) -> int:
+    """Bytes of the whole Replica message on the wire (payload packed 7 bytes to an integer, a signature)."""
+    entry = ReplicaEntry(round=2, base_round=base_round, codec=codec, compression=compression,
+                         fingerprint=layout.fingerprint, checksum="0" * 64, length=len(payload), payload=pack(payload),
+                         signature="0" * 128)
+    return encoded_size(Replica(sender=0, origin=0, entry=entry))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", default="digits", choices=("digits", "mnist"))
@@ -76,6 +87,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50, help="SGD steps per peer per round")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    for cls in MESSAGES:
+        register_message(cls, f"bench.{cls.__name__}")
     models = rounds_of_models(args.dataset, args.peers, args.rounds, args.steps, args.seed)[1:]
     layout = models[0].layout
     result: dict = {"dataset": args.dataset, "numel": layout.numel, "raw_float32_bytes": 4 * layout.numel,
@@ -83,16 +96,17 @@ def main() -> None:
     for codec in ("float32", "float16"):
         for compression in ("zstd", "gzip"):
             base: Params | None = None
-            sizes, errors, exact = [], [], True
+            sizes, wire, errors, exact = [], [], [], True
             for model in models:
                 payload, rebuilt = encode_payload(model, base, codec, compression)
                 got = decode_payload(payload, layout, base, codec, compression)
                 exact = exact and got.equal(rebuilt)
                 errors.append(float((got.flat - model.flat).abs().max()))
                 sizes.append(len(payload))
+                wire.append(wire_bytes(payload, layout, codec, compression, -1 if base is None else 1))
                 base = rebuilt
             result["codecs"][f"{codec}+{compression}"] = {
-                "full_bytes": sizes[0], "delta_bytes": sizes[1:], "wire_ints": [len(pack(b"\0" * s)) for s in sizes],
+                "full_bytes": sizes[0], "delta_bytes": sizes[1:], "full_wire_bytes": wire[0], "delta_wire_bytes": wire[1:],
                 "delta_over_full": [round(s / sizes[0], 3) for s in sizes[1:]],
                 "rebuilt_exactly": exact, "max_abs_error": max(errors)}
     result["other_delta_forms"] = [other_forms(a, b) for a, b in zip(models, models[1:], strict=False)]

@@ -137,17 +137,20 @@ def test_farthest_peers_by_hop_distance_with_deterministic_ties():
 
 # ---- payloads -----------------------------------------------------------------------------------
 
-def test_pack_round_trips_every_length_and_refuses_what_pack_never_makes():
-    for n in (0, 1, 6, 7, 8, 13, 14, 999):
+def test_pack_round_trips_every_length_into_finite_floats_and_refuses_what_pack_never_makes():
+    import math
+
+    for n in (0, 1, 7, 8, 63, 64, 999):
         data = bytes((i * 37 + 255) % 256 for i in range(n))
-        assert unpack(pack(data), n) == data
-    assert max(pack(b"\xff" * 700)) < 2**55 and min(pack(b"\xff" * 700)) >= -2**55
+        assert unpack(pack(data), n) == data and unpack(pack(b"\xff" * n), n) == b"\xff" * n
+    floats = pack(b"\xff" * 700)
+    assert all(math.isfinite(v) for v in floats) and len(floats) == 89  # 5600 bits / 63
     with pytest.raises(ReplicaError):
         unpack(pack(b"abc"), 10)
     with pytest.raises(ReplicaError):
-        unpack((1 << 40,), 3)  # padding bytes not zero
+        unpack((float("inf"),), 3)  # the exponent's top bit
     with pytest.raises(ReplicaError):
-        unpack((2**60,), 7)
+        unpack((-1.0e-300,), 1)  # bits beyond the length are not zero
 
 
 @pytest.mark.parametrize("compression", ["zstd", "gzip"])
@@ -424,6 +427,25 @@ def test_a_forged_or_altered_replica_is_refused():
     tampered = replace(entry, payload=pack(bytes(payload)))
     assert recovery.rebuild(ctx, LAYOUT, (tampered,)) is None
     assert recovery.rebuild(ctx, LAYOUT, (entry,))[1].equal(model(1))
+
+
+def test_a_holder_whose_store_was_wiped_asks_for_a_full_replica():
+    holder, holding, origins = _origin_and_holder(config(replicas=1))
+    ctx, recovery = origins[0]
+    assert _send(ctx, recovery, holder, holding, 1, model(1)).accepted
+    holder.store.wipe()  # kind=wipe on a running peer
+    ack = _send(ctx, recovery, holder, holding, 2, nudged(model(1), 2))
+    assert not ack.accepted and ack.need_full
+    assert _send(ctx, recovery, holder, holding, 3, model(3)).accepted
+    assert ctx.logs("replica_bytes_full")[-1][1] == 3 and holder.store.names() == ["replica.0.3"]
+
+
+def test_a_model_float16_cannot_carry_skips_the_replica_instead_of_crashing():
+    ctx = FakeContext(0, peers=4, params=model(99))
+    recovery = Recovery(config(replicas=1, replica_codec="float16"), EXPERIMENT, 0)
+    recovery.start(ctx, LAYOUT)
+    huge = Params(torch.full((LAYOUT.numel,), 1e6), LAYOUT)
+    assert recovery.replicate(ctx, 1, huge) == () and ctx.logs("replica_failed") == [(1, 1)]
 
 
 # ---- the wire and the simulator ----------------------------------------------------------------------

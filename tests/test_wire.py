@@ -302,7 +302,7 @@ def _helds(codec: Codec) -> list[Held]:
 
 def _replica_entry(round: int, base_round: int) -> ReplicaEntry:
     return ReplicaEntry(round=round, base_round=base_round, codec="float32", compression="zstd",
-                        fingerprint=LAYOUT.fingerprint, checksum="ab" * 32, length=9, payload=(-(2**55), 2**55 - 1),
+                        fingerprint=LAYOUT.fingerprint, checksum="ab" * 32, length=9, payload=(-0.0, 1.5e-310),
                         signature="cd" * 64)
 
 

@@ -42,7 +42,6 @@ from meshfl.algorithms.checkpoints import (
 )
 from meshfl.algorithms.replica_codec import (
     COMPRESSIONS,
-    PACK_BYTES,
     VALUE_CODECS,
     ReplicaError,
     checksum,
@@ -51,6 +50,7 @@ from meshfl.algorithms.replica_codec import (
     farthest_peers,
     max_payload_bytes,
     pack,
+    packed_count,
     payload_digest,
     unpack,
 )
@@ -88,7 +88,7 @@ class Adjacency(Message):
 class ReplicaEntry:
     """One replica payload: the model of `round`, full (`base_round` -1) or a delta against the replica of
     `base_round`. `checksum` is the SHA-256 of the model it rebuilds to; `length` the payload's bytes, which
-    travel packed 7 to an integer in `payload`. `signature`: the origin's, over all of it (`entry_bytes`)."""
+    travel packed 63 bits to a float in `payload` (`replica_codec.pack`). `signature`: the origin's, over all of it (`entry_bytes`)."""
 
     round: int
     base_round: int
@@ -97,7 +97,7 @@ class ReplicaEntry:
     fingerprint: str
     checksum: str
     length: int
-    payload: tuple[int, ...]
+    payload: tuple[float, ...]
     signature: str = ""
 
     @property
@@ -330,7 +330,11 @@ class Recovery:
             base = self._acked.get(holder)
             key = FULL if base is None else base.round
             if key not in made:
-                made[key] = self._replica(ctx, round, params, base)
+                try:
+                    made[key] = self._replica(ctx, round, params, base)
+                except ReplicaError:  # e.g. values beyond float16's range: no replica this round
+                    ctx.log("replica_failed", 1, round=round)
+                    return ()
                 kind = "full" if key == FULL else "delta"
                 ctx.log(f"replica_bytes_{kind}", made[key][0].entry.length, round=round)
             message, rebuilt = made[key]
@@ -397,10 +401,14 @@ class Recovery:
                 ctx.send(origin, ReplicaAck(sender=ctx.peer_id, round=entry.round, accepted=False, need_full=True))
                 return
             kept = chain[:at + 1]
+            if not all(h.name in ctx.store for h in kept):  # the store was wiped under us: read it again
+                self._held = None
+                ctx.send(origin, ReplicaAck(sender=ctx.peer_id, round=entry.round, accepted=False, need_full=True))
+                return
         new = kept + [_Held(entry.round, entry.base_round, entry.length, f"{REPLICA_PREFIX}{origin}.{entry.round}")]
         size = sum(h.length for h in new)
         others = sum(h.length for o, c in chains.items() if o != origin for h in c)
-        too_big = size > config.replica_quota_mb * _MIB
+        too_big = size > config.replica_quota_mb * _MIB or len(new) - 1 > config.replica_chain
         no_room = others + size > config.replica_total_mb * _MIB or (origin not in chains and len(chains) >= config.replica_origins)
         if too_big or no_room:
             # a delta that does not fit: ask for a full one (it replaces the chain); a full one that does not: refuse
@@ -425,7 +433,7 @@ class Recovery:
         if (entry.codec not in VALUE_CODECS or entry.compression not in COMPRESSIONS
                 or entry.fingerprint != layout.fingerprint or entry.round < 0 or not FULL <= entry.base_round < entry.round
                 or not 0 < entry.length <= max_payload_bytes(layout.numel, entry.codec)
-                or len(entry.payload) != -(-entry.length // PACK_BYTES)):
+                or len(entry.payload) != packed_count(entry.length)):
             return None
         try:
             payload = unpack(entry.payload, entry.length)

@@ -174,11 +174,20 @@ def test_lossless_chain_rebuilds_bit_exact_and_float16_stays_within_its_rounding
 def _trained_mlp_rounds(rounds: int = 3, steps: int = 20) -> list[Params]:
     """meshfl's MLP on digits, four IID peers, `steps` SGD steps each per round, then FedAvg: round models."""
     from meshfl.config import DataConfig
-    from meshfl.core.params import bind_flat
     from meshfl.data.datasets import load_dataset
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # two threads on two busy cores took 10x longer
+    try:
+        return _train_rounds(load_dataset(DataConfig(dataset="digits"), 0)[0], rounds, steps)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train_rounds(train, rounds: int, steps: int) -> list[Params]:
+    from meshfl.core.params import bind_flat
     from meshfl.learn.models import mlp
 
-    train, _ = load_dataset(DataConfig(dataset="digits"), 0)
     torch.manual_seed(0)
     module = mlp(tuple(train.x.shape[1:]), train.num_classes)
     flat = bind_flat(module)

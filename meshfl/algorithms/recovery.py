@@ -317,6 +317,11 @@ class Recovery:
                 "contributors": sorted(int(c) for c in contributors), "samples": int(samples)}
         return save_checkpoint(ctx.store, kind, round, params, meta, self.config.keep_rounds)
 
+    def newest_valid(self, ctx: NodeContext, layout: Layout) -> tuple[Params | None, dict]:
+        """This peer's newest local checkpoint that verifies (tier 1 without logging): (params, meta), or (None, {})."""
+        params, meta, _ = newest_valid_checkpoint(ctx.store, layout, peer=ctx.peer_id, experiment=self.experiment)
+        return params, meta
+
     def replicate(self, ctx: NodeContext, round: int, params: Params) -> tuple[int, ...]:
         """Every `replica_every` rounds: send `params` to the holders, a delta to each holder that acknowledged
         an earlier replica, else a full one. Logs `replica_bytes_full` / `replica_bytes_delta` (payload bytes of

@@ -450,6 +450,23 @@ def test_a_holder_whose_store_was_wiped_asks_for_a_full_replica():
     assert ctx.logs("replica_bytes_full")[-1][1] == 3 and holder.store.names() == ["replica.0.3"]
 
 
+def test_a_restarted_holder_reads_back_the_chain_that_leads_to_the_newest_replica():
+    holder, holding, origins = _origin_and_holder(config(replicas=1))
+    ctx, recovery = origins[0]
+    params = model(1)
+    for round in (1, 2, 3):
+        assert _send(ctx, recovery, holder, holding, round, params).accepted
+        last, params = params, nudged(params, round)
+    stale, meta = holder.store.get_bytes("replica.0.3")
+    holder.store.put_bytes("replica.0.9", stale, {**meta, "round": 9, "base_round": 7})  # no way back to a full one
+    restarted = Recovery(config(replicas=1), EXPERIMENT, 3)
+    fetch = replace(ReplicaFetch(sender=0, min_round=0, max_round=99), request_id=1)
+    restarted.handle(holder, fetch)
+    chain = holder.sent[-1][1]
+    assert [e.round for e in chain.entries] == [1, 2, 3] and "replica.0.9" not in holder.store
+    assert recovery.rebuild(ctx, LAYOUT, chain.entries)[1].equal(last)
+
+
 def test_a_model_float16_cannot_carry_skips_the_replica_instead_of_crashing():
     ctx = FakeContext(0, peers=4, params=model(99))
     recovery = Recovery(config(replicas=1, replica_codec="float16"), EXPERIMENT, 0)

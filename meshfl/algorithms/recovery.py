@@ -57,6 +57,7 @@ from meshfl.algorithms.replica_codec import (
 from meshfl.core.context import NodeContext
 from meshfl.core.messages import Message, Reply, Request
 from meshfl.core.params import Layout, Params
+from meshfl.core.store import StoreError
 
 REPLICA_PREFIX = "replica."
 _REPLICA_NAME = re.compile(r"replica\.(\d{1,9})\.(\d{1,12})")
@@ -373,17 +374,24 @@ class Recovery:
     def _chains(self, ctx: NodeContext) -> dict[int, list[_Held]]:
         """Held replicas by origin, read from the store once (they survive a crash, not a wipe)."""
         if self._held is None:
-            self._held = {}
+            found: dict[int, list[_Held]] = {}
             for name in ctx.store.names():
                 match = _REPLICA_NAME.fullmatch(name)
-                got = ctx.store.get_bytes(name) if match else None
+                try:
+                    got = ctx.store.get_bytes(name) if match else None
+                except StoreError:
+                    got = None
                 if got is None:
                     continue
-                meta = got[1]
-                self._held.setdefault(int(match[1]), []).append(
-                    _Held(int(match[2]), int(meta.get("base_round", FULL)), len(got[0]), name))
-            for chain in self._held.values():
-                chain.sort(key=lambda h: h.round)
+                found.setdefault(int(match[1]), []).append(
+                    _Held(int(match[2]), int(got[1].get("base_round", FULL)), len(got[0]), name))
+            self._held = {}
+            for origin, entries in found.items():
+                chain = _linear(entries)
+                for orphan in {h.name for h in entries} - {h.name for h in chain}:
+                    ctx.store.delete(orphan)  # left by a crash between writing a replica and pruning its old chain
+                if chain:
+                    self._held[origin] = chain
         return self._held
 
     def _hold(self, ctx: NodeContext, message: Replica) -> None:
@@ -567,6 +575,18 @@ class Recovery:
         if best is None:
             self.refused += 1
         return best
+
+
+def _linear(entries: list[_Held]) -> list[_Held]:
+    """The chain to the newest entry that leads back to a full replica (base by base), full first; [] if none does."""
+    by_round = {h.round: h for h in entries}
+    for head in sorted(entries, key=lambda h: h.round, reverse=True):
+        chain = [head]
+        while chain[-1].base_round != FULL and chain[-1].base_round in by_round and len(chain) <= len(entries):
+            chain.append(by_round[chain[-1].base_round])
+        if chain[-1].base_round == FULL:
+            return chain[::-1]
+    return []
 
 
 def _cyclic(peers: Iterable[int], origin: int) -> list[int]:

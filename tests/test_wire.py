@@ -22,6 +22,15 @@ from meshfl.algorithms.gossip import (
     PartialModel,
     Votes,
 )
+from meshfl.algorithms.recovery import (
+    Adjacency,
+    Announcement,
+    Replica,
+    ReplicaAck,
+    ReplicaChain,
+    ReplicaEntry,
+    ReplicaFetch,
+)
 from meshfl.core.messages import (
     LOSSLESS,
     MESSAGE_NAMES,
@@ -291,6 +300,33 @@ def _helds(codec: Codec) -> list[Held]:
     return [Held(sender=3, round=7, term=2, leader=1, params=_params(seed=16), codec=codec)]
 
 
+def _replica_entry(round: int, base_round: int) -> ReplicaEntry:
+    return ReplicaEntry(round=round, base_round=base_round, codec="float32", compression="zstd",
+                        fingerprint=LAYOUT.fingerprint, checksum="ab" * 32, length=9, payload=(-0.0, 1.5e-310),
+                        signature="cd" * 64)
+
+
+def _adjacencies(codec: Codec) -> list[Message]:
+    return [Adjacency(sender=2, announcements=(Announcement(2, 1, (0, 3), "ef" * 64), Announcement(4, 0, (), "")))]
+
+
+def _replicas(codec: Codec) -> list[Message]:
+    return [Replica(sender=1, origin=1, entry=_replica_entry(4, -1)), Replica(sender=1, origin=1, entry=_replica_entry(6, 4))]
+
+
+def _replica_acks(codec: Codec) -> list[Message]:
+    return [ReplicaAck(sender=3, round=6, accepted=True, need_full=False), ReplicaAck(sender=3, round=7, accepted=False, need_full=True)]
+
+
+def _replica_fetches(codec: Codec) -> list[Message]:
+    return [ReplicaFetch(sender=1, request_id=(3 << 32) + 1, min_round=0, max_round=2**62)]
+
+
+def _replica_chains(codec: Codec) -> list[Message]:
+    return [ReplicaChain(sender=3, in_reply_to=9, entries=()),
+            ReplicaChain(sender=3, in_reply_to=9, entries=(_replica_entry(4, -1), _replica_entry(6, 4)))]
+
+
 FACTORIES: dict[type[Message], Callable[[Codec], list[Message]]] = {
     Heartbeat: _heartbeats,
     Goodbye: _goodbyes,
@@ -307,6 +343,12 @@ FACTORIES: dict[type[Message], Callable[[Codec], list[Message]]] = {
     Done: _dones,
     Held: _helds,
     DpsgdModel: _dpsgd_models,
+    # meshfl.algorithms.recovery: registered by the algorithms that use it (under their names)
+    Adjacency: _adjacencies,
+    Replica: _replicas,
+    ReplicaAck: _replica_acks,
+    ReplicaFetch: _replica_fetches,
+    ReplicaChain: _replica_chains,
 }
 
 

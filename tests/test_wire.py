@@ -12,6 +12,9 @@ import torch
 
 from meshfl.algorithms.coordinator import Done, Held, Update, Work
 from meshfl.algorithms.dpsgd import Model as DpsgdModel
+from meshfl.algorithms.smart_gossip import Holds as SmartHolds
+from meshfl.algorithms.smart_gossip import RoundReply, RoundRequest
+from meshfl.algorithms.smart_gossip import Update as SmartUpdate
 from meshfl.algorithms.gossip import (
     AggregatedModel,
     Ballot,
@@ -292,6 +295,23 @@ def _dpsgd_models(codec: Codec) -> list[Message]:
     return [DpsgdModel(sender=3, round=4, degree=2, params=_params(seed=16), codec=codec)]
 
 
+def _smart_updates(codec: Codec) -> list[Message]:
+    return [SmartUpdate(sender=2, origin=5, version=7, samples=180, params=_params(seed=17), codec=codec,
+                        signature="ab" * 64)]
+
+
+def _smart_holds(codec: Codec) -> list[Message]:
+    return [SmartHolds(sender=1, origins=(5,), versions=(7,)), SmartHolds(sender=1, origins=(), versions=())]
+
+
+def _round_requests(codec: Codec) -> list[Message]:
+    return [RoundRequest(sender=4, request_id=(4 << 32) + 2)]
+
+
+def _round_replies(codec: Codec) -> list[Message]:
+    return [RoundReply(sender=1, in_reply_to=(4 << 32) + 2, round=6, params=_params(seed=18))]
+
+
 def _dones(codec: Codec) -> list[Message]:
     return [Done(sender=0, round=9, params=_params(seed=15))]
 
@@ -343,6 +363,10 @@ FACTORIES: dict[type[Message], Callable[[Codec], list[Message]]] = {
     Done: _dones,
     Held: _helds,
     DpsgdModel: _dpsgd_models,
+    SmartUpdate: _smart_updates,
+    SmartHolds: _smart_holds,
+    RoundRequest: _round_requests,
+    RoundReply: _round_replies,
     # meshfl.algorithms.recovery: registered by the algorithms that use it (under their names)
     Adjacency: _adjacencies,
     Replica: _replicas,

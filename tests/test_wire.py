@@ -12,9 +12,6 @@ import torch
 
 from meshfl.algorithms.coordinator import Done, Held, Update, Work
 from meshfl.algorithms.dpsgd import Model as DpsgdModel
-from meshfl.algorithms.smart_gossip import Holds as SmartHolds
-from meshfl.algorithms.smart_gossip import RoundReply, RoundRequest
-from meshfl.algorithms.smart_gossip import Update as SmartUpdate
 from meshfl.algorithms.gossip import (
     AggregatedModel,
     Ballot,
@@ -34,6 +31,9 @@ from meshfl.algorithms.recovery import (
     ReplicaEntry,
     ReplicaFetch,
 )
+from meshfl.algorithms.smart_gossip import Holds as SmartHolds
+from meshfl.algorithms.smart_gossip import RoundReply, RoundRequest
+from meshfl.algorithms.smart_gossip import Update as SmartUpdate
 from meshfl.core.messages import (
     LOSSLESS,
     MESSAGE_NAMES,

@@ -42,6 +42,8 @@ from pydantic import Field
 from meshfl.aggregate.partial import Part, PartialAggregates
 from meshfl.aggregate.robust import RobustConfig, robust_aggregate
 from meshfl.algorithms.base import Algorithm, register
+from meshfl.algorithms.checkpoints import CheckpointConfig
+from meshfl.algorithms.recovery import Recovery, RecoveryResult
 from meshfl.core.context import NodeContext
 from meshfl.core.messages import LOSSLESS, Codec, Message, Reply, Request
 from meshfl.core.metrics import TRAIN_LOSS
@@ -71,6 +73,7 @@ class GossipConfig(Section):
     codec: Literal["float32", "float16", "int8"] = Field("float32", description="how models travel: exact float32, float16, or int8 with a per-tensor scale (lossy, in both runtimes alike)")
     compression: Literal["none", "gzip", "zstd"] = Field("none", description="byte compression of models after the codec")
     exchange: Literal["partial", "individual"] = Field("partial", description="partial: P2PFL's partial aggregates, then the round's model is diffused; individual: every train-set model travels on its own and every peer aggregates them itself with `aggregation` (robust, costs more bytes)")
+    checkpoints: CheckpointConfig = Field(default_factory=CheckpointConfig, description="local checkpoints at three points of each round, replicas at the farthest peers, three-tier recovery after a restart (off by default)")
     aggregation: RobustConfig = Field(default_factory=RobustConfig, description="exchange=individual: how each peer combines the train set's models (fedavg, or a rule robust to lying peers; claimed samples capped by max_weight); exchange=partial needs fedavg")
 
 
@@ -315,9 +318,10 @@ class _VoteWatch:
 class GossipPeer:
     """One peer's side of the protocol (one object per incarnation); `run` drives it round by round."""
 
-    def __init__(self, config: GossipConfig, rounds: int) -> None:
+    def __init__(self, config: GossipConfig, rounds: int, experiment: str = "") -> None:
         self.config = config
         self.rounds = rounds
+        self.recovery = Recovery(config.checkpoints, experiment, -1)
         self.codec = Codec(kind=config.codec, compression=config.compression)
         self.round = 0
         self._states: dict[int, RoundState] = {}
@@ -343,6 +347,9 @@ class GossipPeer:
 
     async def run(self, ctx: NodeContext) -> None:
         self._ballot_rng(ctx)  # split before anything else draws from ctx.rng
+        self.recovery.peer_id = ctx.peer_id
+        if self.recovery.enabled:
+            self.recovery.start(ctx, ctx.initial_params().layout)
         if ctx.incarnation > 0:
             first, model = await self._rejoin(ctx)
         else:
@@ -354,19 +361,39 @@ class GossipPeer:
             model = await self._run_round(ctx, round, model)
 
     async def _rejoin(self, ctx: NodeContext) -> tuple[int, Params]:
-        """Ask live neighbours which round the network is in; join the next one with that neighbour's model.
+        """Ask live neighbours which round the network is in; join the next one.
 
         The model is the last one the neighbour completed (the round before its current one):
         the current round finishes without this peer, whose ballots for it would come too late.
+        With checkpoints on, the peer first recovers its own model (tier 1: local checkpoint,
+        2: replicas from peers, 3: none) and keeps it if it is as new as the neighbour's; an
+        older one gives way to the neighbour's (the network moved on while it was down).
         """
+        network: JoinReply | None = None
         for neighbour in self._alive_neighbours(ctx):
             reply = await ctx.request(neighbour, JoinRequest(sender=ctx.peer_id), self.config.join_timeout_s)
-            if isinstance(reply, JoinReply) and 0 <= reply.round <= self.rounds:  # a round past the run's end is a lie
-                self.round = reply.round
-                ctx.log("rejoined", reply.round, round=reply.round)
-                return reply.round + 1, reply.params
-        ctx.log("rejoined", 0, round=0)
-        return 1, ctx.initial_params()
+            if (isinstance(reply, JoinReply) and 0 <= reply.round <= self.rounds  # a round past the run's end is a lie
+                    and reply.params.layout.fingerprint == ctx.initial_params().layout.fingerprint and reply.params.finite):
+                network = reply
+                break
+        recovered = await self._recover(ctx, None if network is None else network.round)
+        if network is None:
+            if recovered.params is not None and recovered.round is not None and recovered.round <= self.rounds:
+                ctx.log("rejoined", recovered.round, round=recovered.round)
+                self.round = recovered.round
+                return recovered.round + 1, recovered.params
+            ctx.log("rejoined", 0, round=0)
+            return 1, ctx.initial_params()
+        self.round = network.round
+        ctx.log("rejoined", network.round, round=network.round)
+        if recovered.params is not None and recovered.round is not None and recovered.round >= network.round:
+            return network.round + 1, recovered.params
+        return network.round + 1, network.params
+
+    async def _recover(self, ctx: NodeContext, network_round: int | None) -> RecoveryResult:
+        if not self.recovery.enabled:
+            return RecoveryResult(tier=3)
+        return await self.recovery.recover(ctx, ctx.initial_params().layout, current_round=network_round)
 
     async def _initial_model(self, ctx: NodeContext) -> Params:
         state = self.state(0)
@@ -391,6 +418,7 @@ class GossipPeer:
         if ctx.peer_id in state.train_set:
             result = await ctx.train(model)
             ctx.log(TRAIN_LOSS, result.loss, round=round)
+            self._checkpoint(ctx, "local", round, result.params, (ctx.peer_id,))
             state.parts.add(Part(result.params, frozenset([ctx.peer_id]), float(max(ctx.num_samples, 1))))
             timeout = self.config.aggregation_timeout_s
         else:
@@ -398,9 +426,11 @@ class GossipPeer:
         await self._pump(ctx, lambda: self._complete_model(ctx, state) is not None, ctx.now() + timeout,
                          on_tick=lambda: self._gossip_parts(ctx, round))
         self._complete_round(ctx, round, *self._best_model(ctx, state, model))
+        self._checkpoint(ctx, "aggregated", round, state.model, state.diffused.contributors)
         await self._diffuse(ctx, round)
         for metric, value in (await ctx.evaluate(state.model)).items():
             ctx.log(metric, value, round=round)
+        self._finish_round(ctx, round, state)
         return state.model
 
     async def _run_individual_round(self, ctx: NodeContext, round: int, model: Params) -> Params:
@@ -409,6 +439,7 @@ class GossipPeer:
         if ctx.peer_id in state.train_set:
             result = await ctx.train(model)
             ctx.log(TRAIN_LOSS, result.loss, round=round)
+            self._checkpoint(ctx, "local", round, result.params, (ctx.peer_id,))
             samples = max(ctx.num_samples, 1)
             signature = ctx.sign(contribution_bytes(round, ctx.peer_id, samples, result.params))
             state.contributions[ctx.peer_id] = Contribution(sender=ctx.peer_id, round=round, origin=ctx.peer_id,
@@ -420,12 +451,25 @@ class GossipPeer:
         await self._pump(ctx, lambda: self._holds_every_contribution(ctx, state), ctx.now() + timeout,
                          on_tick=lambda: self._gossip_contributions(ctx, round))
         self._complete_round(ctx, round, *self._aggregate_contributions(ctx, round, model))
+        self._checkpoint(ctx, "aggregated", round, state.model, state.diffused.contributors)
         everyone_has_it = lambda: state.neighbour_complete.issuperset(self._alive_neighbours(ctx))  # noqa: E731
         await self._pump(ctx, everyone_has_it, ctx.now() + self.config.diffusion_timeout_s,
                          on_tick=lambda: self._gossip_contributions(ctx, round))
         for metric, value in (await ctx.evaluate(state.model)).items():
             ctx.log(metric, value, round=round)
+        self._finish_round(ctx, round, state)
         return state.model
+
+    def _checkpoint(self, ctx: NodeContext, kind: str, round: int, params: Params, contributors: Iterable[int]) -> None:
+        if self.recovery.enabled:
+            self.recovery.checkpoint(ctx, kind, round, params, contributors=tuple(sorted(contributors)),
+                                     samples=ctx.num_samples)
+
+    def _finish_round(self, ctx: NodeContext, round: int, state: RoundState) -> None:
+        """The round's last checkpoint, and every `replica_every` rounds a replica to the farthest peers."""
+        if self.recovery.enabled and state.diffused is not None:
+            self._checkpoint(ctx, "round_finished", round, state.diffused.params, state.diffused.contributors)
+            self.recovery.replicate(ctx, round, state.diffused.params)
 
     def _holds_every_contribution(self, ctx: NodeContext, state: RoundState) -> bool:
         needed = [p for p in state.train_set if p == ctx.peer_id or ctx.is_alive(p)]
@@ -630,6 +674,8 @@ class GossipPeer:
     # ---- receiving ------------------------------------------------------------------------
 
     def handle(self, ctx: NodeContext, message: Message) -> None:
+        if self.recovery.handle(ctx, message):
+            return  # checkpoints' own messages: topology, replicas, their acks and fetches
         if isinstance(message, JoinRequest):
             if self._completed is not None:
                 ctx.reply(message, JoinReply(sender=ctx.peer_id, round=self.round, params=self._completed.params))
@@ -772,16 +818,18 @@ def _check(config: GossipConfig, experiment: ExperimentConfig) -> None:
 def _worst_case_s(config: GossipConfig, experiment: ExperimentConfig) -> float:
     """Round 0, a restarted peer asking each neighbour in turn, then every round waiting out every timeout."""
     round_s = config.vote_timeout_s + max(config.aggregation_timeout_s, config.wait_model_timeout_s) + config.diffusion_timeout_s
+    fetch = config.checkpoints
+    recover_s = fetch.fetch_timeout_s * (2 + experiment.peers // fetch.fetch_parallel) if fetch.enabled else 0.0
     return (config.wait_model_timeout_s + config.diffusion_timeout_s + config.join_timeout_s * (experiment.peers - 1)
-            + experiment.rounds * round_s)
+            + recover_s + experiment.rounds * round_s)
 
 
 GOSSIP = register(Algorithm(
     name="gossip",
     summary="gossip FedAvg with P2PFL's round workflow (vote, train, gossip partial aggregates, diffuse); exchange=individual: robust aggregation at every peer",
     config=GossipConfig,
-    messages=(Votes, PartialModel, AggregatedModel, HaveModels, JoinRequest, JoinReply, Contribution),
-    peer=lambda config, experiment: GossipPeer(config, experiment.rounds).run,
+    messages=(Votes, PartialModel, AggregatedModel, HaveModels, JoinRequest, JoinReply, Contribution, *Recovery.messages),
+    peer=lambda config, experiment: GossipPeer(config, experiment.rounds, experiment.name).run,
     check=_check,
     quick=("gossip.vote_timeout_s=3", "gossip.aggregation_timeout_s=4", "gossip.wait_model_timeout_s=5",
            "gossip.diffusion_timeout_s=3", "gossip.resend_timeout_s=0.5", "gossip.join_timeout_s=1"),

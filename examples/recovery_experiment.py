@@ -79,9 +79,11 @@ def plot(results: dict[str, meshfl.Result], path: Path, runtime: str) -> None:
     baseline = curves(results["no failure"])[0] if "no failure" in results else {}
     for ax, (label, result) in zip(axes, results.items(), strict=True):
         acc, marks = curves(result)
+        last = max((r for points in acc.values() for r, _ in points), default=0)
         for peer, points in sorted(acc.items()):
-            rounds, values = zip(*sorted(points), strict=True)
-            ax.plot(rounds, values, marker="o", ms=3, lw=1.2, label=f"peer {peer}")
+            by_round = dict(points)  # a round the peer missed (it was down) is a gap in its line
+            rounds = list(range(1, last + 1))
+            ax.plot(rounds, [by_round.get(r, float("nan")) for r in rounds], marker="o", ms=3, lw=1.2, label=f"peer {peer}")
         if label != "no failure" and baseline:
             rounds, values = zip(*sorted(baseline[0]), strict=True)
             ax.plot(rounds, values, color="grey", ls=":", lw=1.5, label="peer 0, no failure")

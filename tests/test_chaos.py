@@ -127,3 +127,21 @@ def test_outcomes_are_deterministic_per_seed_and_independent_of_workers():
     alone = chaos.run_schedules(base, seed=22, schedules=1, workers=1)
     assert chaos.without_wall_times(alone[0]) == chaos.without_wall_times({**one[2], "schedule": 0})
     assert len({json.dumps(r["faults"]) for r in one}) == 3  # each seed draws its own schedule
+
+
+def test_restarts_counts_how_restarted_incarnations_came_back():
+    from meshfl.experiment.chaos import restarts
+
+    events = [
+        {"event": "peer_started", "peer": 1, "incarnation": 1},
+        {"event": "metric", "metric": "rejoined", "peer": 1, "incarnation": 1, "value": 3},
+        {"event": "peer_finished", "peer": 1, "incarnation": 1, "status": "finished"},
+        {"event": "peer_started", "peer": 2, "incarnation": 1},
+        {"event": "metric", "metric": "rejoined", "peer": 2, "incarnation": 1, "value": 0},
+        {"event": "peer_finished", "peer": 2, "incarnation": 1, "status": "finished"},
+        {"event": "peer_started", "peer": 3, "incarnation": 2},
+        {"event": "peer_finished", "peer": 3, "incarnation": 2, "status": "finished"},
+        {"event": "peer_started", "peer": 4, "incarnation": 0},
+    ]
+    assert restarts(events) == {"restarts": 3, "rejoined": 1, "rejoined_fresh": 1, "never_rejoined": 1}
+    assert restarts(events[6:]) == {"restarts": 1, "rejoined": 0, "rejoined_fresh": 0, "never_rejoined": 0}

@@ -37,6 +37,31 @@ def test_mnist_gossip_faults_example_survives_a_crash_a_restart_and_loss(tmp_pat
     assert "Crashes / restarts" in report
 
 
+@pytest.mark.skipif(not (MNIST / "train-images-idx3-ubyte.gz").exists(), reason="MNIST not available")
+def test_smart_gossip_10x20_example_every_peer_reaches_097(tmp_path):
+    config = load_config(ROOT / "examples" / "smart_gossip_10x20.yaml", [f"data.path={MNIST}"])
+    result = run_experiment(config, tmp_path / "run")
+    final = result.summary["final_global_accuracy"]
+    assert len(final) == 10 and min(final.values()) >= 0.97, final  # measured 0.9802 every peer
+    interactions = [e for e in result.metrics.events if e.get("metric") == "interactions"]
+    assert len(interactions) == 10 * 9 and all(e["value"] > 0 for e in interactions)
+
+
+@pytest.mark.skipif(not (MNIST / "train-images-idx3-ubyte.gz").exists(), reason="MNIST not available")
+def test_recovery_4x6_example_restores_from_its_checkpoint_and_every_peer_reaches_095(tmp_path):
+    config = load_config(ROOT / "examples" / "recovery_4x6.yaml", [f"data.path={MNIST}"])
+    result = run_experiment(config, tmp_path / "run")
+    summary = result.summary
+    assert summary["dead_peers"] == [] and summary["incarnations"]["0"] == 2
+    assert min(summary["final_global_accuracy"].values()) >= 0.95, summary["final_global_accuracy"]  # measured 0.976
+    events = [e for e in result.metrics.events if e.get("event") == "metric" and e["peer"] == 0]
+    assert [e["value"] for e in events if e["metric"] == "recovery_tier"] == [1]
+    rejoined = [e["value"] for e in events if e["metric"] == "rejoined"]
+    assert len(rejoined) == 1
+    missed = [e for e in result.metrics.events if e.get("metric") == "missed_models" and e["round"] > rejoined[0]]
+    assert not missed  # after the rejoin every round aggregates all four peers
+
+
 def _events(result, metric):
     return [e for e in result.metrics.events if e.get("metric") == metric]
 

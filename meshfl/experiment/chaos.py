@@ -228,6 +228,27 @@ def judge_run(events: list[dict[str, Any]], final_params: dict[int, Any], peers:
     return Verdict(hang, nan, exceptions, unfinished)
 
 
+def restarts(events: list[dict[str, Any]]) -> dict[str, int]:
+    """How restarted incarnations came back: `restarts` (incarnations > 0 started), `rejoined` (their
+    `rejoined` metric named a round >= 1, or `resumed` did: they joined the network's round), `rejoined_fresh`
+    (they found no live neighbour and started at round 1), and `never_rejoined` (a restarted incarnation of an
+    algorithm that logs `rejoined`/`resumed` finished without logging either)."""
+    started = {(e["peer"], e.get("incarnation", 0)) for e in events
+               if e.get("event") == "peer_started" and (e.get("incarnation") or 0) > 0}
+    finished = {(e["peer"], e.get("incarnation", 0)) for e in events
+                if e.get("event") == PEER_FINISHED and e.get("status") == STATUS_FINISHED}
+    said: dict[tuple[int, int], float] = {}
+    logs_it = False
+    for e in events:
+        if e.get("event") == METRIC and e.get("metric") in ("rejoined", "resumed"):
+            logs_it = True
+            said[(e["peer"], e.get("incarnation", 0))] = float(e["value"])
+    return {"restarts": len(started),
+            "rejoined": sum(1 for key in started if said.get(key, 0) >= 1),
+            "rejoined_fresh": sum(1 for key in started if key in said and said[key] < 1),
+            "never_rejoined": sum(1 for key in started & finished if logs_it and key not in said)}
+
+
 # ---- running one schedule ---------------------------------------------------------------
 
 def run_schedule(base: dict[str, Any], index: int, seed: int) -> dict[str, Any]:
@@ -272,6 +293,7 @@ def run_schedule(base: dict[str, Any], index: int, seed: int) -> dict[str, Any]:
         "exceptions": verdict.exceptions,
         "nan": verdict.nan,
         "unfinished": verdict.unfinished,
+        **restarts(metrics.events),
         "virtual_time_s": virtual if virtual is not None else metrics.events[-1].get("virtual_time") if metrics.events else None,
         "min_final_accuracy": min(accuracies) if accuracies else None,
         "faults": faults_as_data(faults),
@@ -350,6 +372,7 @@ def summarise_chaos(results: list[dict[str, Any]], *, algorithm: str, seed: int,
         "unfinished": sum("unfinished" in r["problems"] for r in results),
         "failed": len(failed),
         "passed": len(results) - len(failed),
+        **{key: sum(r.get(key, 0) for r in results) for key in ("restarts", "rejoined", "rejoined_fresh", "never_rejoined")},
     }
     summary: dict[str, Any] = {
         "algorithm": algorithm,

@@ -14,6 +14,7 @@ _API = {"run": "meshfl.api", "launch": "meshfl.api", "Result": "meshfl.api", "lo
 
 
 def __getattr__(name: str) -> Any:
+    """Import `run`, `launch`, `Result` and `load_model` on first use, so `import meshfl` stays light."""
     if name in _API:
         import importlib
 

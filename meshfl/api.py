@@ -65,7 +65,7 @@ class Result:
         return frame
 
     def model(self, peer: int, module: nn.Module | Callable[..., nn.Module] | None = None) -> nn.Module:
-        """Peer `peer`'s final model loaded into `module` (or a fresh one of the run's `train.model`), in eval mode.
+        """Load peer `peer`'s final model into `module` (or a fresh one of the run's `train.model`), in eval mode.
 
         Parameters
         ----------
@@ -77,6 +77,14 @@ class Result:
         Returns
         -------
         torch.nn.Module
+            `module` (or the one built) holding the final model, in inference mode (`module.eval`).
+
+        Raises
+        ------
+        SavedModelError
+            If `peer` has no final model, or the module's layout differs from it (the first difference named).
+        ModelError
+            If the module cannot be built from the factory or `train.model`.
         """
         from torch import nn
 
@@ -113,7 +121,7 @@ class Result:
 def resolve_config(config: ConfigLike = None, *, model: Any = None, seed: int | None = None,
                    overrides: list[str] | tuple[str, ...] = (), loss: Any = None,
                    metrics: Mapping[str, Any] | None = None, train_step: Any = None) -> ExperimentConfig:
-    """An ExperimentConfig from a dict, a YAML path, an ExperimentConfig or None (the defaults).
+    """Build an ExperimentConfig from a dict, a YAML path, an ExperimentConfig or None (the defaults).
 
     Parameters
     ----------
@@ -138,6 +146,7 @@ def resolve_config(config: ConfigLike = None, *, model: Any = None, seed: int | 
     Returns
     -------
     ExperimentConfig
+        The validated config.
 
     Raises
     ------
@@ -360,6 +369,16 @@ def launch(config: ConfigLike = None, *, model: Any = None, dataset: Any = None,
     -------
     Result
         As for `run`; `final_models` are read back from the run folder's `models/`.
+
+    Raises
+    ------
+    ConfigError
+        One line naming the field at fault (tracking too: `TrackingError`).
+    LaunchError
+        A peer failed or the launch timed out; raised after the run folder is written.
+    Interrupted
+        Ctrl-C or SIGTERM; every peer is stopped, the run folder is written (marked interrupted)
+        and the exception's `result` holds it.
     """
     import math
 

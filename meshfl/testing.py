@@ -42,6 +42,8 @@ class FakeStalled(RuntimeError):
 
 
 class Logged(NamedTuple):
+    """One `log` call recorded by `FakeContext`: metric, value, round and the peer it is `about`."""
+
     metric: str
     value: float
     round: int | None
@@ -67,6 +69,40 @@ class FakeContext:
     timeout; a missing key is a timeout too), `respond` (a `Responder`), `train_fn`,
     `metrics`. Recorded outputs: `sent` [(to, message)], `logged` [(metric, value, round)],
     `trained` [params given to train], `evaluated` [params given to evaluate], `slept`.
+
+    Parameters
+    ----------
+    peer_id : int, default 0
+        The peer under test; must be one of `peers`.
+    peers : int or iterable of int, default 4
+        The experiment's peers: `range(peers)` for an int, else the ids given.
+    neighbours : iterable of int, optional
+        The overlay; default every other peer.
+    incarnation : int, default 0
+        What `incarnation` reports; with `seed` and `peer_id` it seeds `rng` as the runtimes do.
+    seed : int, default 0
+        The run seed: `rng` and the signing keys derive from it.
+    num_samples : int, default 100
+        What `num_samples` reports, and the samples of a `TrainResult`.
+    params : Params, optional
+        What `initial_params` returns (a clone); default zeros of `DEFAULT_LAYOUT`.
+    train_delta, train_loss, train_time_s, train_fn
+        What `train` does (see `train`).
+    metrics : dict[str, float], optional
+        What `evaluate` returns; default `DEFAULT_METRICS`.
+    evaluate_time_s : float, default 0.0
+        How far `evaluate` moves the clock.
+    reply_delay_s : float, default 0.0
+        How long a scripted reply to `request` takes.
+    respond : Responder, optional
+        Called after each `send`, to play the other peers.
+    start : float, default 0.0
+        The clock's starting time.
+
+    Raises
+    ------
+    ValueError
+        If `peer_id` is not among `peers`.
     """
 
     def __init__(self, peer_id: int = 0, peers: int | Iterable[int] = 4, neighbours: Iterable[int] | None = None, *,
@@ -116,11 +152,23 @@ class FakeContext:
         bisect.insort(self._inbox, entry, key=lambda e: (e.at, e.seq))
 
     def kill(self, peer: int, at: float | None = None) -> None:
-        """From `at` on, the detector believes `peer` dead; a `PeerLiveness` notice arrives at `at`."""
+        """Script `peer` dead from `at` on (default: now); a `PeerLiveness` notice arrives at `at`.
+
+        Raises
+        ------
+        ValueError
+            If `peer` is not another peer of the experiment.
+        """
         self._set_liveness(peer, False, at)
 
     def revive(self, peer: int, at: float | None = None) -> None:
-        """From `at` on, the detector believes `peer` alive again; a `PeerLiveness` notice arrives at `at`."""
+        """Script `peer` alive again from `at` on (default: now); a `PeerLiveness` notice arrives at `at`.
+
+        Raises
+        ------
+        ValueError
+            If `peer` is not another peer of the experiment.
+        """
         self._set_liveness(peer, True, at)
 
     def _set_liveness(self, peer: int, alive: bool, at: float | None) -> None:
@@ -142,53 +190,63 @@ class FakeContext:
         return [(e.at, e.message) for e in self._inbox]
 
     def sent_of(self, kind: type[Message] | tuple[type[Message], ...]) -> list[tuple[int, Message]]:
-        """`sent`, only the messages of `kind`."""
+        """Filter `sent` to the messages of `kind`."""
         return [(to, m) for to, m in self.sent if isinstance(m, kind)]
 
     def logs(self, metric: str) -> list[tuple[float, int | None]]:
-        """(value, round) of every `log(metric, ...)`, in order."""
+        """List `(value, round)` of every `log(metric, ...)`, in order."""
         return [(e.value, e.round) for e in self.logged if e.metric == metric]
 
     # -- NodeContext: identity ---------------------------------------------------------------
 
     @property
     def peer_id(self) -> int:
+        """The peer under test."""
         return self._peer_id
 
     @property
     def incarnation(self) -> int:
+        """The `incarnation` given."""
         return self._incarnation
 
     @property
     def peers(self) -> tuple[int, ...]:
+        """Every peer id, sorted."""
         return self._peers
 
     @property
     def neighbours(self) -> tuple[int, ...]:
+        """The overlay neighbours, sorted."""
         return self._neighbours
 
     @property
     def rng(self) -> np.random.Generator:
+        """The generator the runtimes would give this peer (from seed, peer id and incarnation)."""
         return self._rng
 
     @property
     def num_samples(self) -> int:
+        """The `num_samples` given."""
         return self._num_samples
 
     @property
     def store(self) -> MemoryStore:
+        """A `MemoryStore`, empty at first."""
         return self._store
 
     # -- NodeContext: time and messages -----------------------------------------------------------
 
     def now(self) -> float:
+        """The fake clock."""
         return self._now
 
     async def sleep(self, seconds: float) -> None:
+        """Record `seconds` in `slept` and move the clock on by them (at once)."""
         self.slept.append(seconds)
         self._now += max(seconds, 0.0)
 
     def is_alive(self, peer: int) -> bool:
+        """Whether `peer` is alive now as scripted by `kill` / `revive` (alive unless scripted otherwise)."""
         alive = True
         for at, state in self._liveness.get(peer, ()):
             if at > self._now:
@@ -197,7 +255,13 @@ class FakeContext:
         return alive
 
     def send(self, to: int, message: Message) -> None:
-        """Record the message (checked as the runtimes check it), then let `respond` play the receiver."""
+        """Record the message (checked as the runtimes check it), then let `respond` play the receiver.
+
+        Raises
+        ------
+        ValueError
+            If `to` is not in the experiment or is this peer.
+        """
         if to not in self._peers:
             raise ValueError(f"peer {self._peer_id} sent {type(message).__name__} to peer {to}, which is not in the experiment")
         if to == self._peer_id:
@@ -211,6 +275,11 @@ class FakeContext:
 
         A message due exactly at the end of the timeout is received. Messages due later, or of
         other types, stay queued.
+
+        Raises
+        ------
+        FakeStalled
+            If `timeout` is None and nothing scripted could arrive (a real peer would hang).
         """
         horizon = None if timeout is None else self._now + max(timeout, 0.0)
         for i, entry in enumerate(self._inbox):
@@ -227,7 +296,16 @@ class FakeContext:
         return None
 
     async def request(self, to: int, message: Request, timeout: float) -> Reply | None:
-        """The scripted reply to (to, type of message) after `reply_delay_s`, or None after `timeout`."""
+        """Send `message` and give the scripted reply to `(to, type of message)` after `reply_delay_s`.
+
+        Returns None after `timeout` when nothing is scripted, the script gives None, or
+        `reply_delay_s` exceeds `timeout`.
+
+        Raises
+        ------
+        TypeError
+            If `message` is not a Request.
+        """
         if not isinstance(message, Request):
             raise TypeError(f"ctx.request needs a Request, got {type(message).__name__}")
         request = replace(message, request_id=next(self._request_ids))
@@ -241,27 +319,35 @@ class FakeContext:
         return replace(reply, in_reply_to=request.request_id)
 
     def reply(self, request: Request, message: Reply) -> None:
+        """Send `message` to the request's sender, with `in_reply_to` set."""
         self.send(request.sender, replace(message, in_reply_to=request.request_id))
 
     # -- NodeContext: signatures -----------------------------------------------------------------
 
     def sign(self, data: bytes) -> str:
+        """Sign `data` as this peer, as a simulated run with this seed would (hex)."""
         return self._signing_key.sign(data).hex()
 
     def sign_as(self, peer: int, data: bytes) -> str:
-        """A signature by another peer of this fake world (to script what it would send)."""
+        """Sign `data` as another peer of this fake world (to script what it would send)."""
         return derived_key(self.keyring.seed, peer).sign(data).hex()
 
     def verify(self, peer: int, data: bytes, signature: str) -> bool:
+        """Whether `signature` is `peer`'s signature of `data` under this seed's keys."""
         return self.keyring.verify(peer, data, signature)
 
     # -- NodeContext: compute -------------------------------------------------------------------
 
     def initial_params(self) -> Params:
+        """A clone of the `params` given."""
         return self._params.clone()
 
     async def train(self, params: Params, *, epochs: int | None = None, steps: int | None = None) -> TrainResult:
-        """`train_fn(params)` if given, else params + `train_delta` (every entry), after `train_time_s`."""
+        """Record `params` in `trained` and train: `train_fn(params)` if given, else params + `train_delta`.
+
+        The clock moves on by `train_time_s`. A `TrainResult` from `train_fn` is returned as is;
+        otherwise the result has `num_samples` samples, `steps` steps (default 1) and `train_loss`.
+        """
         self.trained.append(params)
         self._now += self.train_time_s
         if self.train_fn is not None:
@@ -274,10 +360,12 @@ class FakeContext:
                            loss=self.train_loss)
 
     async def evaluate(self, params: Params) -> dict[str, float]:
+        """Record `params` in `evaluated`, move the clock by `evaluate_time_s` and return a copy of `metrics`."""
         self.evaluated.append(params)
         self._now += self.evaluate_time_s
         return dict(self.metrics)
 
     def log(self, metric: str, value: float, *, round: int | None = None, about: int | None = None) -> None:
+        """Record the event in `logged`."""
         self.logged.append(Logged(metric, value, round, about))
 

@@ -27,13 +27,30 @@ PeerMain = Callable[[NodeContext], Awaitable[None]]
 class Algorithm:
     """An algorithm's declaration.
 
-    `peer(section, experiment)` returns the coroutine function one peer runs; the runtime
-    calls it afresh for every incarnation (a restart starts the coroutine again, and the
-    algorithm recovers from `ctx.store` and `ctx.incarnation`). `check(section, experiment)`
-    raises ValueError naming its fields when the section does not fit the experiment.
-    `quick` are overrides that make a chaos run fast; `worst_case_s` bounds a run's virtual time.
-    `timeline` names metrics whose events are moments worth listing in the summary and the
-    report (e.g. `coordinating`: who coordinates from which round), not series to plot.
+    Attributes
+    ----------
+    name : str
+        The algorithm's name: `algorithm: <name>` in a config, and the name of its config section.
+    summary : str
+        One line describing the algorithm.
+    config : type[Section]
+        The config section class.
+    messages : tuple[type[Message], ...]
+        The message classes it sends (registered as `<name>.<Class>`).
+    peer : callable
+        `peer(section, experiment)` returns the coroutine function one peer runs; the runtime
+        calls it afresh for every incarnation (a restart starts the coroutine again, and the
+        algorithm recovers from `ctx.store` and `ctx.incarnation`).
+    check : callable, optional
+        `check(section, experiment)` raises ValueError naming its fields when the section does
+        not fit the experiment.
+    quick : tuple[str, ...]
+        Overrides that make a chaos run fast.
+    worst_case_s : callable, optional
+        `worst_case_s(section, experiment)` bounds a run's virtual time.
+    timeline : tuple[str, ...]
+        Metrics whose events are moments worth listing in the summary and the report
+        (e.g. `coordinating`: who coordinates from which round), not series to plot.
     """
 
     name: str
@@ -51,7 +68,23 @@ ALGORITHMS: dict[str, Algorithm] = {}
 
 
 def register(algorithm: Algorithm) -> Algorithm:
-    """Make `algorithm` known to config, wire, door and report; its messages are named `<name>.<Class>`."""
+    """Make `algorithm` known to config, wire, door and report; its messages are named `<name>.<Class>`.
+
+    Parameters
+    ----------
+    algorithm : Algorithm
+        The declaration; registering the same object again is a no-op.
+
+    Returns
+    -------
+    Algorithm
+        `algorithm` itself, so a module can write `ALGORITHM = register(Algorithm(...))`.
+
+    Raises
+    ------
+    ValueError
+        If the name is not an identifier, or another algorithm already has it.
+    """
     if not algorithm.name.isidentifier():
         raise ValueError(f"algorithm name {algorithm.name!r} must be an identifier (it names a config section)")
     known = ALGORITHMS.get(algorithm.name)
@@ -64,6 +97,23 @@ def register(algorithm: Algorithm) -> Algorithm:
 
 
 def get_algorithm(name: str) -> Algorithm:
+    """The registered algorithm called `name`.
+
+    Parameters
+    ----------
+    name : str
+        The algorithm's name, as in `algorithm: <name>` of a config.
+
+    Returns
+    -------
+    Algorithm
+        Its declaration.
+
+    Raises
+    ------
+    ValueError
+        If no algorithm of that name is registered (the message lists those that are).
+    """
     try:
         return ALGORITHMS[name]
     except KeyError:

@@ -26,6 +26,16 @@ _CHECKPOINT_NAME = re.compile(r"ckpt\.(\d{1,12})\.(local|aggregated|round_finish
 
 
 class CheckpointConfig(Section):
+    """An algorithm's `checkpoints` config section: local checkpoints, replicas to far peers, recovery.
+
+    Each field's description says what it does; see `meshfl config` for the defaults.
+
+    Raises
+    ------
+    ValueError
+        If `replica_total_mb` is below `replica_quota_mb` (or a field is out of its range).
+    """
+
     enabled: bool = Field(False, description="keep local checkpoints, send replicas to far peers and recover from them after a restart")
     keep_rounds: int = Field(2, ge=1, description="local checkpoints of this many most recent rounds are kept (older ones are deleted)")
     replicas: int = Field(2, ge=0, description="peers that hold a replica of this peer's model: the farthest from it in the overlay (0: no replicas)")
@@ -49,13 +59,40 @@ class CheckpointConfig(Section):
 
 
 def checkpoint_name(round: int, kind: str) -> str:
-    """The store entry of the `kind` checkpoint of `round`."""
+    """Name the store entry of the `kind` checkpoint of `round`: `ckpt.<round>.<kind>`."""
     return f"{CHECKPOINT_PREFIX}{round}.{kind}"
 
 
 def save_checkpoint(store: Store, kind: str, round: int, params: Params, meta: dict, keep_rounds: int) -> str:
-    """Store `params` as the `kind` checkpoint of `round` with `meta` plus its checksum, fingerprint,
-    round and kind; delete checkpoints of all but the `keep_rounds` newest rounds. Returns the entry's name."""
+    """Store `params` as the `kind` checkpoint of `round`, and delete all but the `keep_rounds` newest rounds.
+
+    Parameters
+    ----------
+    store : Store
+        The peer's store.
+    kind : str
+        One of `KINDS`.
+    round : int
+        The round, >= 0.
+    params : Params
+        The model.
+    meta : dict
+        Metadata to keep; `round`, `kind`, `fingerprint` and `checksum` are added (and win).
+    keep_rounds : int
+        How many of the newest rounds keep their checkpoints.
+
+    Returns
+    -------
+    str
+        The entry's name.
+
+    Raises
+    ------
+    ValueError
+        If `kind` is not one of `KINDS` or `round` is negative.
+    StoreError
+        If the store refuses the entry.
+    """
     if kind not in KINDS:
         raise ValueError(f"checkpoint kind must be one of {', '.join(KINDS)}, got {kind!r}")
     if round < 0:
@@ -71,7 +108,7 @@ def save_checkpoint(store: Store, kind: str, round: int, params: Params, meta: d
 
 
 def checkpoints(store: Store) -> list[tuple[int, str, str]]:
-    """(round, kind, name) of every checkpoint in the store, newest first (round, then kind order)."""
+    """List `(round, kind, name)` of every checkpoint in the store, newest first (round, then kind order)."""
     found = []
     for name in store.names():
         match = _CHECKPOINT_NAME.fullmatch(name)
@@ -82,7 +119,16 @@ def checkpoints(store: Store) -> list[tuple[int, str, str]]:
 
 def newest_valid_checkpoint(store: Store, layout: Layout, *, peer: int | None = None, experiment: str | None = None,
                             ) -> tuple[Params, dict, int]:
-    """The newest checkpoint whose values match its checksum, its metadata and `layout`.
+    """Find the newest checkpoint whose values match its checksum, its metadata and `layout`.
+
+    Parameters
+    ----------
+    store : Store
+        The peer's store.
+    layout : Layout
+        The model's layout; an entry of another layout is skipped.
+    peer, experiment : optional
+        When given, the metadata's `peer` / `experiment` must equal them.
 
     Returns
     -------

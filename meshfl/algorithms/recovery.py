@@ -87,9 +87,11 @@ class Adjacency(Message):
 
 @dataclass(frozen=True)
 class ReplicaEntry:
-    """One replica payload: the model of `round`, full (`base_round` -1) or a delta against the replica of
-    `base_round`. `checksum` is the SHA-256 of the model it rebuilds to; `length` the payload's bytes, which
-    travel packed 63 bits to a float in `payload` (`replica_codec.pack`). `signature`: the origin's, over all of it (`entry_bytes`)."""
+    """One replica payload: the model of `round`, full or a delta against the replica of `base_round`.
+
+    A full one has `base_round` -1 (`FULL`). `checksum` is the SHA-256 of the model it rebuilds to; `length` the payload's bytes, which
+    travel packed 63 bits to a float in `payload` (`replica_codec.pack`). `signature`: the origin's, over all of it (`entry_bytes`).
+    """
 
     round: int
     base_round: int
@@ -103,6 +105,7 @@ class ReplicaEntry:
 
     @property
     def full(self) -> bool:
+        """Whether this is a full replica rather than a delta."""
         return self.base_round == FULL
 
 
@@ -160,8 +163,22 @@ def entry_bytes(experiment: str, origin: int, entry: ReplicaEntry, digest: str) 
 
 @dataclass(frozen=True)
 class RecoveryResult:
-    """What `Recovery.recover` found: tier 1 (local checkpoint), 2 (replicas from peers) or 3 (nothing:
-    `params` is None and the algorithm takes a live neighbour's current model). `source`: the holder (tier 2)."""
+    """What `Recovery.recover` found.
+
+    Attributes
+    ----------
+    tier : int
+        1 (local checkpoint), 2 (replicas from peers) or 3 (nothing: `params` is None and the
+        algorithm takes a live neighbour's current model).
+    round : int or None
+        The recovered model's round.
+    params : Params or None
+        The recovered model.
+    meta : dict
+        The checkpoint's metadata (tier 1), or round, checksum, codec, holder and fingerprint (tier 2).
+    source : int or None
+        The holder the replicas came from (tier 2).
+    """
 
     tier: int
     round: int | None = None
@@ -219,6 +236,7 @@ class Recovery:
 
     @property
     def enabled(self) -> bool:
+        """Whether checkpoints are on (`config.enabled`)."""
         return self.config.enabled
 
     # ---- start and the topology flood --------------------------------------------------------
@@ -310,7 +328,13 @@ class Recovery:
 
     def checkpoint(self, ctx: NodeContext, kind: CheckpointKind, round: int, params: Params, *,
                    contributors: Iterable[int] = (), samples: int = 0) -> str | None:
-        """Save a local checkpoint of `kind` for `round` in `ctx.store`; returns its name (None when disabled)."""
+        """Save a local checkpoint of `kind` for `round` in `ctx.store`.
+
+        Returns
+        -------
+        str or None
+            The entry's name; None when checkpoints are disabled.
+        """
         if not self.enabled:
             return None
         meta = {"peer": ctx.peer_id, "experiment": self.experiment, "incarnation": ctx.incarnation,
@@ -319,14 +343,28 @@ class Recovery:
         return save_checkpoint(ctx.store, kind, round, params, meta, self.config.keep_rounds)
 
     def newest_valid(self, ctx: NodeContext, layout: Layout) -> tuple[Params | None, dict]:
-        """This peer's newest local checkpoint that verifies (tier 1 without logging): (params, meta), or (None, {})."""
+        """Find the newest local checkpoint of this peer that verifies (tier 1, without logging).
+
+        Returns
+        -------
+        tuple[Params | None, dict]
+            `(params, meta)`, or `(None, {})` when none verifies.
+        """
         params, meta, _ = newest_valid_checkpoint(ctx.store, layout, peer=ctx.peer_id, experiment=self.experiment)
         return params, meta
 
     def replicate(self, ctx: NodeContext, round: int, params: Params) -> tuple[int, ...]:
-        """Every `replica_every` rounds: send `params` to the holders, a delta to each holder that acknowledged
-        an earlier replica, else a full one. Logs `replica_bytes_full` / `replica_bytes_delta` (payload bytes of
-        each replica made). Returns the holders sent to."""
+        """Send `params` to the holders every `replica_every` rounds.
+
+        A holder that acknowledged an earlier replica gets a delta, others a full one. Logs
+        `replica_bytes_full` / `replica_bytes_delta` (payload bytes of each replica made).
+
+        Returns
+        -------
+        tuple[int, ...]
+            The holders sent to; empty when disabled, with no replicas configured, off a replica round,
+            or when a replica cannot be encoded (logged as `replica_failed`).
+        """
         config = self.config
         if not self.enabled or not config.replicas or round % config.replica_every:
             return ()
@@ -485,6 +523,20 @@ class Recovery:
         of `current_round` when that is given. Tier 3: nothing found (`params` None).
         Runs before the algorithm pumps its inbox: replies come through `ctx.request`; this module's
         other messages queued meanwhile are handled between waves, the algorithm's stay queued.
+
+        Parameters
+        ----------
+        ctx : NodeContext
+            The restarted peer's context.
+        layout : Layout
+            The model's layout.
+        current_round : int, optional
+            The network's current round, when the caller knows it (bounds tier 2's rounds).
+
+        Returns
+        -------
+        RecoveryResult
+            The tier and, for tiers 1 and 2, the model. Tier 3 at once when disabled.
         """
         if not self.enabled:
             return RecoveryResult(tier=3)
@@ -544,8 +596,13 @@ class Recovery:
         """Rebuild a chain (a full replica, then deltas each against the previous round) of this peer's replicas.
 
         Every entry must carry this peer's signature and rebuild to its checksum; the longest valid prefix
-        counts (a later bad entry only costs the rounds after it). Returns (round, params, last entry) of the
-        newest valid round in [low, high], or None.
+        counts (a later bad entry only costs the rounds after it).
+
+        Returns
+        -------
+        tuple[int, Params, ReplicaEntry] or None
+            `(round, params, last entry)` of the newest valid round in `[low, high]`, or None
+            (counted in `refused`).
         """
         limit = max_payload_bytes(layout.numel, "float32") * (self.config.replica_chain + 1)
         if len(entries) > self.config.replica_chain + 1 or sum(e.length for e in entries) > limit:

@@ -1,5 +1,7 @@
-"""Pure pieces of checkpoint replication: model checksums, replica payloads (full and delta), the
-packing of payload bytes into wire integers, and the choice of holders (`farthest_peers`).
+"""Pure pieces of checkpoint replication: checksums, replica payloads, wire packing, holder choice.
+
+Model checksums, replica payloads (full and delta), the packing of payload bytes into wire
+floats, and the choice of holders (`farthest_peers`).
 
 A replica payload is the model's bit patterns (float32, or float16 when lossy); a delta replaces
 them by their integer difference from those of a base model the holder already has (modulo 2^32 or
@@ -59,7 +61,13 @@ def checksum(params: Params) -> str:
 
 
 def max_payload_bytes(numel: int, codec: str) -> int:
-    """Largest payload a valid replica of `numel` values can have: the raw bytes plus compression's worst case."""
+    """Largest payload a valid replica of `numel` values can have: the raw bytes plus compression's worst case.
+
+    Raises
+    ------
+    ReplicaError
+        If the codec is unknown.
+    """
     raw = numel * _dtypes(codec)[0].itemsize
     return raw + raw // 64 + 1024
 
@@ -92,6 +100,13 @@ def _unplanes(raw: bytes, words: np.dtype, numel: int) -> np.ndarray:
 
 
 def compress(data: bytes, compression: str) -> bytes:
+    """Compress `data` with `compression` ("zstd" or "gzip"; gzip without a timestamp, so deterministic).
+
+    Raises
+    ------
+    ReplicaError
+        If the compression is unknown.
+    """
     if compression == "zstd":
         return zstandard.ZstdCompressor(level=_ZSTD_LEVEL).compress(data)
     if compression == "gzip":
@@ -101,7 +116,14 @@ def compress(data: bytes, compression: str) -> bytes:
 
 
 def decompress(data: bytes, compression: str, size: int) -> bytes:
-    """Exactly `size` bytes back, never more (a bomb or a short stream is a ReplicaError)."""
+    """Decompress `data` to exactly `size` bytes, never more.
+
+    Raises
+    ------
+    ReplicaError
+        If the compression is unknown, the stream is damaged, or it expands to more or fewer than
+        `size` bytes (a bomb or a short stream).
+    """
     try:
         if compression == "zstd":
             out = zstandard.ZstdDecompressor().stream_reader(data, read_across_frames=False).read(size + 1)
@@ -118,10 +140,32 @@ def decompress(data: bytes, compression: str, size: int) -> bytes:
 
 
 def encode_payload(target: Params, base: Params | None, codec: str, compression: str) -> tuple[bytes, Params]:
-    """A replica payload of `target` (a delta against `base`, else full) and the model a holder rebuilds from it.
+    """Encode `target` as a replica payload: a delta against `base`, else full.
 
     The rebuilt model is `target` itself for float32, `target` rounded to float16 for float16; keep it
     as the base of the next delta (never `target`), so a lossy chain does not drift.
+
+    Parameters
+    ----------
+    target : Params
+        The model to replicate.
+    base : Params or None
+        The model the holder already rebuilt (for a delta), or None for a full payload.
+    codec : str
+        "float32" or "float16".
+    compression : str
+        "zstd" or "gzip".
+
+    Returns
+    -------
+    tuple[bytes, Params]
+        The payload and the model a holder rebuilds from it.
+
+    Raises
+    ------
+    ReplicaError
+        If the codec or compression is unknown, `base` has another layout, or a float16 payload
+        would overflow float16.
     """
     words = _bits(target, codec)
     if base is not None:
@@ -135,7 +179,30 @@ def encode_payload(target: Params, base: Params | None, codec: str, compression:
 
 
 def decode_payload(payload: bytes, layout: Layout, base: Params | None, codec: str, compression: str) -> Params:
-    """The model a payload carries (applied to `base` for a delta); ReplicaError if it does not decode to finite values."""
+    """Decode the model a payload carries (applied to `base` for a delta).
+
+    Parameters
+    ----------
+    payload : bytes
+        From `encode_payload`.
+    layout : Layout
+        The model's layout.
+    base : Params or None
+        The model the delta is against, or None for a full payload.
+    codec, compression : str
+        As given to `encode_payload`.
+
+    Returns
+    -------
+    Params
+        The rebuilt model (float32).
+
+    Raises
+    ------
+    ReplicaError
+        If the payload is too large, does not decompress to the layout's size, `base` has another
+        layout, or it decodes to NaN/Inf values.
+    """
     floats, words = _dtypes(codec)
     if len(payload) > max_payload_bytes(layout.numel, codec):
         raise ReplicaError(f"payload of {len(payload)} bytes is larger than any {codec} replica of this layout")
@@ -162,8 +229,11 @@ def _unzigzag(words: np.ndarray) -> np.ndarray:
 
 
 def pack(data: bytes) -> tuple[float, ...]:
-    """Bytes as wire floats: 63 payload bits per float64, whose exponent's top bit (bit 62) stays zero, so
-    every value is finite (the wire refuses NaN/Inf) and travels bit for bit in the fixed-width float column."""
+    """Pack bytes into wire floats: 63 payload bits per float64.
+
+    The exponent's top bit (bit 62) stays zero, so every value is finite (the wire refuses NaN/Inf)
+    and travels bit for bit in the fixed-width float column. `unpack` undoes it.
+    """
     bits = np.unpackbits(np.frombuffer(data, dtype=np.uint8), bitorder="little")
     count = -(-bits.size // PACK_BITS)
     groups = np.zeros(count * PACK_BITS, dtype=np.uint8)
@@ -176,7 +246,13 @@ def pack(data: bytes) -> tuple[float, ...]:
 
 
 def unpack(values: tuple[float, ...], length: int) -> bytes:
-    """Undo `pack`: `length` bytes; ReplicaError if the floats are not what `pack` makes of that many bytes."""
+    """Undo `pack`, giving back `length` bytes.
+
+    Raises
+    ------
+    ReplicaError
+        If the floats are not what `pack` makes of that many bytes.
+    """
     if length < 0 or len(values) != packed_count(length):
         raise ReplicaError(f"{len(values)} payload floats cannot hold {length} bytes")
     words = np.unpackbits(np.asarray(values, dtype="<f8").view(np.uint8).reshape(-1, 8), axis=-1, bitorder="little")
@@ -194,6 +270,7 @@ def packed_count(length: int) -> int:
 
 
 def payload_digest(data: bytes) -> str:
+    """SHA-256 (hex) of payload bytes: what a replica's signature covers (see `recovery.entry_bytes`)."""
     return hashlib.sha256(data).hexdigest()
 
 

@@ -27,6 +27,20 @@ M = TypeVar("M", bound=Message)
 
 @dataclass(frozen=True)
 class TrainResult:
+    """What `NodeContext.train` gives back.
+
+    Attributes
+    ----------
+    params : Params
+        The trained parameters.
+    samples : int
+        Samples trained on.
+    steps : int
+        Mini-batch steps taken.
+    loss : float
+        The training loss.
+    """
+
     params: Params
     samples: int
     steps: int
@@ -34,8 +48,15 @@ class TrainResult:
 
 
 class NodeContext(Protocol):
+    """What an algorithm's peer coroutine may use: messaging, time, randomness, training, storage, logging.
+
+    The simulator and the gRPC runtime implement it; `meshfl.testing.FakeContext` is one for unit tests.
+    """
+
     @property
-    def peer_id(self) -> int: ...
+    def peer_id(self) -> int:
+        """The id of this peer."""
+        ...
 
     @property
     def incarnation(self) -> int:
@@ -53,7 +74,9 @@ class NodeContext(Protocol):
         ...
 
     @property
-    def rng(self) -> np.random.Generator: ...
+    def rng(self) -> np.random.Generator:
+        """The random generator of this peer, seeded from run seed, peer id and incarnation."""
+        ...
 
     @property
     def num_samples(self) -> int:
@@ -65,9 +88,13 @@ class NodeContext(Protocol):
         """Named blobs and Params that survive a crash (not a wipe)."""
         ...
 
-    def now(self) -> float: ...
+    def now(self) -> float:
+        """The current time in seconds (virtual in the simulator, wall-clock in the gRPC runtime)."""
+        ...
 
-    async def sleep(self, seconds: float) -> None: ...
+    async def sleep(self, seconds: float) -> None:
+        """Wait `seconds` of this context's time."""
+        ...
 
     def send(self, to: int, message: Message) -> None:
         """Queue a message for any peer of the experiment; never blocks. Delivery is not guaranteed."""
@@ -93,17 +120,40 @@ class NodeContext(Protocol):
         ...
 
     def sign(self, data: bytes) -> str:
-        """This peer's Ed25519 signature of `data` (hex): content others relay can be checked against it."""
+        """Sign `data` with this peer's Ed25519 key: content others relay can be checked against it.
+
+        Returns
+        -------
+        str
+            The signature, hex.
+        """
         ...
 
     def verify(self, peer: int, data: bytes, signature: str) -> bool:
         """Whether `signature` is `peer`'s signature of `data` (False for anything malformed)."""
         ...
 
-    def initial_params(self) -> Params: ...
+    def initial_params(self) -> Params:
+        """The run's initial model parameters (the same for every peer)."""
+        ...
 
     async def train(self, params: Params, *, epochs: int | None = None, steps: int | None = None) -> TrainResult:
-        """Local training from `params`: `epochs` passes or `steps` mini-batches (default: the train config's)."""
+        """Train locally from `params`: `epochs` passes or `steps` mini-batches (default: the train config's).
+
+        Parameters
+        ----------
+        params : Params
+            Where training starts.
+        epochs : int, optional
+            Passes over the local data.
+        steps : int, optional
+            Mini-batches to train on.
+
+        Returns
+        -------
+        TrainResult
+            The trained parameters with samples, steps and loss.
+        """
         ...
 
     async def evaluate(self, params: Params) -> dict[str, float]:
@@ -111,6 +161,18 @@ class NodeContext(Protocol):
         ...
 
     def log(self, metric: str, value: float, *, round: int | None = None, about: int | None = None) -> None:
-        """A metric event of this peer; `about` names the peer the value describes (another peer's
-        round trip as this one measured it), so the report can draw one line per described peer."""
+        """Record a metric event of this peer.
+
+        Parameters
+        ----------
+        metric : str
+            The metric's name.
+        value : float
+            Its value.
+        round : int, optional
+            The round the value belongs to.
+        about : int, optional
+            The peer the value describes (another peer's round trip as this one measured it),
+            so the report can draw one line per described peer.
+        """
         ...

@@ -17,7 +17,20 @@ import torch
 
 @dataclass(frozen=True)
 class Layout:
-    """Names, shapes and offsets of the tensors packed in a flat vector."""
+    """Names, shapes and offsets of the tensors packed in a flat vector.
+
+    Parameters
+    ----------
+    names : tuple[str, ...]
+        The tensors' names, in packing order.
+    shapes : tuple[tuple[int, ...], ...]
+        Their shapes, one per name.
+
+    Raises
+    ------
+    ValueError
+        If `names` and `shapes` differ in length, or a name repeats.
+    """
 
     names: tuple[str, ...]
     shapes: tuple[tuple[int, ...], ...]
@@ -30,10 +43,12 @@ class Layout:
 
     @cached_property
     def sizes(self) -> tuple[int, ...]:
+        """Element count of each tensor, in layout order."""
         return tuple(_numel(s) for s in self.shapes)
 
     @cached_property
     def offsets(self) -> tuple[int, ...]:
+        """Where each tensor starts in the flat vector."""
         out, total = [], 0
         for size in self.sizes:
             out.append(total)
@@ -42,6 +57,7 @@ class Layout:
 
     @cached_property
     def numel(self) -> int:
+        """Length of the flat vector."""
         return sum(self.sizes)
 
     @cached_property
@@ -51,20 +67,53 @@ class Layout:
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def slice_of(self, name: str) -> slice:
+        """The slice of the flat vector that holds tensor `name`.
+
+        Raises
+        ------
+        ValueError
+            If the layout has no tensor `name`.
+        """
         i = self.names.index(name)
         return slice(self.offsets[i], self.offsets[i] + self.sizes[i])
 
     @classmethod
     def of_module(cls, module: torch.nn.Module, buffers: bool = False) -> Layout:
-        """The module's parameters in order, then (with `buffers`) its float buffers (see `model_tensors`)."""
+        """Build the layout of `module`: its parameters in order, then (with `buffers`) its float buffers.
+
+        Parameters
+        ----------
+        module : torch.nn.Module
+            The model.
+        buffers : bool, default False
+            Whether persistent floating-point buffers are included (see `model_tensors`).
+
+        Returns
+        -------
+        Layout
+            The module's layout.
+        """
         named = model_tensors(module, buffers)
         return cls(tuple(n for n, _ in named), tuple(tuple(p.shape) for _, p in named))
 
 
 def model_tensors(module: torch.nn.Module, buffers: bool = False) -> list[tuple[str, torch.Tensor]]:
-    """What a model's Params hold: `named_parameters()`, then with `buffers` its persistent floating-point
-    buffers (batch norm's running mean and variance). Integer buffers (`num_batches_tracked`) and
-    non-persistent ones never travel."""
+    """List what a model's Params hold: `named_parameters()`, then optionally its float buffers.
+
+    Integer buffers (`num_batches_tracked`) and non-persistent ones never travel.
+
+    Parameters
+    ----------
+    module : torch.nn.Module
+        The model.
+    buffers : bool, default False
+        Whether to add the persistent floating-point buffers (batch norm's running mean and variance).
+
+    Returns
+    -------
+    list[tuple[str, torch.Tensor]]
+        `(name, tensor)` pairs, in that order.
+    """
     named = list(module.named_parameters())
     if buffers:
         persistent = set(module.state_dict(keep_vars=True))
@@ -81,7 +130,20 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 @dataclass(frozen=True, eq=False)
 class Params:
-    """One contiguous 1-D float32 tensor and its layout. Treat as immutable once shared."""
+    """One contiguous 1-D float32 tensor and its layout. Treat as immutable once shared.
+
+    Parameters
+    ----------
+    flat : torch.Tensor
+        The values, 1-D float32, `layout.numel` long.
+    layout : Layout
+        Which slice is which named tensor.
+
+    Raises
+    ------
+    ValueError
+        If `flat` is not 1-D float32 of the layout's length.
+    """
 
     flat: torch.Tensor
     layout: Layout
@@ -94,27 +156,57 @@ class Params:
 
     @property
     def nbytes(self) -> int:
+        """Size of the flat tensor in bytes."""
         return self.flat.numel() * self.flat.element_size()
 
     def tensor(self, name: str) -> torch.Tensor:
+        """Tensor `name`, shaped, as a view into the flat vector (no copy).
+
+        Raises
+        ------
+        ValueError
+            If the layout has no tensor `name`.
+        """
         i = self.layout.names.index(name)
         return self.flat[self.layout.slice_of(name)].view(self.layout.shapes[i])
 
     def state_dict(self) -> dict[str, torch.Tensor]:
+        """Every tensor by name, as views into the flat vector (see `tensor`)."""
         return {n: self.tensor(n) for n in self.layout.names}
 
     def clone(self) -> Params:
+        """A copy with its own flat tensor and the same layout."""
         return Params(self.flat.clone(), self.layout)
 
     @classmethod
     def from_module(cls, module: torch.nn.Module, buffers: bool = False) -> Params:
+        """Copy the values of `module` into new Params (float32, on the CPU).
+
+        Parameters
+        ----------
+        module : torch.nn.Module
+            The model.
+        buffers : bool, default False
+            Whether its persistent floating-point buffers are included (see `model_tensors`).
+
+        Returns
+        -------
+        Params
+            The module's values with its layout.
+        """
         named = model_tensors(module, buffers)
         layout = Layout(tuple(n for n, _ in named), tuple(tuple(t.shape) for _, t in named))
         flat = torch.cat([t.detach().reshape(-1).to(torch.float32).cpu() for _, t in named])
         return cls(flat, layout)
 
     def to_module(self, module: torch.nn.Module) -> None:
-        """Copy these values into `module` (layouts must match; buffers too when the layout holds them)."""
+        """Copy these values into `module` (buffers too when the layout holds them).
+
+        Raises
+        ------
+        ValueError
+            If the module's layout fingerprint differs from this one's.
+        """
         named = dict(module.named_parameters()) | dict(module.named_buffers())
         buffers = any(n not in dict(module.named_parameters()) for n in self.layout.names)
         if Layout.of_module(module, buffers).fingerprint != self.layout.fingerprint:
@@ -124,12 +216,16 @@ class Params:
                 named[name].copy_(self.tensor(name))
 
     def equal(self, other: Params) -> bool:
+        """Whether `other` has the same layout and exactly the same values."""
         return self.layout == other.layout and torch.equal(self.flat, other.flat)
 
     @cached_property
     def finite(self) -> bool:
-        """No NaN or Inf (checked once per object). numpy on CPU: torch.isfinite on a CPU tensor
-        costs ~1000x more here (it was 40 ms per MNIST model on 2 busy cores, numpy 0.04 ms)."""
+        """Whether there is no NaN or Inf (checked once per object).
+
+        numpy on CPU: torch.isfinite on a CPU tensor costs ~1000x more here (it was 40 ms per
+        MNIST model on 2 busy cores, numpy 0.04 ms).
+        """
         flat = self.flat.detach()
         if flat.device.type == "cpu":
             return bool(np.isfinite(flat.contiguous().numpy()).all())
@@ -137,8 +233,10 @@ class Params:
 
     @cached_property
     def digest(self) -> str:
-        """SHA-256 (hex) of the layout fingerprint and the float32 bytes: what a signature over a
-        model covers. Computed once per object (one object reaches every simulated peer)."""
+        """SHA-256 (hex) of the layout fingerprint and the float32 bytes: what a signature over a model covers.
+
+        Computed once per object (one object reaches every simulated peer).
+        """
         h = hashlib.sha256(bytes.fromhex(self.layout.fingerprint))
         h.update(self.flat.detach().cpu().contiguous().numpy().tobytes())
         return h.hexdigest()
@@ -146,9 +244,25 @@ class Params:
 
 @dataclass(frozen=True, eq=False)
 class ParamsSlice:
-    """Some entries of a model: sorted, disjoint `[start, stop)` ranges of the layout's flat
-    vector and their values, concatenated. A set of layers (MPLS pulls), a contiguous chunk
-    (reduce-scatter) or a sparse delta travels as one, never as a whole model."""
+    """Some entries of a model: sorted, disjoint ranges of the layout's flat vector and their values.
+
+    A set of layers (MPLS pulls), a contiguous chunk (reduce-scatter) or a sparse delta
+    travels as one, never as a whole model.
+
+    Parameters
+    ----------
+    values : torch.Tensor
+        The entries of all ranges, concatenated; 1-D float32.
+    layout : Layout
+        The whole model's layout.
+    ranges : tuple[tuple[int, int], ...]
+        Sorted, disjoint, non-empty `[start, stop)` ranges inside the flat vector.
+
+    Raises
+    ------
+    ValueError
+        If the ranges are invalid (see `check_ranges`) or `values` does not fit them.
+    """
 
     values: torch.Tensor
     layout: Layout
@@ -163,21 +277,48 @@ class ParamsSlice:
 
     @property
     def numel(self) -> int:
+        """Number of entries the ranges cover."""
         return sum(stop - start for start, stop in self.ranges)
 
     @property
     def nbytes(self) -> int:
+        """Size of the values in bytes."""
         return self.values.numel() * self.values.element_size()
 
     @classmethod
     def of(cls, params: Params, ranges: tuple[tuple[int, int], ...]) -> ParamsSlice:
+        """Copy the entries of `params` in `ranges`.
+
+        Parameters
+        ----------
+        params : Params
+            The model to take entries from.
+        ranges : tuple[tuple[int, int], ...]
+            Sorted, disjoint, non-empty `[start, stop)` ranges.
+
+        Returns
+        -------
+        ParamsSlice
+            The entries (copied) with their ranges.
+
+        Raises
+        ------
+        ValueError
+            If the ranges are invalid (see `check_ranges`).
+        """
         check_ranges(ranges, params.layout.numel)
         values = torch.cat([params.flat[a:b] for a, b in ranges]) if ranges else params.flat[:0]
         return cls(values.clone(), params.layout, tuple(ranges))
 
     @classmethod
     def layers(cls, params: Params, names: tuple[str, ...]) -> ParamsSlice:
-        """The named tensors of `params` (in layout order, whatever the order of `names`)."""
+        """Take the named tensors of `params` (in layout order, whatever the order of `names`).
+
+        Raises
+        ------
+        ValueError
+            If a name is not a tensor of the layout.
+        """
         unknown = sorted(set(names) - set(params.layout.names))
         if unknown:
             raise ValueError(f"ParamsSlice.layers: {unknown} are not tensors of this layout")
@@ -187,12 +328,24 @@ class ParamsSlice:
 
     @classmethod
     def chunk(cls, params: Params, index: int, count: int) -> ParamsSlice:
-        """The `index`-th of `count` near-equal contiguous chunks of the flat vector."""
+        """Take the `index`-th of `count` near-equal contiguous chunks of the flat vector.
+
+        Raises
+        ------
+        ValueError
+            If `index` is outside `0..count - 1`.
+        """
         start, stop = chunk_bounds(params.layout.numel, index, count)
         return cls.of(params, ((start, stop),) if stop > start else ())
 
     def apply_to(self, params: Params) -> Params:
-        """A copy of `params` with these entries replaced."""
+        """Return a copy of `params` with these entries replaced.
+
+        Raises
+        ------
+        ValueError
+            If the layouts' fingerprints differ.
+        """
         if params.layout.fingerprint != self.layout.fingerprint:
             raise ValueError("ParamsSlice.apply_to: layouts differ")
         flat = params.flat.clone()
@@ -204,7 +357,13 @@ class ParamsSlice:
 
 
 def check_ranges(ranges: tuple[tuple[int, int], ...], numel: int) -> None:
-    """Raise ValueError unless `ranges` are sorted, disjoint, non-empty and inside [0, numel)."""
+    """Check that `ranges` are sorted, disjoint, non-empty `(start, stop)` pairs inside `[0, numel)`.
+
+    Raises
+    ------
+    ValueError
+        Naming the first range that is not.
+    """
     previous = 0
     for i, pair in enumerate(ranges):
         if len(pair) != 2:
@@ -216,6 +375,7 @@ def check_ranges(ranges: tuple[tuple[int, int], ...], numel: int) -> None:
 
 
 def merge_ranges(ranges: list[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
+    """Sort `[start, stop)` ranges and merge those that overlap or touch."""
     merged: list[tuple[int, int]] = []
     for start, stop in sorted(ranges):
         if merged and start <= merged[-1][1]:
@@ -226,15 +386,22 @@ def merge_ranges(ranges: list[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
 
 
 def chunk_bounds(numel: int, index: int, count: int) -> tuple[int, int]:
+    """Give `(start, stop)` of the `index`-th of `count` near-equal contiguous chunks of `numel` entries.
+
+    Raises
+    ------
+    ValueError
+        If `index` is outside `0..count - 1`.
+    """
     if not 0 <= index < count:
         raise ValueError(f"chunk index {index} outside 0..{count - 1}")
     return numel * index // count, numel * (index + 1) // count
 
 
 def bind_flat(module: torch.nn.Module, buffers: bool = False) -> torch.Tensor:
-    """Re-point every parameter of `module` (and with `buffers` its float buffers, see `model_tensors`)
-    at a slice of one new flat buffer, in `Layout.of_module` order; return it.
+    """Re-point every parameter of `module` at a slice of one new flat buffer, and return the buffer.
 
+    The order is `Layout.of_module`'s; with `buffers` the float buffers move too (see `model_tensors`).
     Afterwards `buffer.copy_(params.flat)` loads a model and `buffer.clone()` reads it,
     with no per-tensor Python loop on the hot path. Batch norm updates its running statistics
     in place, so they land in the flat buffer too.

@@ -42,31 +42,96 @@ class StoreError(ValueError):
 class Store(Protocol):
     """What `ctx.store` offers an algorithm. Synchronous: entries are small or written rarely."""
 
-    def put_bytes(self, name: str, data: bytes, meta: dict | None = None) -> None: ...
+    def put_bytes(self, name: str, data: bytes, meta: dict | None = None) -> None:
+        """Store `data` with a JSON `meta` dict under `name`, replacing any entry of that name.
 
-    def get_bytes(self, name: str) -> tuple[bytes, dict] | None: ...
+        Parameters
+        ----------
+        name : str
+            1-128 of `A-Z a-z 0-9 _ . -`, not starting with '.'.
+        data : bytes
+            The blob.
+        meta : dict, optional
+            Plain JSON: str keys, finite numbers, no tuples.
 
-    def put_params(self, name: str, params: Params, meta: dict | None = None) -> None: ...
-
-    def get_params(self, name: str, layout: Layout) -> tuple[Params, dict] | None:
-        """None if missing; StoreError if the entry's layout fingerprint differs from `layout`."""
+        Raises
+        ------
+        StoreError
+            If the name or meta is refused, or the entry exceeds the store's `max_entry_bytes`.
+        """
         ...
 
-    def names(self) -> list[str]: ...
+    def get_bytes(self, name: str) -> tuple[bytes, dict] | None:
+        """Read the bytes entry `name`.
 
-    def delete(self, name: str) -> None: ...
+        Returns
+        -------
+        tuple[bytes, dict] or None
+            The data and its meta, or None if there is no such entry.
 
-    def wipe(self) -> None: ...
+        Raises
+        ------
+        StoreError
+            If the name is bad, or the entry holds params or cannot be read.
+        """
+        ...
+
+    def put_params(self, name: str, params: Params, meta: dict | None = None) -> None:
+        """Store `params` with a JSON `meta` dict under `name`, replacing any entry of that name.
+
+        Raises
+        ------
+        StoreError
+            As `put_bytes`.
+        """
+        ...
+
+    def get_params(self, name: str, layout: Layout) -> tuple[Params, dict] | None:
+        """Read the params entry `name`, expected to have `layout`.
+
+        Returns
+        -------
+        tuple[Params, dict] or None
+            The params (the caller's own copy) and meta, or None if there is no such entry.
+
+        Raises
+        ------
+        StoreError
+            If the entry's layout fingerprint differs from `layout`, or it holds bytes or cannot be read.
+        """
+        ...
+
+    def names(self) -> list[str]:
+        """The entries' names, sorted."""
+        ...
+
+    def delete(self, name: str) -> None:
+        """Remove entry `name`; no error if there is none."""
+        ...
+
+    def wipe(self) -> None:
+        """Remove every entry."""
+        ...
 
     def __contains__(self, name: object) -> bool: ...
 
 
 def is_name(name: object) -> bool:
-    """Names become file names, so they are short, portable and never hidden or relative."""
+    """Whether `name` is a valid entry name: 1-128 of `A-Z a-z 0-9 _ . -`, not starting with '.'.
+
+    Names become file names, so they are short, portable and never hidden or relative.
+    """
     return isinstance(name, str) and bool(_NAME.fullmatch(name)) and not name.startswith(".")
 
 
 def check_name(name: object) -> str:
+    """Return `name` if it is a valid entry name (see `is_name`).
+
+    Raises
+    ------
+    StoreError
+        If it is not.
+    """
     if not is_name(name):
         raise StoreError(f"store entry {name!r}: bad name (want 1-128 of A-Z a-z 0-9 _ . -, not starting with '.')")
     return name
@@ -77,6 +142,23 @@ def encode_meta(name: str, meta: dict | None) -> str:
 
     Checked field by field so the error names the field; tuples and non-str keys are refused
     because JSON would silently turn them into something else on the way back.
+
+    Parameters
+    ----------
+    name : str
+        The entry's name, for the error message.
+    meta : dict or None
+        The meta; None stands for `{}`.
+
+    Returns
+    -------
+    str
+        Compact JSON text.
+
+    Raises
+    ------
+    StoreError
+        Naming the first field that is not plain JSON (or nests deeper than 32).
     """
     meta = {} if meta is None else meta
     if not isinstance(meta, dict):
@@ -117,6 +199,11 @@ class MemoryStore:
 
     Params are kept by reference (immutable by contract), so a put is free and a get is one
     clone; bytes are copied in (a bytearray could change under us) and are immutable out.
+
+    Parameters
+    ----------
+    max_entry_bytes : int, default 1 GiB
+        The largest entry (data plus meta text) a put accepts.
     """
 
     def __init__(self, max_entry_bytes: int = DEFAULT_MAX_ENTRY_BYTES) -> None:
@@ -124,6 +211,7 @@ class MemoryStore:
         self._entries: dict[str, tuple[bytes | Params, str]] = {}
 
     def put_bytes(self, name: str, data: bytes, meta: dict | None = None) -> None:
+        """Store `data` and `meta` under `name` (see `Store.put_bytes`)."""
         check_name(name)
         text = encode_meta(name, meta)
         data = bytes(data)
@@ -131,6 +219,7 @@ class MemoryStore:
         self._entries[name] = (data, text)
 
     def get_bytes(self, name: str) -> tuple[bytes, dict] | None:
+        """Read bytes entry `name`, or None if missing (see `Store.get_bytes`)."""
         entry = self._entries.get(check_name(name))
         if entry is None:
             return None
@@ -140,12 +229,14 @@ class MemoryStore:
         return value, json.loads(text)
 
     def put_params(self, name: str, params: Params, meta: dict | None = None) -> None:
+        """Store `params` and `meta` under `name` (see `Store.put_params`)."""
         check_name(name)
         text = encode_meta(name, meta)
         _check_size(name, params.nbytes + len(text), self.max_entry_bytes)
         self._entries[name] = (params, text)
 
     def get_params(self, name: str, layout: Layout) -> tuple[Params, dict] | None:
+        """Read params entry `name` checked against `layout`, or None if missing (see `Store.get_params`)."""
         entry = self._entries.get(check_name(name))
         if entry is None:
             return None
@@ -156,12 +247,15 @@ class MemoryStore:
         return Params(value.flat.detach().clone(), value.layout), json.loads(text)
 
     def names(self) -> list[str]:
+        """The entries' names, sorted."""
         return sorted(self._entries)
 
     def delete(self, name: str) -> None:
+        """Remove entry `name`; no error if there is none."""
         self._entries.pop(check_name(name), None)
 
     def wipe(self) -> None:
+        """Remove every entry."""
         self._entries.clear()
 
     def __contains__(self, name: object) -> bool:
@@ -183,6 +277,13 @@ class DirectoryStore:
     the folder (one writing process per folder, as one peer owns it). A CRC32 of the tensor
     bytes in the metadata catches files damaged after the fact, which safetensors alone only
     catches when the length is wrong.
+
+    Parameters
+    ----------
+    path : Path or str
+        The folder; created if missing.
+    max_entry_bytes : int, default 1 GiB
+        The largest entry (data plus meta text) a put accepts.
     """
 
     def __init__(self, path: Path | str, max_entry_bytes: int = DEFAULT_MAX_ENTRY_BYTES) -> None:
@@ -196,6 +297,7 @@ class DirectoryStore:
         return self.path / f"{check_name(name)}{_SUFFIX}"
 
     def put_bytes(self, name: str, data: bytes, meta: dict | None = None) -> None:
+        """Store `data` and `meta` under `name` (see `Store.put_bytes`)."""
         check_name(name)
         text = encode_meta(name, meta)
         _check_size(name, len(data) + len(text), self.max_entry_bytes)
@@ -203,6 +305,7 @@ class DirectoryStore:
         self._write(name, tensor, {"kind": "bytes", "meta": text})
 
     def get_bytes(self, name: str) -> tuple[bytes, dict] | None:
+        """Read bytes entry `name`, or None if missing (see `Store.get_bytes`)."""
         read = self._read(name, "bytes")
         if read is None:
             return None
@@ -210,6 +313,7 @@ class DirectoryStore:
         return tensor.numpy().tobytes(), _loads(name, header["meta"])
 
     def put_params(self, name: str, params: Params, meta: dict | None = None) -> None:
+        """Store `params` and `meta` under `name` (see `Store.put_params`)."""
         check_name(name)
         text = encode_meta(name, meta)
         _check_size(name, params.nbytes + len(text), self.max_entry_bytes)
@@ -219,6 +323,7 @@ class DirectoryStore:
             "shapes": json.dumps([list(s) for s in layout.shapes]), "meta": text})
 
     def get_params(self, name: str, layout: Layout) -> tuple[Params, dict] | None:
+        """Read params entry `name` checked against `layout`, or None if missing (see `Store.get_params`)."""
         read = self._read(name, "params", layout)
         if read is None:
             return None
@@ -233,14 +338,17 @@ class DirectoryStore:
         return params, _loads(name, header["meta"])
 
     def names(self) -> list[str]:
+        """The entries' names, sorted."""
         found = (p.name[:-len(_SUFFIX)] for p in self.path.iterdir() if p.name.endswith(_SUFFIX))
         return sorted(n for n in found if is_name(n))
 
     def delete(self, name: str) -> None:
+        """Remove entry `name`; no error if there is none."""
         self._file(name).unlink(missing_ok=True)
         self._sync_dir()
 
     def wipe(self) -> None:
+        """Remove every entry."""
         for p in self.path.iterdir():
             if p.name.endswith(_SUFFIX) or (p.name.startswith(".") and p.name.endswith(_TMP_SUFFIX)):
                 p.unlink(missing_ok=True)

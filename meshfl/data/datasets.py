@@ -24,7 +24,24 @@ class DataError(ValueError):
 
 @dataclass(frozen=True)
 class Dataset:
-    """Features x (float32 [N, *feature_shape]) and labels y (int64 [N]) in 0..num_classes-1."""
+    """Features x (float32 [N, *feature_shape]) and labels y (int64 [N]) in 0..num_classes-1.
+
+    Parameters
+    ----------
+    x : torch.Tensor
+        Features, one row per sample; converted to contiguous float32.
+    y : torch.Tensor
+        Labels; converted to contiguous int64.
+    num_classes : int
+        Classes, >= 1.
+    name : str
+        Where the data came from, for messages.
+
+    Raises
+    ------
+    ValueError
+        If x and y disagree on N, y is not 1-D, num_classes < 1 or a label is outside 0..num_classes-1.
+    """
 
     x: torch.Tensor
     y: torch.Tensor
@@ -47,6 +64,7 @@ class Dataset:
 
     @property
     def feature_shape(self) -> tuple[int, ...]:
+        """The shape of one sample."""
         return tuple(self.x.shape[1:])
 
     def subset(self, indices: np.ndarray | torch.Tensor) -> Dataset:
@@ -59,7 +77,25 @@ class Dataset:
 
 
 def load_dataset(config: DataConfig, seed: int) -> tuple[Dataset, Dataset]:
-    """Build (train, global_test) for `config.dataset`; raise DataError on user-fixable problems."""
+    """Build (train, global_test) for `config.dataset`, features normalised.
+
+    Parameters
+    ----------
+    config : DataConfig
+        The data section: dataset, path and how to read it.
+    seed : int
+        The run seed; the held-out split draws from a generator derived from it.
+
+    Returns
+    -------
+    tuple[Dataset, Dataset]
+        The training set and the global test set.
+
+    Raises
+    ------
+    DataError
+        On user-fixable problems (one line naming the field and the fix).
+    """
     if config.dataset == "mnist":
         from meshfl.data.mnist import load_mnist
 
@@ -93,7 +129,13 @@ def load_dataset(config: DataConfig, seed: int) -> tuple[Dataset, Dataset]:
 
 
 def stratified_split(labels: np.ndarray, fraction: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Sorted (keep, held_out) indices; each class gives ~fraction of its samples, at least one kept."""
+    """Split indices by class: each class gives ~`fraction` of its samples to the held-out part, keeping at least one.
+
+    Returns
+    -------
+    tuple[numpy.ndarray, numpy.ndarray]
+        Sorted `(keep, held_out)` indices.
+    """
     n = len(labels)
     order = np.lexsort((rng.random(n), labels))  # grouped by class, random within class
     sorted_labels = labels[order]
@@ -119,7 +161,7 @@ def _hold_out(
 
 @lru_cache(maxsize=1)
 def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
-    """sklearn's 8x8 digits scaled to [0, 1]; cached because tests and sweeps reload it often."""
+    """The 8x8 digits of sklearn scaled to [0, 1]; cached because tests and sweeps reload it often."""
     from sklearn.datasets import load_digits
 
     bunch = load_digits()
@@ -213,7 +255,7 @@ def _table_datasets(frame, config: DataConfig, rng: np.random.Generator, name: s
 
 
 def _shaped(x: np.ndarray, config: DataConfig, where: object, flat: bool = True) -> np.ndarray:
-    """x reshaped per sample to data.feature_shape when set (x is [N, features] when flat)."""
+    """Reshape x per sample to data.feature_shape when set (x is [N, features] when flat)."""
     if config.feature_shape is None:
         return x
     shape = tuple(config.feature_shape)

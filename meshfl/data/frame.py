@@ -1,6 +1,6 @@
-"""Data objects handed to `meshfl.run(dataset=...)`: a pandas DataFrame, a Hugging Face
-`datasets.Dataset` or a `torch.utils.data.Dataset`.
+"""Data objects handed to `meshfl.run(dataset=...)`: DataFrame, Hugging Face or torch Dataset.
 
+A pandas DataFrame, a Hugging Face `datasets.Dataset` or a `torch.utils.data.Dataset`.
 The object is registered in this process under a content hash that the config carries
 (`data.dataset: dataframe|huggingface|torch`, `data.path: python:<kind>-<sha>`), so the run's
 config.yaml says where its data came from and the same data gives the same config hash; another
@@ -22,7 +22,23 @@ PREFIX = "python:"
 
 
 def register_dataset(obj: Any) -> tuple[str, str]:
-    """Register `obj` for this process; returns (data.dataset kind, data.path key) that select it."""
+    """Register `obj` for this process under a hash of its content.
+
+    Parameters
+    ----------
+    obj : pandas.DataFrame, datasets.Dataset or torch.utils.data.Dataset
+        The data; a torch Dataset is materialised here into one feature and one label array.
+
+    Returns
+    -------
+    tuple[str, str]
+        `(data.dataset kind, data.path key)` that select it: kind `dataframe`, `huggingface` or `torch`.
+
+    Raises
+    ------
+    DataError
+        If `obj` is none of those (or is a `DatasetDict`), or a torch Dataset cannot be materialised.
+    """
     import pandas as pd
 
     if isinstance(obj, pd.DataFrame):
@@ -46,7 +62,18 @@ def register_dataset(obj: Any) -> tuple[str, str]:
 
 
 def register_frame(frame: Any) -> str:
-    """Register a DataFrame for this process; returns the data.path key that selects it."""
+    """Register a DataFrame for this process under a hash of its content.
+
+    Returns
+    -------
+    str
+        The data.path key that selects it.
+
+    Raises
+    ------
+    DataError
+        If `frame` is not a pandas DataFrame.
+    """
     import pandas as pd
 
     if not isinstance(frame, pd.DataFrame):
@@ -57,7 +84,19 @@ def register_frame(frame: Any) -> str:
 
 
 def registered(key: str | None, kind: str) -> tuple[Any, str]:
-    """The object registered under `key` (data.path) and a name for it; DataError naming the field otherwise."""
+    """Look up the object registered under `key` (data.path) for `kind`.
+
+    Returns
+    -------
+    tuple[Any, str]
+        The object and a name for it (the kind).
+
+    Raises
+    ------
+    DataError
+        Naming data.path and how to use the data in another process, if no such object is
+        registered in this one.
+    """
     if key is None or not key.startswith(f"{PREFIX}{kind}-") or key not in _OBJECTS:
         hint = {"dataframe": "write it to a file and use data.dataset=parquet or csv",
                 "huggingface": "save it with dataset.save_to_disk(folder) and set data.path to that folder",
@@ -68,6 +107,7 @@ def registered(key: str | None, kind: str) -> tuple[Any, str]:
 
 
 def registered_frame(key: str | None) -> tuple[Any, str]:
+    """Look up the DataFrame registered under `key`: `registered(key, "dataframe")`."""
     return registered(key, "dataframe")
 
 

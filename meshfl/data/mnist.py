@@ -40,7 +40,7 @@ DOWNLOAD_TIMEOUT_S = 60.0
 
 
 def mnist_dir(config: DataConfig) -> Path:
-    """data.path, else $MESHFL_DATA/mnist, else $MESHFL_CACHE/mnist (default ~/.cache/meshfl/mnist)."""
+    """Give the MNIST folder: data.path, else $MESHFL_DATA/mnist, else $MESHFL_CACHE/mnist (default ~/.cache/meshfl/mnist)."""
     if config.path:
         return Path(config.path).expanduser()
     if os.environ.get("MESHFL_DATA"):
@@ -50,7 +50,21 @@ def mnist_dir(config: DataConfig) -> Path:
 
 
 def load_mnist(config: DataConfig) -> tuple[Dataset, Dataset]:
-    """(train 60k, test 10k) as float32 [N,1,28,28] normalised with the usual MNIST mean/std."""
+    """Load MNIST (train 60k, test 10k) as float32 [N,1,28,28] normalised with the usual MNIST mean/std.
+
+    Files are looked for in `mnist_dir(config)` (uncompressed copies first) and, with
+    `data.download`, the missing ones are downloaded there.
+
+    Returns
+    -------
+    tuple[Dataset, Dataset]
+        The training set and the test set.
+
+    Raises
+    ------
+    DataError
+        If a file is missing (and not downloaded), cannot be downloaded, or is corrupt.
+    """
     directory = mnist_dir(config)
     paths = _locate(directory, config.download)
     signature = tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in paths)
@@ -94,7 +108,18 @@ def _where_to_get() -> str:
 
 
 def download_file(name: str, directory: Path) -> Path:
-    """Fetch `name` from the first mirror that serves bytes with a known md5; write it atomically."""
+    """Fetch `name` from the first mirror that serves bytes with a known md5; write it atomically.
+
+    Returns
+    -------
+    Path
+        The file written, `directory / name`.
+
+    Raises
+    ------
+    DataError
+        If no mirror serves it (the message lists each mirror's failure) or it cannot be written.
+    """
     errors: list[str] = []
     for mirror in MIRRORS:
         try:
@@ -122,7 +147,7 @@ def _verified(name: str, payload: bytes) -> bool:
 
 
 def _write_atomic(directory: Path, name: str, payload: bytes) -> Path:
-    """tmp file + rename in the same directory, so a crash or a racing process never sees half a file."""
+    """Write with a tmp file + rename in the same directory, so a crash or a racing process never sees half a file."""
     try:
         directory.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".part")
@@ -158,7 +183,25 @@ def _parse_all(signature: tuple[tuple[str, int, int], ...]) -> tuple[np.ndarray,
 
 
 def read_idx(path: Path, magic: int) -> np.ndarray:
-    """A uint8 IDX file (optionally gzipped) as a read-only array; DataError names a corrupt file."""
+    """Read a uint8 IDX file (optionally gzipped) as a read-only array.
+
+    Parameters
+    ----------
+    path : Path
+        The file (`.gz` is decompressed).
+    magic : int
+        The expected magic number (its low byte is the number of dimensions).
+
+    Returns
+    -------
+    numpy.ndarray
+        The uint8 array, read-only.
+
+    Raises
+    ------
+    DataError
+        Naming the file, if it is unreadable or corrupt.
+    """
     data = _read_bytes(path)
     if len(data) < 4 or int.from_bytes(data[:4], "big") != magic:
         raise DataError(f"MNIST file {path} is corrupt: bad magic number (expected {magic}); delete and re-download it")

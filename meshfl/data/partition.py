@@ -18,12 +18,45 @@ DIRICHLET_REDRAWS = 10
 
 @dataclass(frozen=True)
 class PeerData:
+    """One peer's share of the training set.
+
+    Attributes
+    ----------
+    train : Dataset
+        The peer's local training split.
+    test : Dataset
+        The peer's local test split.
+    """
+
     train: Dataset
     test: Dataset  # the peer's local test split
 
 
 def partition_indices(labels: np.ndarray, num_peers: int, config: DataConfig, rng: np.random.Generator) -> list[np.ndarray]:
-    """One sorted int64 index array per peer, following `config.partition`."""
+    """Partition sample indices among peers, following `config.partition`.
+
+    Parameters
+    ----------
+    labels : numpy.ndarray
+        The training labels.
+    num_peers : int
+        Peers to split among.
+    config : DataConfig
+        `partition` (iid, dirichlet, shards, quantity) and its options.
+    rng : numpy.random.Generator
+        Where every draw comes from.
+
+    Returns
+    -------
+    list[numpy.ndarray]
+        One sorted int64 index array per peer.
+
+    Raises
+    ------
+    DataError
+        If there are fewer than one peer or more peers than samples, the partitioner is unknown,
+        or its options do not fit the data.
+    """
     labels = np.asarray(labels).reshape(-1)
     n = len(labels)
     if num_peers < 1:
@@ -42,7 +75,29 @@ def partition_indices(labels: np.ndarray, num_peers: int, config: DataConfig, rn
 
 
 def split_for_peers(train: Dataset, num_peers: int, config: DataConfig, seed: int) -> list[PeerData]:
-    """Partition `train` (or its `data.train_samples` subset) among peers, then split each peer's share into local train/test."""
+    """Partition `train` among peers, then split each peer's share into local train and test.
+
+    Parameters
+    ----------
+    train : Dataset
+        The training set; with `data.train_samples` a random subset of that size is used.
+    num_peers : int
+        Peers to split among.
+    config : DataConfig
+        The partition and `local_test_fraction`.
+    seed : int
+        The run seed; subset, partition and local splits draw from generators derived from it.
+
+    Returns
+    -------
+    list[PeerData]
+        One per peer.
+
+    Raises
+    ------
+    DataError
+        As `partition_indices`.
+    """
     if config.train_samples is not None and config.train_samples < len(train):
         keep = np.random.default_rng([seed, 3]).choice(len(train), size=config.train_samples, replace=False)
         train = train.subset(np.sort(keep))
@@ -55,7 +110,13 @@ def split_for_peers(train: Dataset, num_peers: int, config: DataConfig, seed: in
 
 
 def partition_stats(peers: list[PeerData], num_classes: int) -> list[dict]:
-    """Per-peer sizes and label histograms, for logs and for checking a partition's skew."""
+    """Summarise each peer's sizes and label histograms, for logs and for checking a partition's skew.
+
+    Returns
+    -------
+    list[dict]
+        Per peer: `peer`, `train_samples`, `test_samples`, `train_label_counts`, `test_label_counts`.
+    """
     return [
         {
             "peer": i,

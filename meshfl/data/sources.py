@@ -36,7 +36,25 @@ def _need(module: str, kind: str) -> Any:
 
 
 def read_sql_frame(config: DataConfig):  # -> (pandas.DataFrame, name, where)
-    """The rows of table `data.query` (a name) or of the SELECT in `data.query`, from the database at URL `data.path`."""
+    """Read the rows of table `data.query` (a name) or of the SELECT in `data.query`, from the database at `data.path`.
+
+    Parameters
+    ----------
+    config : DataConfig
+        `path` (a SQLAlchemy URL) and `query`.
+
+    Returns
+    -------
+    tuple
+        `(frame, name, where)`: the pandas DataFrame, a name for the data (the table, or "sql")
+        and a description of where it came from, for messages.
+
+    Raises
+    ------
+    DataError
+        If sqlalchemy is missing, path or query is missing or malformed, a SQLite file does not
+        exist, the read fails, or it returns no rows.
+    """
     import pandas as pd
 
     sqlalchemy = _need("sqlalchemy", "sql")
@@ -83,7 +101,13 @@ def read_sql_frame(config: DataConfig):  # -> (pandas.DataFrame, name, where)
 
 
 def huggingface_fingerprint(ds: Any) -> str:
-    """A content hash of a datasets.Dataset (its Arrow table and features), for a stable config."""
+    """Hash the content of a datasets.Dataset (its Arrow table and features), for a stable config.
+
+    Returns
+    -------
+    str
+        SHA-256, hex.
+    """
     import pyarrow as pa
 
     table = ds.with_format(None).data.table
@@ -98,9 +122,26 @@ def huggingface_fingerprint(ds: Any) -> str:
 
 
 def load_huggingface(config: DataConfig, obj: Any | None):
-    """(x, y, num_classes, name, test) from a Dataset object or a save_to_disk folder in data.path.
+    """Read arrays from a Dataset object or a save_to_disk folder in data.path.
 
-    test is None, or (x, y) from the folder's "test" split when it is a DatasetDict.
+    Parameters
+    ----------
+    config : DataConfig
+        `path` (used when `obj` is None) and `label_column`.
+    obj : datasets.Dataset or None
+        A Dataset given to `meshfl.run`, or None to load `data.path`.
+
+    Returns
+    -------
+    tuple
+        `(x, y, num_classes, name, test)`; test is None, or `(x, y)` from the folder's "test"
+        split when it is a DatasetDict.
+
+    Raises
+    ------
+    DataError
+        If `datasets` is missing, the folder is missing or not a save_to_disk folder (or has no
+        "train" split), or the columns cannot become numeric features and labels.
     """
     datasets = _need("datasets", "huggingface")
     test = None
@@ -175,7 +216,19 @@ def _hf_arrays(ds: Any, config: DataConfig, where: str) -> tuple[np.ndarray, np.
 
 
 def materialise_torch(ds: Any) -> tuple[np.ndarray, np.ndarray]:
-    """Read every (features, label) item of a map-style torch Dataset once into two arrays."""
+    """Read every (features, label) item of a map-style torch Dataset once into two arrays.
+
+    Returns
+    -------
+    tuple[numpy.ndarray, numpy.ndarray]
+        Features (float32, one row per item) and int64 labels.
+
+    Raises
+    ------
+    DataError
+        If the Dataset has no length or is empty, an item is not (features, label), shapes differ,
+        a label is not a non-negative class integer, or a feature is missing or infinite.
+    """
     import torch
 
     try:

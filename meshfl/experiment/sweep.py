@@ -60,12 +60,16 @@ class SweepError(ValueError):
 
 @dataclass(frozen=True)
 class Axis:
+    """One `--grid KEY=v1,v2,...` axis: a config key and its raw values, each parsed like a --set value."""
+
     key: str
     values: tuple[str, ...]  # as given, each parsed like a --set value
 
 
 @dataclass(frozen=True)
 class Point:
+    """One point of the grid: its label, `key -> raw value`, and the same as --set overrides."""
+
     label: str  # "key=value,key=value" ("base" without a grid)
     values: dict[str, str]  # key -> raw value
     overrides: tuple[str, ...]  # the --set form of values
@@ -92,7 +96,23 @@ def split_values(text: str) -> list[str]:
 
 
 def parse_grid(items: Iterable[str]) -> list[Axis]:
-    """`KEY=v1,v2,...` strings -> axes; SweepError (one line) for a malformed item, a repeated key or value."""
+    """Parse `KEY=v1,v2,...` strings into axes.
+
+    Parameters
+    ----------
+    items : iterable of str
+        The `--grid` items.
+
+    Returns
+    -------
+    list[Axis]
+        One per item, in order.
+
+    Raises
+    ------
+    SweepError
+        One line, for a malformed item, an empty value, or a repeated key or value.
+    """
     axes: list[Axis] = []
     for item in items:
         key, sep, raw = item.partition("=")
@@ -111,7 +131,7 @@ def parse_grid(items: Iterable[str]) -> list[Axis]:
 
 
 def grid_points(axes: list[Axis]) -> list[Point]:
-    """The cartesian product of the axes, first axis slowest."""
+    """List the cartesian product of the axes, first axis slowest (one point `base` without axes)."""
     points = []
     for combo in itertools.product(*(a.values for a in axes)):
         values = {a.key: v for a, v in zip(axes, combo, strict=True)}
@@ -121,7 +141,7 @@ def grid_points(axes: list[Axis]) -> list[Point]:
 
 
 def parse_value(raw: str) -> Any:
-    """A grid value as --set reads it (a YAML scalar or flow collection)."""
+    """Parse a grid value as --set reads it (a YAML scalar or flow collection; the raw text if it is not YAML)."""
     try:
         return yaml.safe_load(raw) if raw != "" else None
     except yaml.YAMLError:
@@ -129,6 +149,7 @@ def parse_value(raw: str) -> Any:
 
 
 def is_number(value: Any) -> bool:
+    """Whether `value` is a finite int or float (not a bool)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
@@ -136,7 +157,10 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9_.,=+-]+")
 
 
 def safe_label(label: str, taken: set[str]) -> str:
-    """A folder name for a run label: unusual characters -> _, long labels shortened with a hash, unique in `taken`."""
+    """Make a folder name for a run label: unusual characters -> _, long labels shortened with a hash.
+
+    The name is unique in `taken` (a `-2`, `-3`, ... suffix if needed), and is added to it.
+    """
     import hashlib
 
     name = _UNSAFE.sub("_", label).strip(".") or "run"
@@ -156,6 +180,8 @@ def safe_label(label: str, taken: set[str]) -> str:
 
 @dataclass(frozen=True)
 class Task:
+    """One run of a sweep: the point's index, the seed, the folder name under runs/ and the resolved config."""
+
     point: int
     seed: int
     label: str  # folder name under runs/
@@ -164,6 +190,8 @@ class Task:
 
 @dataclass
 class Plan:
+    """A checked sweep: the base config's name, path and overrides, the axes and points, the seeds and the tasks."""
+
     name: str
     config_path: str | None
     overrides: list[str]
@@ -174,7 +202,31 @@ class Plan:
 
 
 def plan_sweep(config_path: Path | None, overrides: Iterable[str], grid: Iterable[str], seeds: int = 1) -> Plan:
-    """Every (point, seed) config resolved and checked (fields, cross-checks, topology); SweepError or ConfigError, one line."""
+    """Resolve and check every (point, seed) config (fields, cross-checks, topology) before anything runs.
+
+    Parameters
+    ----------
+    config_path : Path or None
+        The base config file (None: defaults).
+    overrides : iterable of str
+        `--set` overrides applied to every point.
+    grid : iterable of str
+        The `--grid KEY=v1,v2,...` items.
+    seeds : int, default 1
+        Seeds per point: `config.seed + 0..seeds-1`.
+
+    Returns
+    -------
+    Plan
+        The points and one task per (point, seed), in order.
+
+    Raises
+    ------
+    SweepError
+        One line, for bad seeds, a bad grid, or a point whose config or topology does not check.
+    ConfigError
+        One line, if the base config or an override does not load.
+    """
     from meshfl.config import ConfigError, load_config
     from meshfl.core.topology import TopologyError, make_topology
 
@@ -232,7 +284,23 @@ class _RoundBytes:
 
 
 def run_task(task: Task, out: str, stop: Any = None) -> dict[str, Any]:
-    """Run one (point, seed) into <out>/runs/<label>; the run's record (status ok, failed or interrupted)."""
+    """Run one (point, seed) into <out>/runs/<label>, with one torch thread.
+
+    Parameters
+    ----------
+    task : Task
+        The run.
+    out : str
+        The sweep's output folder.
+    stop : Event, optional
+        When set before the run starts, the task is not run.
+
+    Returns
+    -------
+    dict[str, Any]
+        The run's record: point, seed, run_dir and status (ok, failed, interrupted or not run),
+        with `run_record`'s figures when ok and the error when failed. Never raises for a failed run.
+    """
     import torch
 
     from meshfl.config import ExperimentConfig
@@ -266,7 +334,22 @@ def run_task(task: Task, out: str, stop: Any = None) -> dict[str, Any]:
 
 
 def run_record(events: list[dict[str, Any]], summary: dict[str, Any], round_bytes: dict[int, int] | None) -> dict[str, Any]:
-    """What a sweep keeps of a run: summary figures and per-round curves (see the module docstring)."""
+    """Extract what a sweep keeps of a run: summary figures and per-round curves (see the module docstring).
+
+    Parameters
+    ----------
+    events : list[dict[str, Any]]
+        The run's events (metrics.jsonl).
+    summary : dict[str, Any]
+        The run's summary.json.
+    round_bytes : dict[int, int] or None
+        Cumulative bytes sent by round, if recorded; `cumulative_bytes` is None unless it covers every round.
+
+    Returns
+    -------
+    dict[str, Any]
+        The record's figures.
+    """
     accuracy: dict[int, dict[int, float]] = {}  # round -> peer -> last value
     first_time: dict[int, float] = {}
     latest: dict[int, float] = {}
@@ -335,8 +418,27 @@ def _worker_task(task: Task, out: str) -> dict[str, Any]:
 
 def run_tasks(tasks: list[Task], out: Path, workers: int,
               on_result: Callable[[dict[str, Any]], None] | None = None) -> tuple[list[dict[str, Any]], bool]:
-    """Run every task; (records in task order, interrupted). Ctrl-C stops the runs (each writes its folder,
-    marked interrupted) and returns what finished; tasks not started are recorded as `not run`."""
+    """Run every task, in `workers` processes (in this process with one worker).
+
+    Ctrl-C stops the runs (each writes its folder, marked interrupted) and returns what finished;
+    tasks not started are recorded as `not run`.
+
+    Parameters
+    ----------
+    tasks : list[Task]
+        The runs.
+    out : Path
+        The sweep's output folder.
+    workers : int
+        Worker processes.
+    on_result : callable, optional
+        Called with each record as it comes in.
+
+    Returns
+    -------
+    tuple[list[dict[str, Any]], bool]
+        The records in task order, and whether the sweep was interrupted.
+    """
     records: dict[int, dict[str, Any]] = {}
     interrupted = False
 
@@ -419,6 +521,7 @@ class Results:
 
     @property
     def runs(self) -> list[dict[str, Any]]:
+        """Every point's runs, in point order."""
         return [run for point in self.points for run in point["runs"]]
 
 
@@ -431,7 +534,13 @@ def _stat(values: list[Any]) -> dict[str, Any]:
 
 
 def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Mean, sample std, min and max over the runs that finished, per figure; per round for durations."""
+    """Aggregate the runs that finished: mean, sample std, min and max per figure; per round for durations.
+
+    Returns
+    -------
+    dict[str, Any]
+        `seeds` (runs that finished), one stat per figure of `STATS`, `rounds` and `round_durations_s`.
+    """
     ok = [r for r in runs if r.get("status") == OK]
     out: dict[str, Any] = {"seeds": len(ok)}
     for name in STATS:
@@ -453,6 +562,24 @@ def _at_round(run: dict[str, Any], rnd: int, key: str) -> Any:
 
 
 def sweep_results(plan: Plan, records: list[dict[str, Any]], interrupted: bool, meta: dict[str, Any]) -> Results:
+    """Group a sweep's run records by point, each with its parsed values and `aggregate` over seeds.
+
+    Parameters
+    ----------
+    plan : Plan
+        The sweep's plan.
+    records : list[dict[str, Any]]
+        The records of `run_tasks`.
+    interrupted : bool
+        Whether the sweep was interrupted.
+    meta : dict[str, Any]
+        Extra fields for sweep.json.
+
+    Returns
+    -------
+    Results
+        Kind "sweep", keyed by the grid keys.
+    """
     points = []
     for index, point in enumerate(plan.points):
         runs = [{k: v for k, v in r.items() if k != "point"} for r in records if r["point"] == index]
@@ -463,7 +590,26 @@ def sweep_results(plan: Plan, records: list[dict[str, Any]], interrupted: bool, 
 
 
 def compare_results(run_dirs: list[Path], labels: list[str] | None = None) -> Results:
-    """Existing run folders as points of one seed each; SweepError (one line) for a folder that is not a run folder."""
+    """Read existing run folders as points of one seed each, for `meshfl compare`.
+
+    Parameters
+    ----------
+    run_dirs : list[Path]
+        Run folders (each with summary.json and metrics.jsonl).
+    labels : list[str], optional
+        One label per folder; default the folders' names.
+
+    Returns
+    -------
+    Results
+        Kind "compare", keyed by "run".
+
+    Raises
+    ------
+    SweepError
+        One line, for a folder that is not a readable run folder, or labels that are too few,
+        too many or not distinct.
+    """
     if labels is not None and len(labels) != len(run_dirs):
         raise SweepError(f"--labels: {len(labels)} labels for {len(run_dirs)} run folders")
     names = labels if labels is not None else [Path(d).resolve().name for d in run_dirs]
@@ -496,6 +642,7 @@ def compare_results(run_dirs: list[Path], labels: list[str] | None = None) -> Re
 
 
 def results_json(results: Results) -> dict[str, Any]:
+    """Build what `<kind>.json` holds: kind, meta, interrupted, the grid's keys and values, and the points."""
     return {
         "kind": results.kind,
         **results.meta,
@@ -507,7 +654,13 @@ def results_json(results: Results) -> dict[str, Any]:
 
 
 def table_rows(results: Results) -> tuple[list[str], list[list[Any]]]:
-    """table.csv: the grid values, then mean and std over seeds of each figure."""
+    """Build table.csv: the grid values, then mean and std over seeds of each figure.
+
+    Returns
+    -------
+    tuple[list[str], list[list[Any]]]
+        The header and one row per point.
+    """
     header = [*results.keys]
     for name in STATS:
         header += [f"{name}_mean", f"{name}_std"]
@@ -530,7 +683,13 @@ def _csv_text(header: list[str], rows: list[list[Any]]) -> str:
 
 
 def write_results(results: Results, out: Path) -> list[Path]:
-    """<kind>.json, table.csv, the plots and <kind>.html in `out`; the paths written."""
+    """Write <kind>.json, table.csv, the plots and <kind>.html in `out` (created if missing).
+
+    Returns
+    -------
+    list[Path]
+        The paths written.
+    """
     from meshfl.experiment import sweep_plots
 
     out.mkdir(parents=True, exist_ok=True)
@@ -546,8 +705,17 @@ def write_results(results: Results, out: Path) -> list[Path]:
 
 
 def fmt(value: Any, name: str, like: Any = None) -> str:
-    """A table cell: accuracies 4 decimals, seconds and MB 3 decimals below 100, else 1; - for none.
-    `like`: format as that value would be (a std as its mean)."""
+    """Format a table cell: accuracies 4 decimals, other figures 3 decimals below 100, else 1; - for none.
+
+    Parameters
+    ----------
+    value : Any
+        The value; anything but a finite number gives "-".
+    name : str
+        The figure's name (one holding "accuracy" gets 4 decimals).
+    like : Any, optional
+        Format as that value would be (a std as its mean).
+    """
     if not isinstance(value, (int, float)) or not math.isfinite(value):
         return "-"
     if "accuracy" in name:

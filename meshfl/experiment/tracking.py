@@ -98,6 +98,20 @@ def check_tracking(tracking: Tracking | None) -> None:
 
 @dataclass(frozen=True)
 class Scalar:
+    """One scalar point for TensorBoard and MLflow.
+
+    Attributes
+    ----------
+    tag : str
+        `<metric>/peer_<i>` or `<metric>/mean`.
+    step : int
+        The round.
+    value : float
+        The value.
+    unix_time : float
+        When it was recorded (Unix time).
+    """
+
     tag: str
     step: int
     value: float
@@ -137,7 +151,10 @@ def scalars(events: Iterable[dict[str, Any]], started_unix: float) -> list[Scala
 
 
 def summary_numbers(summary: dict[str, Any]) -> dict[str, float]:
-    """The summary's finite numbers: top-level ones by key, per-peer ones as `<key>/peer_<i>`."""
+    """Collect the summary's finite numbers: top-level ones by key, per-peer ones as `<key>/peer_<i>`.
+
+    `peers`, `rounds`, `seed` and booleans are left out.
+    """
     out: dict[str, float] = {}
     for key, value in summary.items():
         if isinstance(value, bool) or key in ("peers", "rounds", "seed"):
@@ -153,7 +170,7 @@ def summary_numbers(summary: dict[str, Any]) -> dict[str, float]:
 
 
 def flat_config(config: ExperimentConfig) -> dict[str, str | int | float | bool]:
-    """The config as dotted keys; values that are not a number, a string or a bool become their text."""
+    """Flatten the config to dotted keys; values that are not a number, a string or a bool become their text."""
     out: dict[str, str | int | float | bool] = {}
 
     def walk(prefix: str, value: Any) -> None:
@@ -192,6 +209,11 @@ def write_tracking(tracking: Tracking | None, run_dir: Path, config: ExperimentC
     -------
     dict of str to str
         ``{"tensorboard": folder, "mlflow": run id}`` for what was written.
+
+    Raises
+    ------
+    TrackingError
+        If a package that `tracking` needs is not installed (see `check_tracking`).
     """
     if not tracking:
         return {}
@@ -243,7 +265,7 @@ def _file_store_allowed(uri: str) -> Iterator[None]:
 
 
 def mlflow_uri(uri: str) -> str:
-    """A tracking URI as MLflow takes it: a plain path becomes a `file:` URI of its absolute path."""
+    """Turn a tracking URI into what MLflow takes: a plain path becomes a `file:` URI of its absolute path."""
     if "://" in uri or uri.startswith("file:"):
         return uri
     return Path(uri).expanduser().resolve().as_uri()

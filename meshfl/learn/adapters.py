@@ -84,7 +84,9 @@ def check_keras_backend() -> None:
 
 
 def make_learner(config: TrainConfig, feature_shape: tuple[int, ...], num_classes: int) -> Learner:
-    """The learner for `train.model`: built once here, its type picks `TorchLearner`, `LightningLearner` or `KerasLearner`.
+    """Make the learner for `train.model`: built once here, its type picks the learner class.
+
+    `TorchLearner`, `LightningLearner` or `KerasLearner`.
 
     Parameters
     ----------
@@ -98,6 +100,7 @@ def make_learner(config: TrainConfig, feature_shape: tuple[int, ...], num_classe
     Returns
     -------
     Learner
+        The learner, holding the model built here.
 
     Raises
     ------
@@ -126,6 +129,7 @@ def layout_of(module: Any) -> Layout:
     Returns
     -------
     Layout
+        What that model's Params hold.
     """
     if is_keras_model(module):
         return Layout(*zip(*[(name, tuple(v.shape)) for name, v in _keras_weights(module)], strict=True))
@@ -166,9 +170,12 @@ def _peer_seed(generator: torch.Generator) -> int:
 # -- PyTorch Lightning ------------------------------------------------------------------------
 
 class _Fabric:
-    """The little of `lightning.Fabric` a `LightningModule` asks of its `fabric` (`module.fabric = ...`): backward
-    (for `manual_backward` and the `backward` hook), `log_dict` (what `self.log` reaches), the optimisers and
-    schedulers of the current training request (`self.optimizers()`, `self.lr_schedulers()`)."""
+    """The little of `lightning.Fabric` a `LightningModule` asks of its `fabric` (`module.fabric = ...`).
+
+    Backward (for `manual_backward` and the `backward` hook), `log_dict` (what `self.log` reaches),
+    the optimisers and schedulers of the current training request (`self.optimizers()`,
+    `self.lr_schedulers()`).
+    """
 
     def __init__(self) -> None:
         self.logged: dict[str, Any] = {}
@@ -196,9 +203,11 @@ class _SchedulerConfig:
 
 
 def _optimizers_of(conf: Any) -> tuple[list[torch.optim.Optimizer], list[_SchedulerConfig]]:
-    """What `configure_optimizers` returned, in the forms Lightning accepts: an optimiser, a list of them,
-    (optimisers, schedulers), a dict with `optimizer` (and `lr_scheduler`: a scheduler or a dict with
-    `scheduler`, `interval`, `frequency`, `monitor`), or a list of such dicts."""
+    """Read what `configure_optimizers` returned, in the forms Lightning accepts.
+
+    An optimiser, a list of them, (optimisers, schedulers), a dict with `optimizer` (and `lr_scheduler`: a scheduler or a dict with
+    `scheduler`, `interval`, `frequency`, `monitor`), or a list of such dicts.
+    """
     def scheduler(item: Any, monitor: str | None = None) -> _SchedulerConfig:
         if isinstance(item, Mapping):
             return _SchedulerConfig(item["scheduler"], item.get("interval", "epoch"), item.get("frequency", 1),
@@ -370,6 +379,10 @@ class LightningLearner(TorchLearner):
 
     @torch.no_grad()
     def evaluate(self, params: Params, data: Dataset) -> Evaluation:
+        """Evaluate `params` on `data` (see the class docstring: loss from `validation_step` or `test_step`).
+
+        Without either step it is `TorchLearner.evaluate`. NaN values and 0 samples when `data` is empty.
+        """
         if self._eval_step is None:
             return super().evaluate(params, data)
         if len(data) == 0:
@@ -532,10 +545,17 @@ class KerasLearner:
         """Params stay on the CPU (a Keras model keeps its own variables; each request copies in and out)."""
 
     def steps_for(self, samples: int, *, epochs: int | None = None, steps: int | None = None) -> int:
+        """Mini-batch steps of one training request on `samples` samples (see `steps_per_round`)."""
         return steps_per_round(self.config, samples, epochs=epochs, steps=steps)
 
     def init_params(self, seed: int) -> Params:
-        """The weights a fresh build of the factory gets with every random draw seeded by `seed`."""
+        """The weights a fresh build of the factory gets with every random draw seeded by `seed`.
+
+        Raises
+        ------
+        ModelError
+            If the factory builds a model with other variables than the first build.
+        """
         made = self._initial.get(seed)
         if made is None:
             with keras_build_scope(seed):
@@ -562,7 +582,14 @@ class KerasLearner:
         return data.x.to(self.device), data.y.to(self.device)
 
     def train(self, params: Params, data: Dataset, generator: torch.Generator, steps: int) -> TrainResult:
-        """`steps` calls of `train_on_batch` from `params`, batches drawn from the peer's `generator`."""
+        """Train with `steps` calls of `train_on_batch` from `params`, batches drawn from the peer's `generator`.
+
+        Returns
+        -------
+        TrainResult
+            The trained weights, samples, steps and mean loss; `params` itself with 0 samples and
+            NaN loss when there is no data or no step.
+        """
         if len(data) == 0 or steps == 0:
             return TrainResult(params, 0, 0, float("nan"))
         from keras.src.backend.common import global_state
@@ -596,6 +623,18 @@ class KerasLearner:
 
     @torch.no_grad()
     def evaluate(self, params: Params, data: Dataset) -> Evaluation:
+        """Evaluate `params` on `data`: the model called with ``training=False``, loss by `compute_loss`.
+
+        Returns
+        -------
+        Evaluation
+            NaN values and 0 samples when `data` is empty.
+
+        Raises
+        ------
+        ModelError
+            If the model's output is not one tensor.
+        """
         if len(data) == 0:
             return Evaluation(float("nan"), float("nan"), 0, dict.fromkeys(self.metric_fns, float("nan")))
         self._load(params)

@@ -29,6 +29,20 @@ EVAL_BATCH = 4096
 
 @dataclass(frozen=True)
 class Evaluation:
+    """What a learner's `evaluate` gives back.
+
+    Attributes
+    ----------
+    accuracy : float
+        Fraction of samples classified right (NaN for no data).
+    loss : float
+        Mean loss per sample (NaN for no data).
+    samples : int
+        Samples evaluated.
+    metrics : dict[str, float]
+        The `train.metrics`, by name.
+    """
+
     accuracy: float
     loss: float
     samples: int
@@ -37,8 +51,26 @@ class Evaluation:
 
 
 class Learner(Protocol):
-    """What the runtimes ask of a learner: `TorchLearner`, or an adapter of `meshfl.learn.adapters`
-    (`make_learner` picks one from what `train.model` builds)."""
+    """What the runtimes ask of a learner.
+
+    `TorchLearner`, or an adapter of `meshfl.learn.adapters` (`make_learner` picks one from what
+    `train.model` builds).
+
+    Attributes
+    ----------
+    layout : Layout
+        What travels and is aggregated.
+    feature_shape : tuple[int, ...]
+        The shape of one sample.
+    num_classes : int
+        Output classes.
+    device : torch.device
+        Where training runs.
+    params_device : torch.device
+        Where the Params the learner makes live.
+    local_buffers : bool
+        Whether each peer keeps its own buffers (`train.buffers: local`).
+    """
 
     layout: Layout
     feature_shape: tuple[int, ...]
@@ -47,20 +79,51 @@ class Learner(Protocol):
     params_device: torch.device
     local_buffers: bool
 
-    def keep_params_on_device(self) -> None: ...
+    def keep_params_on_device(self) -> None:
+        """Make the Params this learner makes live on its `device` (the simulator keeps every model on the GPU)."""
+        ...
 
-    def init_params(self, seed: int) -> Params: ...
+    def init_params(self, seed: int) -> Params:
+        """The initial model that `seed` gives, in `layout`."""
+        ...
 
-    def steps_for(self, samples: int, *, epochs: int | None = None, steps: int | None = None) -> int: ...
+    def steps_for(self, samples: int, *, epochs: int | None = None, steps: int | None = None) -> int:
+        """Mini-batch steps of one training request on `samples` samples (see `steps_per_round`)."""
+        ...
 
-    def train(self, params: Params, data: Dataset, generator: torch.Generator, steps: int) -> TrainResult: ...
+    def train(self, params: Params, data: Dataset, generator: torch.Generator, steps: int) -> TrainResult:
+        """Train `steps` mini-batch steps from `params` on `data`, batches drawn from `generator`."""
+        ...
 
-    def evaluate(self, params: Params, data: Dataset) -> Evaluation: ...
+    def evaluate(self, params: Params, data: Dataset) -> Evaluation:
+        """Evaluate `params` on `data`."""
+        ...
 
 
 def steps_per_round(config: TrainConfig, samples: int, *, epochs: int | None = None, steps: int | None = None) -> int:
-    """Mini-batch steps of one training request: `steps`, or `epochs` full passes; by default
-    the train config's local_steps, or its local_epochs."""
+    """Count the mini-batch steps of one training request.
+
+    Parameters
+    ----------
+    config : TrainConfig
+        The train config: its `local_steps`, else `local_epochs`, is the default, and its `batch_size`.
+    samples : int
+        Local training samples.
+    epochs : int, optional
+        Full passes over the data (rounded up to whole batches).
+    steps : int, optional
+        Mini-batch steps, taken as they are.
+
+    Returns
+    -------
+    int
+        The steps.
+
+    Raises
+    ------
+    ValueError
+        If both `epochs` and `steps` are given, or either is negative.
+    """
     if epochs is not None and steps is not None:
         raise ValueError("ctx.train: give epochs or steps, not both")
     if steps is not None:
@@ -76,7 +139,24 @@ def steps_per_round(config: TrainConfig, samples: int, *, epochs: int | None = N
 
 
 def batch_indices(samples: int, steps: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
-    """Index batches of `steps` mini-batches, reshuffling at each pass over the data."""
+    """Draw the index batches of `steps` mini-batches, reshuffling at each pass over the data.
+
+    Parameters
+    ----------
+    samples : int
+        Samples in the data.
+    steps : int
+        Batches wanted.
+    batch_size : int
+        Indices per batch (the last batch of a pass may be shorter).
+    generator : torch.Generator
+        Where the shuffles come from.
+
+    Returns
+    -------
+    list[torch.Tensor]
+        `steps` tensors of indices.
+    """
     batches: list[torch.Tensor] = []
     while len(batches) < steps:
         order = torch.randperm(samples, generator=generator)
@@ -85,7 +165,13 @@ def batch_indices(samples: int, steps: int, batch_size: int, generator: torch.Ge
 
 
 def resolve_device(name: str) -> torch.device:
-    """`train.device` as a torch device: auto is cuda when a GPU is there, else cpu."""
+    """Turn `train.device` into a torch device: auto is cuda when a GPU is there, else cpu.
+
+    Raises
+    ------
+    ValueError
+        If `name` is cuda and no CUDA device is available.
+    """
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda":
@@ -96,6 +182,27 @@ def resolve_device(name: str) -> torch.device:
 
 
 class TorchLearner:
+    """The learner for a torch module: one module whose parameters are views into a flat buffer.
+
+    Parameters
+    ----------
+    config : TrainConfig
+        The train config (model, optimizer, loss, step, metrics, device, buffers).
+    feature_shape : tuple[int, ...]
+        The shape of one sample.
+    num_classes : int
+        Output classes.
+    module : torch.nn.Module, optional
+        A module already built from `config.model`; else it is built here.
+
+    Raises
+    ------
+    ValueError
+        If `train.device` is cuda and no CUDA device is available.
+    ModelError
+        If the model or a user function (`train.loss`, `train.step`, `train.metrics`) cannot be had.
+    """
+
     def __init__(self, config: TrainConfig, feature_shape: tuple[int, ...], num_classes: int,
                  module: torch.nn.Module | None = None) -> None:
         self.config = config
@@ -136,17 +243,23 @@ class TorchLearner:
         device when the simulator keeps every model on the GPU (`keep_params_on_device`)."""
 
     def keep_params_on_device(self) -> None:
+        """Make the Params this learner makes live on its `device` (the simulator keeps every model on the GPU)."""
         self.params_device = self.device
 
     def init_params(self, seed: int) -> Params:
-        """The model a seed initialises, in the travelling `layout` (a fresh copy each call: every simulated
-        peer starts from the run's one initial model, and building a module per peer cost 10,000 peers 17 s)."""
+        """The model a seed initialises, in the travelling `layout`.
+
+        A fresh copy each call: every simulated peer starts from the run's one initial model, and
+        building a module per peer cost 10,000 peers 17 s.
+        """
         made = self._initial_model(seed)
         return Params(made.flat[:self.layout.numel].to(self.params_device, copy=True), self.layout)
 
     def init_buffers(self, seed: int) -> Params:
-        """The float buffers of the model a seed initialises (`buffer_layout`): a peer's own buffers
-        before it has trained, with `train.buffers: local`."""
+        """The float buffers of the model a seed initialises (`buffer_layout`).
+
+        A peer's own buffers before it has trained, with `train.buffers: local`.
+        """
         made = self._initial_model(seed)
         return Params(made.flat[self.layout.numel:].to(self.params_device, copy=True), self.buffer_layout)
 
@@ -162,7 +275,7 @@ class TorchLearner:
         return made
 
     def with_buffers(self, params: Params, buffers: Params) -> Params:
-        """`params` (the travelling layout) and a peer's own `buffers` as one model of `module_layout`.
+        """Join `params` (the travelling layout) and a peer's own `buffers` into one model of `module_layout`.
 
         Parameters
         ----------
@@ -175,13 +288,26 @@ class TorchLearner:
         -------
         Params
             What `train` and `evaluate` take.
+
+        Raises
+        ------
+        ValueError
+            If `params` or `buffers` does not have this learner's layouts.
         """
         if params.layout.fingerprint != self.layout.fingerprint or buffers.layout.fingerprint != self.buffer_layout.fingerprint:
             raise ValueError("with_buffers: params or buffers do not have this learner's layouts")
         return Params(torch.cat([params.flat, buffers.flat.to(params.flat.device)]), self.module_layout)
 
     def split(self, model: Params) -> tuple[Params, Params]:
-        """A model of `module_layout` as (parameters in `layout`, buffers in `buffer_layout`): the inverse of `with_buffers`."""
+        """Split a model of `module_layout` into (parameters in `layout`, buffers in `buffer_layout`).
+
+        The inverse of `with_buffers`.
+
+        Raises
+        ------
+        ValueError
+            If the model does not have this learner's module layout.
+        """
         if model.layout.fingerprint != self.module_layout.fingerprint:
             raise ValueError("split: the model does not have this learner's module layout")
         n = self.layout.numel
@@ -207,10 +333,34 @@ class TorchLearner:
         return torch.optim.SGD(self.module.parameters(), lr=self.config.learning_rate, momentum=self.config.momentum)
 
     def steps_for(self, samples: int, *, epochs: int | None = None, steps: int | None = None) -> int:
+        """Mini-batch steps of one training request on `samples` samples (see `steps_per_round`)."""
         return steps_per_round(self.config, samples, epochs=epochs, steps=steps)
 
     def train(self, params: Params, data: Dataset, generator: torch.Generator, steps: int) -> TrainResult:
-        """`steps` mini-batch steps from `params` (a training request is a piece of work, not a round)."""
+        """Train `steps` mini-batch steps from `params` (a training request is a piece of work, not a round).
+
+        Parameters
+        ----------
+        params : Params
+            Where training starts, in `module_layout` (join a peer's buffers first with `with_buffers`).
+        data : Dataset
+            The peer's training data.
+        generator : torch.Generator
+            The peer's stream: batches, and the seed of a user model's or user code's random draws.
+        steps : int
+            Mini-batch steps.
+
+        Returns
+        -------
+        TrainResult
+            The trained model (`module_layout`), samples, steps and mean loss; `params` itself with
+            0 samples and NaN loss when there is no data or no step.
+
+        Raises
+        ------
+        ValueError
+            If `params` does not fit the module.
+        """
         if len(data) == 0 or steps == 0:
             return TrainResult(params, 0, 0, float("nan"))
         train = self._train if self.step_fn is None else self._train_step
@@ -268,6 +418,18 @@ class TorchLearner:
 
     @torch.no_grad()
     def evaluate(self, params: Params, data: Dataset) -> Evaluation:
+        """Evaluate `params` (in `module_layout`) on `data`: accuracy, mean loss and `train.metrics`.
+
+        Returns
+        -------
+        Evaluation
+            NaN values and 0 samples when `data` is empty.
+
+        Raises
+        ------
+        ValueError
+            If `params` does not fit the module.
+        """
         if len(data) == 0:
             return Evaluation(float("nan"), float("nan"), 0, dict.fromkeys(self.metric_fns, float("nan")))
         self._load(params)

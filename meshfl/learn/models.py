@@ -57,7 +57,13 @@ def mlp(feature_shape: tuple[int, ...], num_classes: int) -> nn.Module:
 
 
 def cnn(feature_shape: tuple[int, ...], num_classes: int) -> nn.Module:
-    """Two 3x3 convolutions with max-pooling, then a small classifier; needs [C, H, W] input."""
+    """Two 3x3 convolutions with max-pooling, then a small classifier; needs [C, H, W] input.
+
+    Raises
+    ------
+    ValueError
+        If `feature_shape` is not [channels, height, width].
+    """
     if len(feature_shape) != 3:
         raise ValueError(f"train.model=cnn needs image data shaped [channels, height, width], got {list(feature_shape)}; use mlp")
     channels, height, width = feature_shape
@@ -70,10 +76,20 @@ def cnn(feature_shape: tuple[int, ...], num_classes: int) -> nn.Module:
 
 
 def check_model_name(name: str) -> str:
-    """ValueError (for the config's validation) unless `name` is a zoo name, `package.module:factory` or `python:<name>`.
+    """Check that `name` is a zoo name, `package.module:factory` or `python:<name>`, for the config's validation.
 
     Only the form is checked here: the import happens where the model is built, so a run
     folder's config can be read (merged, reported) on a machine without the user's code.
+
+    Returns
+    -------
+    str
+        `name`.
+
+    Raises
+    ------
+    ValueError
+        If it is none of those.
     """
     if name in MODELS or _REF.match(name) or (name.startswith(_PYTHON) and len(name) > len(_PYTHON)):
         return name
@@ -81,13 +97,31 @@ def check_model_name(name: str) -> str:
 
 
 def is_user_model(name: str) -> bool:
+    """Whether `train.model` names a user factory rather than a zoo model."""
     return name not in MODELS
 
 
 def register_factory(factory: Any) -> str:
-    """The `train.model` reference for a factory object: `module:qualname` when importing that
-    gives back the same object (so peer processes can build it too), else `python:<name>`,
-    usable only in this process (the simulator)."""
+    """Give the `train.model` reference for a factory object.
+
+    `module:qualname` when importing that gives back the same object (so peer processes can
+    build it too), else `python:<name>`, usable only in this process (the simulator).
+
+    Parameters
+    ----------
+    factory : callable
+        A function or class returning a fresh module (or Keras model).
+
+    Returns
+    -------
+    str
+        The reference.
+
+    Raises
+    ------
+    ModelError
+        If `factory` is a module or Keras model instance, or not callable.
+    """
     if isinstance(factory, nn.Module) or is_keras_model(factory):
         raise ModelError(f"model: pass a factory (the class {type(factory).__name__}, or a function returning "
                          "a fresh module or Keras model), not an instance: meshfl builds the initial model from the run seed")
@@ -97,11 +131,30 @@ def register_factory(factory: Any) -> str:
 
 
 def register_function(fn: Any, field: str, name: str | None = None) -> str:
-    """The reference for a function object given to `meshfl.run` (a model factory, loss, metric or
-    training step): `module:qualname` when importing that gives back the same object (so peer
-    processes can import it too), else `python:<name>`, usable only in this process (the simulator).
+    """Give the reference for a function object given to `meshfl.run` (model factory, loss, metric, step).
 
-    `field` names the argument in errors; `name` replaces the function's own name in a `python:` reference."""
+    `module:qualname` when importing that gives back the same object (so peer processes can
+    import it too), else `python:<name>`, usable only in this process (the simulator).
+
+    Parameters
+    ----------
+    fn : callable
+        The function object.
+    field : str
+        The argument's name, for errors.
+    name : str, optional
+        Replaces the function's own name in a `python:` reference.
+
+    Returns
+    -------
+    str
+        The reference.
+
+    Raises
+    ------
+    ModelError
+        If `fn` is not callable.
+    """
     if not callable(fn):
         raise ModelError(f"{field}: must be a callable (got {type(fn).__name__})")
     module, qualname = getattr(fn, "__module__", None), getattr(fn, "__qualname__", None)
@@ -121,16 +174,47 @@ def register_function(fn: Any, field: str, name: str | None = None) -> str:
 
 
 def check_function_ref(ref: str) -> str:
-    """ValueError (for the config's validation) unless `ref` is `package.module:function` or `python:<name>`;
-    only the form is checked (the import happens on the peer's machine)."""
+    """Check that `ref` is `package.module:function` or `python:<name>`, for the config's validation.
+
+    Only the form is checked (the import happens on the peer's machine).
+
+    Returns
+    -------
+    str
+        `ref`.
+
+    Raises
+    ------
+    ValueError
+        If it is neither.
+    """
     if _REF.match(ref) or (ref.startswith(_PYTHON) and len(ref) > len(_PYTHON)):
         return ref
     raise ValueError(f"must be a function `package.module:function` (got {ref!r})")
 
 
 def resolve_function(ref: str, field: str) -> Callable[..., Any]:
-    """The callable a `package.module:function` or `python:<name>` reference names; ModelError (one line
-    naming `field`) if it cannot be had. Imported here, on the machine that runs the peer."""
+    """Import the callable a `package.module:function` or `python:<name>` reference names.
+
+    Imported here, on the machine that runs the peer.
+
+    Parameters
+    ----------
+    ref : str
+        The reference.
+    field : str
+        The config field it comes from, for errors.
+
+    Returns
+    -------
+    callable
+        The function.
+
+    Raises
+    ------
+    ModelError
+        One line naming `field`, if it cannot be had.
+    """
     if ref.startswith(_PYTHON):
         if ref not in _FACTORIES:
             raise ModelError(f"{field}: {ref!r} is a function object given to meshfl.run in another process; "
@@ -145,13 +229,21 @@ def function_name(ref: str) -> str:
 
 
 def portable(name: str) -> bool:
-    """Whether another process (a `meshfl node` peer) can build `name`: a zoo name or an importable reference
-    outside `__main__`."""
+    """Whether another process (a `meshfl node` peer) can build `name`.
+
+    True for a zoo name or an importable reference outside `__main__`.
+    """
     return not name.startswith(_PYTHON) and not name.startswith("__main__:")
 
 
 def resolve_factory(name: str) -> Callable[..., Any]:
-    """The callable `train.model` names; ModelError (one line naming train.model) if it cannot be had."""
+    """Find the factory `train.model` names (a zoo function, a `python:` object, or an import).
+
+    Raises
+    ------
+    ModelError
+        One line naming train.model, if it cannot be had.
+    """
     if name == "mlp":
         return mlp
     if name == "cnn":
@@ -196,7 +288,32 @@ def _import_ref(ref: str, field: str = "train.model") -> Callable[..., Any]:
 
 def build_model(name: str, feature_shape: tuple[int, ...], num_classes: int,
                 options: dict[str, Any] | None = None) -> nn.Module:
-    """A fresh module for `train.model` (zoo name or user factory) and the data's shape."""
+    """Build a fresh module for `train.model` (zoo name or user factory) and the data's shape.
+
+    Parameters
+    ----------
+    name : str
+        `train.model`.
+    feature_shape : tuple[int, ...]
+        The shape of one sample; passed to a factory that names `feature_shape`.
+    num_classes : int
+        Output classes; passed to a factory that names `num_classes`.
+    options : dict, optional
+        `train.model_options`, passed as keyword arguments (zoo models take none).
+
+    Returns
+    -------
+    torch.nn.Module
+        The module (or a LightningModule, or a Keras model on the torch backend).
+
+    Raises
+    ------
+    ModelError
+        If the factory cannot be had or called, returns something else, has parameters that are
+        not float32 or none at all, or a zoo model is given options.
+    ValueError
+        If `cnn` is given data that is not [C, H, W].
+    """
     factory = resolve_factory(name)
     if name in MODELS:
         if options:

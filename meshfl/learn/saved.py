@@ -38,12 +38,36 @@ def config_hash(config_text: str) -> str:
 
 
 def model_paths(folder: Path, peer: int) -> tuple[Path, Path]:
+    """Give the paths of peer `peer`'s saved model in `folder`: `peer-<i>.safetensors` and `peer-<i>.json`."""
     return folder / f"peer-{peer}.safetensors", folder / f"peer-{peer}.json"
 
 
 def provenance(config: Any, peer: int, *, round: int | None, incarnation: int, runtime: str,
                feature_shape: tuple[int, ...], num_classes: int) -> dict[str, Any]:
-    """What a saved model's JSON says about where it came from (`config` is the ExperimentConfig)."""
+    """Describe where a saved model came from, as its JSON records it.
+
+    Parameters
+    ----------
+    config : ExperimentConfig
+        The run's config (its hash, seed, algorithm, name and train.model are recorded).
+    peer : int
+        The peer.
+    round : int or None
+        The round of the model.
+    incarnation : int
+        The peer's incarnation.
+    runtime : str
+        The runtime that ran it.
+    feature_shape : tuple[int, ...]
+        The data shape the model was built for.
+    num_classes : int
+        Output classes.
+
+    Returns
+    -------
+    dict[str, Any]
+        The provenance record (JSON-ready).
+    """
     from meshfl.config import dump_config
 
     return {"peer": peer, "round": round, "incarnation": incarnation, "runtime": runtime, "seed": config.seed,
@@ -53,7 +77,17 @@ def provenance(config: Any, peer: int, *, round: int | None, incarnation: int, r
 
 
 def save_model(path: Path, params: Params, info: dict[str, Any]) -> None:
-    """Write `path` (.safetensors) and the JSON beside it (same stem), each atomically (temp file + rename)."""
+    """Write `path` (.safetensors) and the JSON beside it (same stem), each atomically (temp file + rename).
+
+    Parameters
+    ----------
+    path : Path
+        The .safetensors file; its folder is created if missing.
+    params : Params
+        The model.
+    info : dict[str, Any]
+        Provenance (see `provenance`), recorded with the format and the layout in both files.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     layout = params.layout
     record = {"format": FORMAT, **info, "layout": {"fingerprint": layout.fingerprint, "names": list(layout.names),
@@ -69,7 +103,14 @@ def save_model(path: Path, params: Params, info: dict[str, Any]) -> None:
 
 
 def read_model(path: Path) -> tuple[Params, dict[str, Any]]:
-    """The Params and record of a saved .safetensors file (the record from its header)."""
+    """Read the Params and record of a saved .safetensors file (the record from its header).
+
+    Raises
+    ------
+    SavedModelError
+        If the file is missing, unreadable, not a meshfl model, or its layout does not match the
+        fingerprint it records.
+    """
     path = Path(path)
     if not path.is_file():
         raise SavedModelError(f"{path}: no such model file")
@@ -91,7 +132,27 @@ def read_model(path: Path) -> tuple[Params, dict[str, Any]]:
 
 def write_final_models(folder: Path, config: Any, final_params: dict[int, Params], final_rounds: dict[int, int | None],
                        incarnations: dict[int, int], *, runtime: str, feature_shape: tuple[int, ...], num_classes: int) -> None:
-    """Every peer's final model into `folder` (`peer-<i>.safetensors` + `.json`)."""
+    """Write every peer's final model into `folder` (`peer-<i>.safetensors` + `.json`).
+
+    Parameters
+    ----------
+    folder : Path
+        The models folder.
+    config : ExperimentConfig
+        The run's config (for the provenance).
+    final_params : dict[int, Params]
+        Each peer's final model.
+    final_rounds : dict[int, int or None]
+        Each peer's round of it.
+    incarnations : dict[int, int]
+        Each peer's incarnation (0 if missing).
+    runtime : str
+        The runtime that ran it.
+    feature_shape : tuple[int, ...]
+        The data shape the models were built for.
+    num_classes : int
+        Output classes.
+    """
     for peer, params in sorted(final_params.items()):
         info = provenance(config, peer, round=final_rounds.get(peer), incarnation=incarnations.get(peer, 0),
                           runtime=runtime, feature_shape=feature_shape, num_classes=num_classes)
@@ -103,7 +164,20 @@ PEER_MODEL = "final_model.safetensors"
 
 
 def collect_models(peer_folders: dict[int, Path], run_dir: Path) -> list[int]:
-    """Copy each peer folder's `model.safetensors` (+ .json) to `<run_dir>/models/peer-<i>.*`; the peers copied."""
+    """Copy each peer folder's `final_model.safetensors` (+ .json) to `<run_dir>/models/peer-<i>.*`.
+
+    Parameters
+    ----------
+    peer_folders : dict[int, Path]
+        Each peer's own folder; one without a final model is skipped.
+    run_dir : Path
+        The run folder.
+
+    Returns
+    -------
+    list[int]
+        The peers copied.
+    """
     copied = []
     for peer, folder in sorted(peer_folders.items()):
         source = Path(folder) / PEER_MODEL
@@ -119,6 +193,7 @@ def collect_models(peer_folders: dict[int, Path], run_dir: Path) -> list[int]:
 
 
 def saved_peers(run_dir: Path) -> list[int]:
+    """List the peers with a saved final model in `<run_dir>/models`, sorted."""
     folder = Path(run_dir) / MODELS_DIR
     found = []
     for path in folder.glob("peer-*.safetensors") if folder.is_dir() else ():
@@ -129,7 +204,13 @@ def saved_peers(run_dir: Path) -> list[int]:
 
 
 def saved_model_path(run_dir: Path, peer: int) -> Path:
-    """`<run_dir>/models/peer-<peer>.safetensors`, or SavedModelError naming the peers that have one."""
+    """Give the path `<run_dir>/models/peer-<peer>.safetensors`.
+
+    Raises
+    ------
+    SavedModelError
+        If that file is missing; the message names the peers that have one.
+    """
     path = model_paths(Path(run_dir) / MODELS_DIR, peer)[0]
     if not path.is_file():
         peers = saved_peers(run_dir)
@@ -183,7 +264,7 @@ def load_model(run_dir: str | Path, peer: int, module: nn.Module | Callable[...,
 
 
 def layout_difference(saved: Layout, module: Layout) -> str:
-    """The first difference between two layouts, in words."""
+    """Describe the first difference between two layouts, in words."""
     for i, (a, b) in enumerate(zip(zip(saved.names, saved.shapes, strict=True), zip(module.names, module.shapes, strict=True), strict=False)):
         if a != b:
             return f"tensor {i} is {a[0]} {list(a[1])} saved, {b[0]} {list(b[1])} in the module"

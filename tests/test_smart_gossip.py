@@ -282,3 +282,13 @@ def test_a_restarted_peer_rejoins_at_the_networks_round():
     # after the restart every peer aggregates all five updates again
     last = [e for e in metric_events(metrics, "aggregated_models") if e["round"] == 6]
     assert len(last) == 5 and all(e["value"] == 5 for e in last)
+
+
+def test_one_peer_claiming_a_late_round_cannot_make_the_others_jump():
+    ctx = FakeContext(0, 5)
+    peer = peer_at(2, rounds=20, mode="async")
+    peer._keep(update(ctx, 1, 20, 1.0))  # a liar (or a lone peer far ahead)
+    peer._keep(update(ctx, 2, 3, 1.0))
+    peer._keep(update(ctx, 3, 4, 1.0))
+    assert peer._newest_seen_round(ctx) == 4  # the second newest: two peers have reached it
+    assert peer_at(2, rounds=20)._newest_seen_round(ctx) == 0

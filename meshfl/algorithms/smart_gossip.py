@@ -218,7 +218,7 @@ class SmartGossipPeer:
             self.round, self.model = 1, ctx.initial_params()
         while self.round <= self.rounds:
             await self._run_round(ctx, self.round)
-            self.round = max(self.round + 1, self._newest_seen_round() if self.config.mode == "async" else 0)
+            self.round = max(self.round + 1, self._newest_seen_round(ctx) if self.config.mode == "async" else 0)
         await self._pump(ctx, lambda: self._last_round_delivered(ctx), ctx.now() + self.config.round_timeout_s)
         for neighbour in ctx.neighbours:
             ctx.log("interactions", self.interactions[neighbour], about=neighbour)
@@ -237,9 +237,13 @@ class SmartGossipPeer:
         could take the only copy of its own last model with it."""
         return not any(u.version >= self.rounds for n in ctx.neighbours if ctx.is_alive(n) for u in self._lacks(n))
 
-    def _newest_seen_round(self) -> int:
-        """The newest version among other peers' updates (capped at the run's rounds): where the network is."""
-        return min(self.rounds, max((max(versions) for versions in self.updates.values()), default=0))
+    def _newest_seen_round(self, ctx: NodeContext) -> int:
+        """Where the network is: the newest version that at least two other peers' updates have reached (one
+        peer alone, honest or lying, cannot move everyone to the last round); with one other peer, its newest."""
+        newest = sorted((max(versions) for origin, versions in self.updates.items() if origin != ctx.peer_id and versions),
+                        reverse=True)
+        witnessed = newest[1] if len(newest) >= 2 else (newest[0] if newest and len(ctx.peers) <= 2 else 0)
+        return min(self.rounds, witnessed)
 
     def train_set(self, ctx: NodeContext, round: int) -> tuple[int, ...]:
         return seeded_train_set(self.seed, round, ctx.peers, min(self.config.train_set_size, len(ctx.peers)))

@@ -7,6 +7,7 @@ at which instant, which a simulation of many peers can only show indirectly.
 import asyncio
 from dataclasses import replace
 
+import pytest
 import torch
 
 from meshfl.algorithms.gossip import (
@@ -153,6 +154,21 @@ def test_train_set_peer_stops_waiting_for_a_dead_members_model_at_the_liveness_n
     assert partials[:2] == [1, 2]  # train-set neighbour 1 first; 2 (outside) next tick, while 1 has not confirmed
     diffused = ctx.sent_of(AggregatedModel)
     assert [to for to, _ in diffused] == [2]  # never to the dead neighbour
+
+
+@pytest.mark.parametrize("exchange", ["partial", "individual"])
+def test_a_peer_whose_whole_train_set_died_keeps_its_model_instead_of_waiting_for_none(exchange):
+    """A restarted peer that finds everyone gone (they finished) must not wait wait_model_timeout_s each round."""
+    peer = peer_at(1, train_set_size=2, wait_model_timeout_s=300.0, exchange=exchange)
+    ctx = FakeContext(0, peers=4, neighbours=(1, 2), respond=acks)
+    ctx.deliver(Votes(sender=1, round=1, ballots=vote_for((1, 2, 3), (1, 2))), at=0.1)
+    ctx.kill(1, at=1.0)
+    ctx.kill(2, at=1.0)
+    start = ctx.initial_params()
+    model = asyncio.run(peer._run_round(ctx, 1, start))
+    assert peer.state(1).train_set == (1, 2) and ctx.now() < 2.0  # not 300 s
+    assert values(model) == values(start) and ctx.trained == []
+    assert ctx.logs("missed_models") == [(2, 1)]
 
 
 def test_train_set_peer_averages_its_model_with_the_others_by_sample_count():

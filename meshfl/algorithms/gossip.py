@@ -423,8 +423,8 @@ class GossipPeer:
             timeout = self.config.aggregation_timeout_s
         else:
             timeout = self.config.wait_model_timeout_s
-        await self._pump(ctx, lambda: self._complete_model(ctx, state) is not None, ctx.now() + timeout,
-                         on_tick=lambda: self._gossip_parts(ctx, round))
+        await self._pump(ctx, lambda: not self._live_train_set(ctx, state) or self._complete_model(ctx, state) is not None,
+                         ctx.now() + timeout, on_tick=lambda: self._gossip_parts(ctx, round))
         self._complete_round(ctx, round, *self._best_model(ctx, state, model))
         self._checkpoint(ctx, "aggregated", round, state.model, state.diffused.contributors)
         await self._diffuse(ctx, round)
@@ -472,8 +472,13 @@ class GossipPeer:
             self.recovery.replicate(ctx, round, state.diffused.params)
 
     def _holds_every_contribution(self, ctx: NodeContext, state: RoundState) -> bool:
-        needed = [p for p in state.train_set if p == ctx.peer_id or ctx.is_alive(p)]
-        return bool(needed) and state.contributions.keys() >= set(needed)
+        """Whether every live train-set peer's model is here (true at once when none is alive: nothing can come)."""
+        return state.contributions.keys() >= set(self._live_train_set(ctx, state))
+
+    @staticmethod
+    def _live_train_set(ctx: NodeContext, state: RoundState) -> list[int]:
+        """The train-set peers whose models can still come: this one and those believed alive."""
+        return [p for p in state.train_set if p == ctx.peer_id or ctx.is_alive(p)]
 
     def _aggregate_contributions(self, ctx: NodeContext, round: int, start: Params) -> tuple[Params, frozenset[int]]:
         """The robust aggregate of the train set's models this peer holds (sorted by origin), and their origins.

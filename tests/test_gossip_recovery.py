@@ -75,3 +75,17 @@ def test_checkpoints_do_not_change_a_failure_free_run_and_repeat_bit_identically
     assert without_wall_clock(first.events) == without_wall_clock(again.events)
     accuracy = lambda m: [(e["peer"], e["round"], e["value"]) for e in metric(m, "global_accuracy")]  # noqa: E731
     assert sorted(accuracy(first)) == sorted(accuracy(without))
+
+
+def test_a_peer_restarted_within_the_round_it_crashed_in_is_not_awaited_in_the_rounds_it_skips():
+    """Crash and restart in round 3: it rejoins at round 4, and nobody waits out a vote or model timeout
+    for its round-3 ballot or model (its round-4 ballot says it skipped round 3)."""
+    config = load_config(None, [*BASE, "rounds=5", "gossip.vote_timeout_s=30", "gossip.aggregation_timeout_s=300",
+                                "faults=[{kind: crash, peers: [0], at_round: 3}, {kind: restart, peers: [0], at_round: 3}]"])
+    result, metrics, _ = simulate(config)
+    summary = summarise(config, result, metrics, 0.0)
+    assert all(summary["final_round"][str(p)] == 5 for p in range(4))
+    assert result.virtual_time_s < 30  # no vote timeout (30 s) and no aggregation timeout (300 s) was waited out
+    rejoined = [e["value"] for e in metric(metrics, "rejoined", 0)]
+    assert rejoined == [3] or rejoined == [2]
+    assert not [e for e in metric(metrics, "missed_models") if e["round"] > rejoined[0] + 1]

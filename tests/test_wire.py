@@ -20,6 +20,7 @@ from meshfl.algorithms.gossip import (
     JoinReply,
     JoinRequest,
     PartialModel,
+    Skip,
     Votes,
 )
 from meshfl.algorithms.recovery import (
@@ -295,6 +296,10 @@ def _dpsgd_models(codec: Codec) -> list[Message]:
     return [DpsgdModel(sender=3, round=4, degree=2, params=_params(seed=16), codec=codec)]
 
 
+def _skips(codec: Codec) -> list[Message]:
+    return [Skip(sender=1, round=3, origin=0, signature="ab" * 64)]
+
+
 def _smart_updates(codec: Codec) -> list[Message]:
     return [SmartUpdate(sender=2, origin=5, version=7, samples=180, params=_params(seed=17), codec=codec,
                         signature="ab" * 64)]
@@ -363,6 +368,7 @@ FACTORIES: dict[type[Message], Callable[[Codec], list[Message]]] = {
     Done: _dones,
     Held: _helds,
     DpsgdModel: _dpsgd_models,
+    Skip: _skips,
     SmartUpdate: _smart_updates,
     SmartHolds: _smart_holds,
     RoundRequest: _round_requests,

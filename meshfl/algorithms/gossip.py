@@ -181,6 +181,21 @@ class HaveModels(Message):
 
 
 @dataclass(frozen=True, kw_only=True)
+class Skip(Message):
+    """A restarted peer's word that it sits out `round` (it joins the next one): nobody waits for its ballot or
+    model of that round. Signed by `origin` (a relay cannot make an honest peer skip); flooded once."""
+
+    round: int
+    origin: int
+    signature: str = ""
+
+
+def skip_bytes(round: int, origin: int) -> bytes:
+    """What the origin of a `Skip` signs."""
+    return f"gossip.skip|{round}|{origin}".encode()
+
+
+@dataclass(frozen=True, kw_only=True)
 class JoinRequest(Request):
     """A restarted peer asks a neighbour which round the network is in."""
 
@@ -255,7 +270,9 @@ def choose_targets(rng: np.random.Generator, preferred: list[int], others: list[
 
 @dataclass
 class RoundState:
+    round: int = 0
     ballots: dict[int, Ballot] = field(default_factory=dict)
+    skipped: set[int] = field(default_factory=set)  # peers that said (signed) they sit this round out
     train_set: tuple[int, ...] = ()
     parts: PartialAggregates = field(default_factory=PartialAggregates)
     aggregated: AggregatedModel | None = None
@@ -289,15 +306,16 @@ class _VoteWatch:
     always the one a full scan gives: beliefs about peers past `_start` are read afresh at every call.
     """
 
-    def __init__(self, ctx: NodeContext, ballots: dict[int, Ballot]) -> None:
+    def __init__(self, ctx: NodeContext, ballots: dict[int, Ballot], moved_on: Callable[[int], bool] = lambda p: False) -> None:
         self._ctx = ctx
         self._ballots = ballots
+        self._moved_on = moved_on
         self._peers = ctx.peers
         self._start = 0
         self._witness: int | None = None
 
     def _awaited(self, peer: int) -> bool:
-        return peer not in self._ballots and (peer == self._ctx.peer_id or self._ctx.is_alive(peer))
+        return peer not in self._ballots and (peer == self._ctx.peer_id or (self._ctx.is_alive(peer) and not self._moved_on(peer)))
 
     def __call__(self) -> bool:
         witness = self._witness
@@ -340,7 +358,7 @@ class GossipPeer:
 
     def state(self, round: int) -> RoundState:
         if round not in self._states:
-            self._states[round] = RoundState()
+            self._states[round] = RoundState(round=round)
         return self._states[round]
 
     # ---- driving ----------------------------------------------------------------------------
@@ -386,6 +404,10 @@ class GossipPeer:
             return 1, ctx.initial_params()
         self.round = network.round
         ctx.log("rejoined", network.round, round=network.round)
+        skip = Skip(sender=ctx.peer_id, round=network.round, origin=ctx.peer_id,
+                    signature=ctx.sign(skip_bytes(network.round, ctx.peer_id)))
+        for neighbour in ctx.neighbours:  # the others may be waiting for its ballot or model of that round
+            ctx.send(neighbour, skip)
         if recovered.params is not None and recovered.round is not None and recovered.round >= network.round:
             return network.round + 1, recovered.params
         return network.round + 1, network.params
@@ -475,10 +497,19 @@ class GossipPeer:
         """Whether every live train-set peer's model is here (true at once when none is alive: nothing can come)."""
         return state.contributions.keys() >= set(self._live_train_set(ctx, state))
 
-    @staticmethod
-    def _live_train_set(ctx: NodeContext, state: RoundState) -> list[int]:
-        """The train-set peers whose models can still come: this one and those believed alive."""
-        return [p for p in state.train_set if p == ctx.peer_id or ctx.is_alive(p)]
+    def _live_train_set(self, ctx: NodeContext, state: RoundState) -> list[int]:
+        """The train-set peers whose models can still come: this one and those believed alive that did not skip the round."""
+        return [p for p in state.train_set if p == ctx.peer_id or (ctx.is_alive(p) and not self._moved_on(state.round, p))]
+
+    def _moved_on(self, round: int, peer: int) -> bool:
+        """Whether `peer` skipped `round`: it signed a ballot for a later round and none for this one (a restarted
+        peer joins the round after the network's current one), so nothing of this round will come from it."""
+        current = self._states.get(round)
+        if current is not None and peer in current.skipped:
+            return True
+        if current is not None and peer in current.ballots:
+            return False
+        return any(peer in later.ballots for r, later in self._states.items() if r > round)
 
     def _aggregate_contributions(self, ctx: NodeContext, round: int, start: Params) -> tuple[Params, frozenset[int]]:
         """The robust aggregate of the train set's models this peer holds (sorted by origin), and their origins.
@@ -537,7 +568,8 @@ class GossipPeer:
         own = replace(own, signature=ctx.sign(ballot_bytes(round, own)))
         self._learn_ballots(ctx, round, (own,), came_from=ctx.peer_id)
         self._send_relays(ctx)  # one's own ballot goes out at once
-        await self._pump(ctx, _VoteWatch(ctx, state.ballots), ctx.now() + self.config.vote_timeout_s)
+        await self._pump(ctx, _VoteWatch(ctx, state.ballots, lambda p: self._moved_on(round, p)),
+                         ctx.now() + self.config.vote_timeout_s)
         expected = self._alive_peers(ctx)
         missing = len(set(expected) - state.ballots.keys())
         if missing:
@@ -595,7 +627,7 @@ class GossipPeer:
 
     def _complete_model(self, ctx: NodeContext, state: RoundState) -> Params | None:
         """The round's model if this peer holds every live train-set peer's part of it, else None."""
-        needed = [p for p in state.train_set if p == ctx.peer_id or ctx.is_alive(p)]
+        needed = self._live_train_set(ctx, state)
         if state.aggregated is not None and state.aggregated.contributors.issuperset(needed):  # within the train set: see _keep_train_set
             return state.aggregated.params
         if needed and state.parts.covers(needed):
@@ -688,7 +720,9 @@ class GossipPeer:
         round = getattr(message, "round", None)
         if round is None or round > self.round + MAX_ROUNDS_AHEAD:
             return  # liveness notices (re-checked by the pump), or rounds no honest peer can be in yet
-        if isinstance(message, Votes):
+        if isinstance(message, Skip):
+            self._handle_skip(ctx, message)
+        elif isinstance(message, Votes):
             if round >= self.round and len(message.ballots) <= len(ctx.peers):  # an honest relay never sends more
                 self._learn_ballots(ctx, round, message.ballots, came_from=message.sender)
         elif isinstance(message, (HaveModels, PartialModel, AggregatedModel, Contribution)):
@@ -703,6 +737,20 @@ class GossipPeer:
                     self._handle_model(ctx, message)  # only round 0's initial model is diffused in this mode
             elif not isinstance(message, Contribution):
                 self._handle_model(ctx, message)
+
+    def _handle_skip(self, ctx: NodeContext, message: Skip) -> None:
+        """Note a signed skip of the current round (or a later one) and relay it once to the other neighbours."""
+        if message.round < self.round or message.origin not in self._peer_set(ctx):
+            return
+        state = self.state(message.round)
+        if message.origin in state.skipped or not ctx.verify(message.origin, skip_bytes(message.round, message.origin),
+                                                              message.signature):
+            return
+        state.skipped.add(message.origin)
+        relay = replace(message, sender=ctx.peer_id)
+        for neighbour in ctx.neighbours:
+            if neighbour != message.sender and neighbour != message.origin:
+                ctx.send(neighbour, relay)
 
     def _learn_ballots(self, ctx: NodeContext, round: int, ballots: Iterable[Ballot], came_from: int) -> None:
         """Keep the first valid ballot of each peer and queue it for the next relay to the neighbours.
@@ -833,7 +881,7 @@ GOSSIP = register(Algorithm(
     name="gossip",
     summary="gossip FedAvg with P2PFL's round workflow (vote, train, gossip partial aggregates, diffuse); exchange=individual: robust aggregation at every peer",
     config=GossipConfig,
-    messages=(Votes, PartialModel, AggregatedModel, HaveModels, JoinRequest, JoinReply, Contribution, *Recovery.messages),
+    messages=(Votes, PartialModel, AggregatedModel, HaveModels, JoinRequest, JoinReply, Contribution, Skip, *Recovery.messages),
     peer=lambda config, experiment: GossipPeer(config, experiment.rounds, experiment.name).run,
     check=_check,
     quick=("gossip.vote_timeout_s=3", "gossip.aggregation_timeout_s=4", "gossip.wait_model_timeout_s=5",

@@ -66,18 +66,24 @@ def facts(result: meshfl.Result) -> dict:
 
 
 def curves(result: meshfl.Result) -> tuple[dict[int, list[tuple[int, float]]], list[tuple[str, float]]]:
-    """Per-peer accuracy per round, and the crash/restart marks as round positions."""
+    """Per-peer accuracy per round, and the crash/restart marks as round positions: the crash after peer 0's
+    last round of its first life, the restart before the first round it takes part in again (the round it
+    rejoined + 1). Round positions, not clocks: a launch's peers and launcher each have their own clock."""
     acc: dict[int, list[tuple[int, float]]] = {}
-    first_at: dict[int, float] = {}
+    first_life: list[int] = []
+    rejoined: list[float] = []
     for e in result.events:
-        if e.get("event") == "metric" and e.get("metric") == "global_accuracy" and isinstance(e.get("round"), int):
+        if e.get("event") != "metric":
+            continue
+        if e.get("metric") == "global_accuracy" and isinstance(e.get("round"), int):
             acc.setdefault(e["peer"], []).append((e["round"], e["value"]))
-            first_at.setdefault(e["round"], e.get("virtual_time") or 0.0)
+            if e["peer"] == 0 and not e.get("incarnation"):
+                first_life.append(e["round"])
+        elif e.get("metric") == "rejoined" and e["peer"] == 0:
+            rejoined.append(e["value"])
     marks = []
-    for e in result.events:
-        if e.get("event") == "fault" and e.get("kind") in ("crash", "restart"):
-            done = sum(1 for t in first_at.values() if t <= (e.get("virtual_time") or 0.0))
-            marks.append((e["kind"], done + 0.5))
+    if rejoined:
+        marks = [("crash", max(first_life, default=0) + 0.5), ("restart", rejoined[0] + 0.5)]
     return acc, marks
 
 
@@ -96,7 +102,8 @@ def plot(results: dict[str, meshfl.Result], path: Path, runtime: str) -> None:
             ax.plot(rounds, values, color="grey", ls=":", lw=1.5, label="peer 0, no failure")
         for kind, x in marks:
             ax.axvline(x, color="red" if kind == "crash" else "green", ls="--", lw=1)
-            ax.text(x, 0.02, f" {kind}", color="red" if kind == "crash" else "green", fontsize=8, transform=ax.get_xaxis_transform())
+            ax.text(x, 0.02 if kind == "crash" else 0.09, f" {kind}", color="red" if kind == "crash" else "green", fontsize=8,
+                    transform=ax.get_xaxis_transform())
         ax.set_title(label, fontsize=10)
         ax.set_xlabel("round")
         ax.grid(alpha=0.3)

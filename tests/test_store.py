@@ -261,3 +261,19 @@ def test_writer_killed_mid_write_leaves_old_or_new_entry(tmp_path):
         seen = i
     assert seen is not None
     print(f"kills={kills} with temp leftovers={leftovers}")
+
+
+def test_a_directory_store_whose_folder_was_deleted_under_it_reads_empty_and_writes_again(tmp_path):
+    """`meshfl launch` wipes a running peer's store by deleting its folder: the peer must go on, not crash."""
+    import shutil
+
+    store = DirectoryStore(tmp_path / "store")
+    params = Params(torch.arange(6, dtype=torch.float32), Layout(("w",), ((6,),)))
+    store.put_params("model", params, {"round": 1})
+    shutil.rmtree(tmp_path / "store")
+    assert store.names() == [] and "model" not in store and store.get_params("model", params.layout) is None
+    store.delete("model")
+    store.wipe()
+    store.put_params("model", params, {"round": 2})
+    got, meta = store.get_params("model", params.layout)
+    assert torch.equal(got.flat, params.flat) and meta == {"round": 2} and store.names() == ["model"]

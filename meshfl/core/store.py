@@ -339,6 +339,8 @@ class DirectoryStore:
 
     def names(self) -> list[str]:
         """The entries' names, sorted."""
+        if not self.path.is_dir():
+            return []  # deleted under us: empty, as after a wipe (the next write recreates it)
         found = (p.name[:-len(_SUFFIX)] for p in self.path.iterdir() if p.name.endswith(_SUFFIX))
         return sorted(n for n in found if is_name(n))
 
@@ -349,6 +351,8 @@ class DirectoryStore:
 
     def wipe(self) -> None:
         """Remove every entry."""
+        if not self.path.is_dir():
+            return
         for p in self.path.iterdir():
             if p.name.endswith(_SUFFIX) or (p.name.startswith(".") and p.name.endswith(_TMP_SUFFIX)):
                 p.unlink(missing_ok=True)
@@ -360,6 +364,7 @@ class DirectoryStore:
     def _write(self, name: str, tensor: torch.Tensor, header: dict[str, str]) -> None:
         header["crc32"] = str(zlib.crc32(tensor.numpy()))
         blob = st_save({"flat": tensor}, metadata=header)
+        self.path.mkdir(parents=True, exist_ok=True)  # the folder may have been deleted under us (a wipe, by hand)
         fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=_TMP_SUFFIX, dir=self.path)
         try:
             with os.fdopen(fd, "wb") as f:
@@ -398,6 +403,8 @@ class DirectoryStore:
 
     def _sync_dir(self) -> None:
         """Make renames and unlinks durable: without this a power cut could undo them."""
+        if not self.path.is_dir():
+            return  # deleted under us: nothing left to make durable
         fd = os.open(self.path, os.O_RDONLY)
         try:
             os.fsync(fd)

@@ -218,7 +218,7 @@ class SmartGossipPeer:
             self.round, self.model = 1, ctx.initial_params()
         while self.round <= self.rounds:
             await self._run_round(ctx, self.round)
-            self.round = max(self.round + 1, self._newest_seen_round(ctx) if self.config.mode == "async" else 0)
+            self.round = max(self.round + 1, self._newest_seen_round(ctx))  # a peer behind (a straggler, a fresh restart) catches up
         await self._pump(ctx, lambda: self._last_round_delivered(ctx), ctx.now() + self.config.round_timeout_s)
         for neighbour in ctx.neighbours:
             ctx.log("interactions", self.interactions[neighbour], about=neighbour)

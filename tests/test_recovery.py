@@ -111,7 +111,7 @@ def test_config_errors_name_the_field():
     with pytest.raises(ValidationError, match="keep_rounds"):
         CheckpointConfig(keep_rounds=0)
     with pytest.raises(ValidationError, match="replica_codec"):
-        CheckpointConfig(replica_codec="int8")
+        CheckpointConfig(replica_codec="int4")
     with pytest.raises(ValidationError, match="replica_total_mb"):
         CheckpointConfig(replica_quota_mb=10, replica_total_mb=5)
     assert all(f.description for f in CheckpointConfig.model_fields.values())
@@ -566,3 +566,22 @@ def test_a_restarted_peer_recovers_through_the_simulator(recovery_algorithm, mon
              for m in ("replica_bytes_full", "replica_bytes_delta")}
     assert len(sizes["replica_bytes_full"]) == 1 and len(sizes["replica_bytes_delta"]) == 5  # then deltas only
     assert max(sizes["replica_bytes_delta"]) < sizes["replica_bytes_full"][0]
+
+
+def test_int8_delta_replicas_are_a_fraction_of_a_full_one_and_rebuild_within_half_a_step_without_drift():
+    rounds = _trained_mlp_rounds(rounds=4)
+    base = holder = None
+    sizes, errors = [], []
+    for params in rounds:
+        payload, rebuilt = encode_payload(params, base, "int8", "zstd")
+        holder = decode_payload(payload, params.layout, holder, "int8", "zstd")
+        assert holder.equal(rebuilt)  # origin and holder agree bit for bit on what the holder has
+        sizes.append(len(payload))
+        if base is not None:
+            change = (params.flat - base.flat).abs()
+            steps = torch.cat([change[o:o + n].max().expand(n) / 127 for o, n in zip(params.layout.offsets, params.layout.sizes)])
+            errors.append(float(((holder.flat - params.flat).abs() - steps / 2).max()))
+        base = rebuilt
+    assert rounds[0].equal(decode_payload(encode_payload(rounds[0], None, "int8", "zstd")[0], rounds[0].layout, None, "int8", "zstd"))
+    assert all(delta < 0.35 * sizes[0] for delta in sizes[1:]), sizes  # the full one is exact float32
+    assert max(errors) <= 1e-6  # each value within half a quantisation step of that round's change: no drift

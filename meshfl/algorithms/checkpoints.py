@@ -40,7 +40,7 @@ class CheckpointConfig(Section):
     keep_rounds: int = Field(2, ge=1, description="local checkpoints of this many most recent rounds are kept (older ones are deleted)")
     replicas: int = Field(2, ge=0, description="peers that hold a replica of this peer's model: the farthest from it in the overlay (0: no replicas)")
     replica_every: int = Field(2, ge=1, description="a replica is sent every this many rounds (rounds divisible by it)")
-    replica_codec: Literal["float32", "float16"] = Field("float32", description="values of a replica: exact float32, or float16 (half the bytes, rebuilt within float16 rounding)")
+    replica_codec: Literal["float32", "float16", "int8"] = Field("float32", description="values of a replica: exact float32; float16 (half the bytes, rebuilt within float16 rounding); int8 (full replicas exact, deltas quantised to int8 per tensor: about a quarter of the bytes, rebuilt within half a quantisation step of the last delta)")
     replica_compression: Literal["zstd", "gzip"] = Field("zstd", description="byte compression of replica payloads")
     replica_quota_mb: float = Field(16.0, gt=0, description="MiB a holder keeps for one origin (full replica plus deltas); past it the holder asks for a full one")
     replica_total_mb: float = Field(256.0, gt=0, description="MiB a holder keeps for all origins together; past it a new origin is refused (it picks another holder)")

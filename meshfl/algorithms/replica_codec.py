@@ -34,13 +34,18 @@ import zstandard
 
 from meshfl.core.params import Layout, Params
 
-ValueCodec = Literal["float32", "float16"]
+ValueCodec = Literal["float32", "float16", "int8"]
 PayloadCompression = Literal["zstd", "gzip"]
 
 VALUE_CODECS: dict[str, tuple[np.dtype, np.dtype]] = {
     "float32": (np.dtype("<f4"), np.dtype("<u4")),
     "float16": (np.dtype("<f2"), np.dtype("<u2")),
+    "int8": (np.dtype("<f4"), np.dtype("<u4")),  # full replicas exact (float32); deltas quantised (see below)
 }
+"""Value codecs. int8: a full replica is the exact float32 model; a delta is each tensor's change
+quantised to int8 with one float32 scale per tensor (max |change| / 127), so it costs about a quarter
+of a float32 delta; the holder rebuilds base + q x scale, and the origin keeps exactly that as the next
+base, so the error of a chain is one delta's rounding (at most scale / 2 per value), never a sum."""
 COMPRESSIONS = ("zstd", "gzip")
 PACK_BITS = 63
 """Payload bits per wire float64 (1.6% more than the payload; an int column's varints would cost 14%)."""
@@ -167,13 +172,16 @@ def encode_payload(target: Params, base: Params | None, codec: str, compression:
         If the codec or compression is unknown, `base` has another layout, or a float16 payload
         would overflow float16.
     """
+    if base is not None and base.layout.fingerprint != target.layout.fingerprint:
+        raise ReplicaError("delta replica: base and target layouts differ")
+    if codec == "int8" and base is not None:
+        raw, rebuilt_values = _int8_delta(target, base)
+        return compress(raw, compression), Params(torch.from_numpy(rebuilt_values), target.layout)
     words = _bits(target, codec)
     if base is not None:
-        if base.layout.fingerprint != target.layout.fingerprint:
-            raise ReplicaError("delta replica: base and target layouts differ")
         words = _zigzag(words - _bits(base, codec))  # unsigned arithmetic wraps: exact modulo 2^w
     payload = compress(_planes(words), compression)
-    rebuilt = target if codec == "float32" else Params(torch.from_numpy(
+    rebuilt = target if codec in ("float32", "int8") else Params(torch.from_numpy(
         target.flat.detach().cpu().numpy().astype(np.float16).astype(np.float32)), target.layout)
     return payload, rebuilt
 
@@ -206,6 +214,14 @@ def decode_payload(payload: bytes, layout: Layout, base: Params | None, codec: s
     floats, words = _dtypes(codec)
     if len(payload) > max_payload_bytes(layout.numel, codec):
         raise ReplicaError(f"payload of {len(payload)} bytes is larger than any {codec} replica of this layout")
+    if base is not None and base.layout.fingerprint != layout.fingerprint:
+        raise ReplicaError("delta replica: base layout differs")
+    if codec == "int8" and base is not None:
+        raw = decompress(payload, compression, 4 * len(layout.names) + layout.numel)
+        values = _int8_apply(raw, base)
+        if not np.isfinite(values).all():
+            raise ReplicaError("payload decodes to NaN/Inf values")
+        return Params(torch.from_numpy(values), layout)
     bits = _unplanes(decompress(payload, compression, layout.numel * words.itemsize), words, layout.numel)
     if base is not None:
         if base.layout.fingerprint != layout.fingerprint:
@@ -215,6 +231,35 @@ def decode_payload(payload: bytes, layout: Layout, base: Params | None, codec: s
     if not np.isfinite(values).all():
         raise ReplicaError("payload decodes to NaN/Inf values")
     return Params(torch.from_numpy(values), layout)
+
+
+def _int8_delta(target: Params, base: Params) -> tuple[bytes, np.ndarray]:
+    """Per-tensor int8 quantisation of target - base: (scales as float32, then the int8 values), and the model
+    `_int8_apply` rebuilds from them (computed the same way, so origin and holder agree bit for bit)."""
+    change = target.flat.detach().cpu().numpy().astype(np.float32) - base.flat.detach().cpu().numpy().astype(np.float32)
+    scales = np.zeros(len(target.layout.names), dtype="<f4")
+    quantised = np.zeros(change.size, dtype=np.int8)
+    for i, (offset, size) in enumerate(zip(target.layout.offsets, target.layout.sizes, strict=True)):
+        part = change[offset:offset + size]
+        peak = float(np.abs(part).max()) if size else 0.0
+        if peak > 0 and np.isfinite(peak):
+            scales[i] = np.float32(peak / 127.0)
+            quantised[offset:offset + size] = np.clip(np.rint(part / scales[i]), -127, 127).astype(np.int8)
+    raw = scales.tobytes() + quantised.tobytes()
+    return raw, _int8_apply(raw, base)
+
+
+def _int8_apply(raw: bytes, base: Params) -> np.ndarray:
+    layout = base.layout
+    count = len(layout.names)
+    scales = np.frombuffer(raw[:4 * count], dtype="<f4")
+    if not (np.isfinite(scales).all() and (scales >= 0).all()):
+        raise ReplicaError("int8 delta: a scale is negative or not finite")
+    quantised = np.frombuffer(raw[4 * count:], dtype=np.int8)
+    values = base.flat.detach().cpu().numpy().astype(np.float32).copy()
+    for i, (offset, size) in enumerate(zip(layout.offsets, layout.sizes, strict=True)):
+        values[offset:offset + size] += quantised[offset:offset + size].astype(np.float32) * scales[i]
+    return values
 
 
 def _zigzag(words: np.ndarray) -> np.ndarray:

@@ -489,3 +489,33 @@ def test_coordinator_launch_survives_a_killed_worker_and_then_a_killed_coordinat
     leaders = [(t["peer"], t["metric"]) for t in summary["timeline"]]
     assert leaders == [(0, "coordinating"), (1, "coordinating")], leaders
     assert min(summary["final_global_accuracy"][p] for p in ("1", "2", "3")) > 0.7
+
+
+def test_smart_gossip_launch_matches_the_simulator_and_survives_a_killed_peer(tmp_path):
+    """smart_gossip over gRPC: sync rounds give the simulator's accuracies; async with peer 3 killed
+    in round 2 and restarted, everyone finishes and peer 3 rejoins the network's round (20 rounds, so the others
+    are still running when the new process is up)."""
+    base = ["algorithm=smart_gossip", "peers=4", "rounds=3", "data.dataset=digits", "smart_gossip.round_timeout_s=8",
+            "liveness.heartbeat_interval_s=0.5", "liveness.timeout_s=2"]
+    done = meshfl("launch", "--local", "--quiet", "--timeout", "100", "--out", str(tmp_path / "sync"),
+                  *sets(*base, "grpc.base_port=50860"), timeout=150)
+    assert done.returncode == 0, done.stdout + done.stderr
+    summary = json.loads((tmp_path / "sync" / "summary.json").read_text())
+    config = load_config(None, base)
+    result, metrics, _ = simulate(config)
+    expected = summarise(config, result, metrics, 0.0)
+    for peer, accuracy in summary["final_global_accuracy"].items():
+        assert abs(accuracy - expected["final_global_accuracy"][peer]) <= 0.01
+    faults = "faults=[{kind: crash, peers: [3], at_round: 2}, {kind: restart, peers: [3], at_round: 2}]"
+    done = meshfl("launch", "--local", "--quiet", "--timeout", "100", "--out", str(tmp_path / "async"),
+                  *sets(*base, "rounds=20", "train.local_epochs=20", "smart_gossip.mode=async", "train.optimizer=adam",
+                        "train.learning_rate=0.01",
+                        faults, "grpc.base_port=50870"), timeout=150)
+    assert done.returncode == 0, done.stdout + done.stderr
+    summary = json.loads((tmp_path / "async" / "summary.json").read_text())
+    assert summary["dead_peers"] == [] and summary["incarnations"]["3"] == 2
+    assert all(summary["final_round"][str(p)] == 20 for p in range(4)), summary["final_round"]  # 20: the others
+    # must still be running when the restarted process is back (a few seconds)
+    assert min(summary["final_global_accuracy"].values()) > 0.8
+    events = [json.loads(line) for line in (tmp_path / "async" / "metrics.jsonl").read_text().splitlines()]
+    assert [e["value"] for e in events if e.get("metric") == "rejoined" and e["peer"] == 3][0] >= 1

@@ -388,9 +388,16 @@ class SmartGossipPeer:
             self.awaiting[target] = now
 
     async def _pump(self, ctx: NodeContext, done: Callable[[], bool], deadline: float) -> bool:
-        """Handle messages and gossip every period until `done()` or the deadline."""
+        """Handle messages and gossip every period until `done()` or the deadline.
+
+        What is already waiting is handled first, even when `done()` holds at once: a round that closes
+        as soon as training ends (async, the fraction already in) must still answer a restarted peer."""
         next_tick = ctx.now()
-        while not done():
+        while True:
+            while (waiting := await ctx.recv(0)) is not None:
+                self.handle(ctx, waiting)
+            if done():
+                break
             now = ctx.now()
             if now >= deadline:
                 return False

@@ -516,11 +516,14 @@ def recovery_peer(section: RecoveryTestConfig, name: str):
 
 @pytest.fixture
 def recovery_algorithm():
-    algorithm = register(Algorithm(name="test_recovery", summary="test", config=RecoveryTestConfig, messages=MESSAGES,
+    """A test algorithm around `Recovery`. Its message classes are gossip's too (registered when gossip is
+    imported): only those not registered yet are registered here, and only those are taken back."""
+    added = tuple(cls for cls in MESSAGES if cls not in MESSAGE_NAMES)
+    algorithm = register(Algorithm(name="test_recovery", summary="test", config=RecoveryTestConfig, messages=added,
                                    peer=lambda section, experiment: recovery_peer(section, experiment.name)))
     yield algorithm
     ALGORITHMS.pop("test_recovery", None)
-    for cls in MESSAGES:
+    for cls in added:
         MESSAGE_TYPES.pop(TYPE_IDS.pop(cls), None)
         MESSAGE_NAMES.pop(cls, None)
 

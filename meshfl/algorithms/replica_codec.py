@@ -234,8 +234,11 @@ def decode_payload(payload: bytes, layout: Layout, base: Params | None, codec: s
 
 
 def _int8_delta(target: Params, base: Params) -> tuple[bytes, np.ndarray]:
-    """Per-tensor int8 quantisation of target - base: (scales as float32, then the int8 values), and the model
-    `_int8_apply` rebuilds from them (computed the same way, so origin and holder agree bit for bit)."""
+    """Quantise target - base to int8 per tensor.
+
+    Returns the payload bytes (the float32 scales, then the int8 values) and the model `_int8_apply`
+    rebuilds from them, computed the same way, so origin and holder agree bit for bit.
+    """
     change = target.flat.detach().cpu().numpy().astype(np.float32) - base.flat.detach().cpu().numpy().astype(np.float32)
     scales = np.zeros(len(target.layout.names), dtype="<f4")
     quantised = np.zeros(change.size, dtype=np.int8)

@@ -63,7 +63,7 @@ def test_local_checkpoints_restore_bit_exact_newest_first_and_keep_the_last_n_ro
     ctx = FakeContext(2, peers=4, params=model(0))
     if kind == "directory":
         ctx._store = DirectoryStore(tmp_path / "store")
-    recovery = Recovery(config(keep_rounds=2), EXPERIMENT, 2)
+    recovery = Recovery(config(keep_rounds=2), EXPERIMENT)
     saved = {}
     for round in range(1, 5):
         for i, kind_ in enumerate(("local", "aggregated", "round_finished")):
@@ -241,7 +241,7 @@ class World:
 
     def add(self, p, neighbours, incarnation=0) -> None:
         ctx = FakeContext(p, peers=len(neighbours), neighbours=neighbours[p], params=model(99), incarnation=incarnation)
-        recovery = Recovery(self.cfg, EXPERIMENT, p)
+        recovery = Recovery(self.cfg, EXPERIMENT)
         self.peers[p] = (ctx, recovery)
         for q, (other, other_recovery) in self.peers.items():
             if q != p:
@@ -294,7 +294,7 @@ def test_adjacency_floods_once_per_origin_and_holders_are_the_farthest_peers():
 
 def test_before_the_topology_is_known_replicas_go_beyond_what_is_known():
     ctx = FakeContext(0, peers=6, neighbours=(1, 5), params=model(99))
-    recovery = Recovery(config(replicas=2), EXPERIMENT, 0)
+    recovery = Recovery(config(replicas=2), EXPERIMENT)
     recovery.start(ctx, LAYOUT)
     assert recovery.holders(ctx) == (2, 3)  # not reached by what it knows, in cyclic id order
 
@@ -339,7 +339,7 @@ def test_recovery_window_and_tier_3_when_nothing_is_left():
     result = asyncio.run(recovery.recover(ctx, LAYOUT, current_round=9))  # round 3 is older than 9 - 2
     assert result.tier == 3 and result.params is None and ctx.logs("recovery_tier") == [(3, None)]
     assert asyncio.run(recovery.recover(ctx, LAYOUT, current_round=5)).tier == 2
-    disabled = Recovery(CheckpointConfig(), EXPERIMENT, 0)
+    disabled = Recovery(CheckpointConfig(), EXPERIMENT)
     assert asyncio.run(disabled.recover(FakeContext(0, incarnation=1), LAYOUT)).tier == 3
 
 
@@ -361,12 +361,12 @@ def test_float16_replicas_restore_the_float16_model():
 
 def _origin_and_holder(cfg: CheckpointConfig, origins=(0,)):
     holder = FakeContext(3, peers=4, params=model(99))
-    holding = Recovery(cfg, EXPERIMENT, 3)
+    holding = Recovery(cfg, EXPERIMENT)
     holding.start(holder, LAYOUT)
     made = {}
     for o in origins:
         ctx = FakeContext(o, peers=4, neighbours=(), params=model(99))
-        recovery = Recovery(cfg, EXPERIMENT, o)
+        recovery = Recovery(cfg, EXPERIMENT)
         recovery.start(ctx, LAYOUT)
         made[o] = (ctx, recovery)
     return holder, holding, made
@@ -459,7 +459,7 @@ def test_a_restarted_holder_reads_back_the_chain_that_leads_to_the_newest_replic
         last, params = params, nudged(params, round)
     stale, meta = holder.store.get_bytes("replica.0.3")
     holder.store.put_bytes("replica.0.9", stale, {**meta, "round": 9, "base_round": 7})  # no way back to a full one
-    restarted = Recovery(config(replicas=1), EXPERIMENT, 3)
+    restarted = Recovery(config(replicas=1), EXPERIMENT)
     fetch = replace(ReplicaFetch(sender=0, min_round=0, max_round=99), request_id=1)
     restarted.handle(holder, fetch)
     chain = holder.sent[-1][1]
@@ -469,7 +469,7 @@ def test_a_restarted_holder_reads_back_the_chain_that_leads_to_the_newest_replic
 
 def test_a_model_float16_cannot_carry_skips_the_replica_instead_of_crashing():
     ctx = FakeContext(0, peers=4, params=model(99))
-    recovery = Recovery(config(replicas=1, replica_codec="float16"), EXPERIMENT, 0)
+    recovery = Recovery(config(replicas=1, replica_codec="float16"), EXPERIMENT)
     recovery.start(ctx, LAYOUT)
     huge = Params(torch.full((LAYOUT.numel,), 1e6), LAYOUT)
     assert recovery.replicate(ctx, 1, huge) == () and ctx.logs("replica_failed") == [(1, 1)]
@@ -494,7 +494,7 @@ SIM = {"replicas": 2}
 def recovery_peer(section: RecoveryTestConfig, name: str):
     async def main(ctx) -> None:
         layout = ctx.initial_params().layout
-        recovery = Recovery(section.checkpoint.model_copy(update=SIM), name, ctx.peer_id)
+        recovery = Recovery(section.checkpoint.model_copy(update=SIM), name)
         recovery.start(ctx, layout)
         if ctx.incarnation > 0:
             result = await recovery.recover(ctx, layout)

@@ -292,3 +292,19 @@ def test_one_peer_claiming_a_late_round_cannot_make_the_others_jump():
     peer._keep(update(ctx, 3, 4, 1.0))
     assert peer._newest_seen_round(ctx) == 4  # the second newest: two peers have reached it
     assert peer_at(2, rounds=20)._newest_seen_round(ctx) == 0  # a peer that holds no update stays
+
+
+def test_a_restarted_peer_refuses_a_round_reply_of_another_layout_and_asks_the_next_neighbour():
+    import asyncio
+
+    from meshfl.algorithms.smart_gossip import RoundReply, RoundRequest
+    from meshfl.core.params import Layout
+
+    ctx = FakeContext(0, 4, incarnation=1)
+    other = Params(torch.zeros(3), Layout(("x",), ((3,),)))
+    ctx.replies[(1, RoundRequest)] = lambda r: RoundReply(sender=1, in_reply_to=r.request_id, round=5, params=other)
+    ctx.replies[(2, RoundRequest)] = lambda r: RoundReply(sender=2, in_reply_to=r.request_id, round=4, params=filled(2.0))
+    peer = SmartGossipPeer(SmartGossipConfig(), rounds=10, seed=0)
+    round, model = asyncio.run(peer._rejoin(ctx))
+    assert round == 4 and model.flat.tolist() == filled(2.0).flat.tolist()
+    assert ctx.logs("rejoined") == [(4, 4)]

@@ -43,7 +43,7 @@ from meshfl.aggregate.partial import Part, PartialAggregates
 from meshfl.aggregate.robust import RobustConfig, robust_aggregate
 from meshfl.algorithms.base import Algorithm, register
 from meshfl.algorithms.checkpoints import CheckpointConfig
-from meshfl.algorithms.recovery import Recovery, RecoveryResult
+from meshfl.algorithms.recovery import Recovery
 from meshfl.core.context import NodeContext
 from meshfl.core.messages import LOSSLESS, Codec, Message, Reply, Request
 from meshfl.core.metrics import TRAIN_LOSS
@@ -306,7 +306,7 @@ class _VoteWatch:
     always the one a full scan gives: beliefs about peers past `_start` are read afresh at every call.
     """
 
-    def __init__(self, ctx: NodeContext, ballots: dict[int, Ballot], moved_on: Callable[[int], bool] = lambda p: False) -> None:
+    def __init__(self, ctx: NodeContext, ballots: dict[int, Ballot], moved_on: Callable[[int], bool]) -> None:
         self._ctx = ctx
         self._ballots = ballots
         self._moved_on = moved_on
@@ -339,7 +339,7 @@ class GossipPeer:
     def __init__(self, config: GossipConfig, rounds: int, experiment: str = "") -> None:
         self.config = config
         self.rounds = rounds
-        self.recovery = Recovery(config.checkpoints, experiment, -1)
+        self.recovery = Recovery(config.checkpoints, experiment)  # every call a no-op unless checkpoints.enabled
         self.codec = Codec(kind=config.codec, compression=config.compression)
         self.round = 0
         self._states: dict[int, RoundState] = {}
@@ -365,9 +365,7 @@ class GossipPeer:
 
     async def run(self, ctx: NodeContext) -> None:
         self._ballot_rng(ctx)  # split before anything else draws from ctx.rng
-        self.recovery.peer_id = ctx.peer_id
-        if self.recovery.enabled:
-            self.recovery.start(ctx, ctx.initial_params().layout)
+        self.recovery.start(ctx, ctx.initial_params().layout)
         if ctx.incarnation > 0:
             first, model = await self._rejoin(ctx)
         else:
@@ -387,14 +385,15 @@ class GossipPeer:
         2: replicas from peers, 3: none) and keeps it if it is as new as the neighbour's; an
         older one gives way to the neighbour's (the network moved on while it was down).
         """
+        layout = ctx.initial_params().layout
         network: JoinReply | None = None
         for neighbour in self._alive_neighbours(ctx):
             reply = await ctx.request(neighbour, JoinRequest(sender=ctx.peer_id), self.config.join_timeout_s)
             if (isinstance(reply, JoinReply) and 0 <= reply.round <= self.rounds  # a round past the run's end is a lie
-                    and reply.params.layout.fingerprint == ctx.initial_params().layout.fingerprint and reply.params.finite):
+                    and reply.params.layout.fingerprint == layout.fingerprint and reply.params.finite):
                 network = reply
                 break
-        recovered = await self._recover(ctx, None if network is None else network.round)
+        recovered = await self.recovery.recover(ctx, layout, current_round=None if network is None else network.round)
         if network is None:
             if recovered.params is not None and recovered.round is not None and recovered.round <= self.rounds:
                 ctx.log("rejoined", recovered.round, round=recovered.round)
@@ -411,11 +410,6 @@ class GossipPeer:
         if recovered.params is not None and recovered.round is not None and recovered.round >= network.round:
             return network.round + 1, recovered.params
         return network.round + 1, network.params
-
-    async def _recover(self, ctx: NodeContext, network_round: int | None) -> RecoveryResult:
-        if not self.recovery.enabled:
-            return RecoveryResult(tier=3)
-        return await self.recovery.recover(ctx, ctx.initial_params().layout, current_round=network_round)
 
     async def _initial_model(self, ctx: NodeContext) -> Params:
         state = self.state(0)
@@ -483,13 +477,11 @@ class GossipPeer:
         return state.model
 
     def _checkpoint(self, ctx: NodeContext, kind: str, round: int, params: Params, contributors: Iterable[int]) -> None:
-        if self.recovery.enabled:
-            self.recovery.checkpoint(ctx, kind, round, params, contributors=tuple(sorted(contributors)),
-                                     samples=ctx.num_samples)
+        self.recovery.checkpoint(ctx, kind, round, params, contributors=contributors, samples=ctx.num_samples)
 
     def _finish_round(self, ctx: NodeContext, round: int, state: RoundState) -> None:
         """The round's last checkpoint, and every `replica_every` rounds a replica to the farthest peers."""
-        if self.recovery.enabled and state.diffused is not None:
+        if state.diffused is not None:
             self._checkpoint(ctx, "round_finished", round, state.diffused.params, state.diffused.contributors)
             self.recovery.replicate(ctx, round, state.diffused.params)
 

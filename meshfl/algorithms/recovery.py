@@ -2,7 +2,7 @@
 
 An algorithm owns one `Recovery` per incarnation and calls it at a few points:
 
-    recovery = Recovery(section.checkpoint, experiment.name, ctx.peer_id)
+    recovery = Recovery(section.checkpoint, experiment.name)
     recovery.start(ctx, layout)                      # announce this peer's neighbours (topology flood)
     if ctx.incarnation > 0:
         result = await recovery.recover(ctx, layout)  # tier 1 local, 2 replicas from peers, 3 nothing
@@ -210,9 +210,8 @@ class Recovery:
         The algorithm's `CheckpointConfig` section; with `enabled` False every call is a no-op
         (`handle` still consumes and ignores this module's messages) and `recover` returns tier 3 silently.
     experiment
-        The experiment's name: part of every signature and checkpoint's metadata.
-    peer_id
-        This peer.
+        The experiment's name: part of every signature and checkpoint's metadata. (The peer is
+        `ctx.peer_id` of each call.)
     wall_clock
         Optional seconds-since-epoch clock recorded as `wall_time` in checkpoints (algorithms cannot
         read a clock themselves); None records null.
@@ -220,11 +219,10 @@ class Recovery:
 
     messages = MESSAGES
 
-    def __init__(self, config: CheckpointConfig, experiment: str, peer_id: int, *,
+    def __init__(self, config: CheckpointConfig, experiment: str, *,
                  wall_clock: Callable[[], float] | None = None) -> None:
         self.config = config
         self.experiment = experiment
-        self.peer_id = peer_id
         self.wall_clock = wall_clock
         self.layout: Layout | None = None
         self.adjacency: dict[int, Announcement] = {}

@@ -47,6 +47,7 @@ from pydantic import Field
 
 from meshfl.aggregate.fedavg import fedavg
 from meshfl.algorithms.base import Algorithm, register
+from meshfl.algorithms.gossip import choose_targets
 from meshfl.core.context import NodeContext
 from meshfl.core.messages import LOSSLESS, Codec, Message, Reply, Request
 from meshfl.core.metrics import TRAIN_LOSS
@@ -78,8 +79,7 @@ class SmartGossipConfig(Section):
     gossip_period_s: float = Field(0.1, gt=0, description="seconds between gossip steps")
     resend_timeout_s: float = Field(5.0, gt=0, description="how long a sender waits for a neighbour to confirm an update before sending it another")
     join_timeout_s: float = Field(5.0, gt=0, description="a restarted peer waits this long for a neighbour to say which round the network is in")
-    codec: Literal["float32"] = Field("float32", description="models travel exactly (updates are signed as their origin made them)")
-    compression: Literal["none", "gzip", "zstd"] = Field("none", description="byte compression of models (lossless)")
+    compression: Literal["none", "gzip", "zstd"] = Field("none", description="byte compression of models (lossless; values travel as float32, exactly as their origin signed them)")
 
     @property
     def uses_cache(self) -> bool:
@@ -199,7 +199,7 @@ class SmartGossipPeer:
         self.config = config
         self.rounds = rounds
         self.seed = seed
-        self.codec = Codec(kind=config.codec, compression=config.compression)
+        self.codec = Codec(kind="float32", compression=config.compression)
         self.round = 0
         self.model: Params | None = None
         self.updates: dict[int, dict[int, Update]] = {}  # origin -> version -> update (relayed unchanged)
@@ -224,9 +224,11 @@ class SmartGossipPeer:
             ctx.log("interactions", self.interactions[neighbour], about=neighbour)
 
     async def _rejoin(self, ctx: NodeContext) -> tuple[int, Params]:
+        layout = ctx.initial_params().layout
         for neighbour in [n for n in ctx.neighbours if ctx.is_alive(n)]:
             reply = await ctx.request(neighbour, RoundRequest(sender=ctx.peer_id), self.config.join_timeout_s)
-            if isinstance(reply, RoundReply) and 1 <= reply.round <= self.rounds and reply.params.finite:
+            if (isinstance(reply, RoundReply) and 1 <= reply.round <= self.rounds
+                    and reply.params.layout.fingerprint == layout.fingerprint and reply.params.finite):
                 ctx.log("rejoined", reply.round, round=reply.round)
                 return reply.round, reply.params
         ctx.log("rejoined", 0, round=0)
@@ -373,18 +375,15 @@ class SmartGossipPeer:
         candidates = sorted(lacking)
         if self.config.targets == "degree":
             targets = degree_order(ctx.rng, candidates, self.interactions)[:self.config.gossip_fanout]
-        elif len(candidates) <= self.config.gossip_fanout:
-            targets = candidates
         else:
-            targets = sorted(int(p) for p in ctx.rng.choice(np.asarray(candidates), size=self.config.gossip_fanout,
-                                                             replace=False))
+            targets = choose_targets(ctx.rng, candidates, [], self.config.gossip_fanout)
         for target in targets:
             missing = lacking[target]
             own = [u for u in missing if u.origin == ctx.peer_id]
             oldest = min(u.version for u in own or missing)  # a neighbour still closing a round needs that round's
             pool = [u for u in own or missing if u.version == oldest]
             update = pool[0] if len(pool) == 1 else pool[int(ctx.rng.integers(len(pool)))]
-            ctx.send(target, replace(update, sender=ctx.peer_id) if update.sender != ctx.peer_id else update)
+            ctx.send(target, update)  # held with this peer as sender: one message object, encoded once
             self.awaiting[target] = now
 
     async def _pump(self, ctx: NodeContext, done: Callable[[], bool], deadline: float) -> bool:

@@ -43,6 +43,7 @@ class DataConfig(_Section):
     max_samples: int = Field(500, ge=1, description="quantity: largest number of training samples a peer gets")
     local_test_fraction: float = Field(0.1, ge=0, lt=1, description="fraction of each peer's samples kept as its local test split")
     train_samples: int | None = Field(None, ge=1, description="use only this many training samples (a random subset drawn from the seed, before partitioning; cheaper runs); none: all")
+    test_samples: int | None = Field(None, ge=1, description="evaluate on only this many global test samples (a random subset drawn from the seed; cheaper evaluations for runs that evaluate often); none: all")
 
     @model_validator(mode="after")
     def _sizes_ordered(self) -> DataConfig:

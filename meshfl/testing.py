@@ -86,6 +86,8 @@ class FakeContext:
         What `num_samples` reports, and the samples of a `TrainResult`.
     params : Params, optional
         What `initial_params` returns (a clone); default zeros of `DEFAULT_LAYOUT`.
+    label_counts : iterable of int, optional
+        What `label_counts` reports; default all `num_samples` in one class.
     train_delta, train_loss, train_time_s, train_fn
         What `train` does (see `train`).
     metrics : dict[str, float], optional
@@ -107,6 +109,7 @@ class FakeContext:
 
     def __init__(self, peer_id: int = 0, peers: int | Iterable[int] = 4, neighbours: Iterable[int] | None = None, *,
                  incarnation: int = 0, seed: int = 0, num_samples: int = 100, params: Params | None = None,
+                 label_counts: Iterable[int] | None = None,
                  train_delta: float = 1.0, train_loss: float = 0.5, train_time_s: float = 0.0,
                  train_fn: Callable[[Params], Params | TrainResult] | None = None,
                  metrics: dict[str, float] | None = None, evaluate_time_s: float = 0.0,
@@ -119,6 +122,7 @@ class FakeContext:
         self._neighbours = others if neighbours is None else tuple(sorted(neighbours))
         self._incarnation = incarnation
         self._num_samples = num_samples
+        self._label_counts = tuple(label_counts) if label_counts is not None else (num_samples,)
         self._rng = algorithm_rng(seed, peer_id, incarnation)  # what the runtimes give this peer
         self.keyring = DerivedKeyring(seed, max(self._peers) + 1)  # signatures as a simulated run makes them
         self._signing_key = derived_key(seed, peer_id)
@@ -228,6 +232,11 @@ class FakeContext:
     def num_samples(self) -> int:
         """The `num_samples` given."""
         return self._num_samples
+
+    @property
+    def label_counts(self) -> tuple[int, ...]:
+        """The `label_counts` given (default: every sample in one class)."""
+        return self._label_counts
 
     @property
     def store(self) -> MemoryStore:

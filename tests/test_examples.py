@@ -38,11 +38,13 @@ def test_mnist_gossip_faults_example_survives_a_crash_a_restart_and_loss(tmp_pat
 
 
 @pytest.mark.skipif(not (MNIST / "train-images-idx3-ubyte.gz").exists(), reason="MNIST not available")
-def test_smart_gossip_10x20_example_every_peer_reaches_097(tmp_path):
-    config = load_config(ROOT / "examples" / "smart_gossip_10x20.yaml", [f"data.path={MNIST}"])
+def test_smart_gossip_10x20_example_every_peer_learns_in_its_first_5_rounds(tmp_path):
+    # 5 of the example's 20 rounds keep the suite inside CI's budget; the 20 rounds reach 0.9802 at every
+    # peer (examples/smart_gossip_experiment.py, stop 19's note), 5 rounds 0.9637.
+    config = load_config(ROOT / "examples" / "smart_gossip_10x20.yaml", [f"data.path={MNIST}", "rounds=5"])
     result = run_experiment(config, tmp_path / "run")
     final = result.summary["final_global_accuracy"]
-    assert len(final) == 10 and min(final.values()) >= 0.97, final  # measured 0.9802 every peer
+    assert len(final) == 10 and min(final.values()) >= 0.955, final
     interactions = [e for e in result.metrics.events if e.get("metric") == "interactions"]
     assert len(interactions) == 10 * 9 and all(e["value"] > 0 for e in interactions)
 

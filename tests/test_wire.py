@@ -23,6 +23,8 @@ from meshfl.algorithms.gossip import (
     Skip,
     Votes,
 )
+from meshfl.algorithms.mpls import Done as MplsDone
+from meshfl.algorithms.mpls import Info, InfoReply, Layers, Pull
 from meshfl.algorithms.recovery import (
     Adjacency,
     Announcement,
@@ -352,6 +354,21 @@ def _replica_chains(codec: Codec) -> list[Message]:
             ReplicaChain(sender=3, in_reply_to=9, entries=(_replica_entry(4, -1), _replica_entry(6, 4)))]
 
 
+def _mpls_messages(cls: type[Message]) -> Callable[[Codec], list[Message]]:
+    def make(codec: Codec) -> list[Message]:
+        whole = Params(torch.arange(LAYOUT.numel, dtype=torch.float32), LAYOUT)
+        return {
+            Info: [Info(sender=1, request_id=(2 << 32) + 7)],
+            InfoReply: [InfoReply(sender=2, in_reply_to=7, iteration=12, scores=(0.0, 1.5e-7, 3.25), label_counts=(0, 17, 2**40)),
+                        InfoReply(sender=2, in_reply_to=7, iteration=0, scores=(), label_counts=(), done=True)],
+            Pull: [Pull(sender=1, request_id=9, layers=(0, 2))],
+            Layers: [Layers(sender=2, in_reply_to=9, iteration=3, slice=ParamsSlice.of(whole, ((0, 2), (5, LAYOUT.numel))),
+                            scores=(1.0, 2.0))],
+            MplsDone: [MplsDone(sender=4, iteration=30)],
+        }[cls]
+    return make
+
+
 FACTORIES: dict[type[Message], Callable[[Codec], list[Message]]] = {
     Heartbeat: _heartbeats,
     Goodbye: _goodbyes,
@@ -373,6 +390,11 @@ FACTORIES: dict[type[Message], Callable[[Codec], list[Message]]] = {
     SmartHolds: _smart_holds,
     RoundRequest: _round_requests,
     RoundReply: _round_replies,
+    Info: _mpls_messages(Info),
+    InfoReply: _mpls_messages(InfoReply),
+    Pull: _mpls_messages(Pull),
+    Layers: _mpls_messages(Layers),
+    MplsDone: _mpls_messages(MplsDone),
     # meshfl.algorithms.recovery: registered by the algorithms that use it (under their names)
     Adjacency: _adjacencies,
     Replica: _replicas,

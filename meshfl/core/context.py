@@ -84,6 +84,11 @@ class NodeContext(Protocol):
         ...
 
     @property
+    def label_counts(self) -> tuple[int, ...]:
+        """Samples of each class in the local training split: metadata a peer may share (MPLS's data divergence), never the data."""
+        ...
+
+    @property
     def store(self) -> Store:
         """Named blobs and Params that survive a crash (not a wipe)."""
         ...

@@ -598,6 +598,42 @@ def plot_described(metric: str, lines: dict[int, tuple[list[float], list[float]]
     return _save(fig, path)
 
 
+def matrix_metrics(events: Iterable[Any]) -> dict[str, dict[tuple[int, int], float]]:
+    """Totals one peer logged `about` another without a round (MPLS's layers pulled per peer, smart
+    gossip's interactions), as {metric: {(peer, described peer): value}}; a repeated pair sums."""
+    found: dict[str, dict[tuple[int, int], float]] = {}
+    for e in events:
+        if not isinstance(e, dict) or e.get("event") != METRIC or "about" not in e or e.get("round") is not None:
+            continue
+        peer, about, value = e.get("peer"), e.get("about"), e.get("value")
+        if not isinstance(peer, int) or not isinstance(about, int) or not isinstance(value, (int, float)):
+            continue
+        cells = found.setdefault(str(e.get("metric")), {})
+        cells[(peer, about)] = cells.get((peer, about), 0.0) + float(value)
+    return found
+
+
+def plot_matrix(metric: str, cells: dict[tuple[int, int], float], path: Path) -> Path:
+    """A heat map: row = the peer that logged, column = the peer it is about (blank: never logged)."""
+    peers = sorted({p for pair in cells for p in pair})
+    index = {p: i for i, p in enumerate(peers)}
+    grid = np.full((len(peers), len(peers)), np.nan)
+    for (peer, about), value in cells.items():
+        grid[index[peer], index[about]] = value
+    side = min(4.0 + 0.25 * len(peers), 12.0)
+    fig = _new_figure(side + 1.5, side)
+    ax = fig.add_subplot()
+    image = ax.imshow(grid, cmap="viridis", interpolation="nearest")
+    fig.colorbar(image, ax=ax, shrink=0.8, label=metric.replace("_", " "))
+    ticks = list(range(len(peers))) if len(peers) <= 40 else list(range(0, len(peers), max(1, len(peers) // 20)))
+    ax.set_xticks(ticks, [str(peers[i]) for i in ticks], fontsize=7)
+    ax.set_yticks(ticks, [str(peers[i]) for i in ticks], fontsize=7)
+    ax.set_xlabel("about peer")
+    ax.set_ylabel("peer")
+    ax.set_title(f"{metric.replace('_', ' ')}: peer (row) about peer (column)")
+    return _save(fig, path)
+
+
 def _timeline_table(summary: dict[str, Any]) -> str:
     """The algorithm's notable moments (`Algorithm.timeline`), e.g. who coordinates from which round."""
     rows = summary.get("timeline") or []
@@ -733,6 +769,10 @@ def write_report(run_dir: Path, events: list[dict], summary: dict, config_yaml: 
         safe = "".join(c if c.isalnum() or c in "_-" else "_" for c in metric)
         pngs.append(plot_described(metric, lines, run_dir / f"{safe}_per_peer.png"))
         alts.append(f"{metric} per peer")
+    for metric, cells in sorted(matrix_metrics(events).items())[:MAX_DESCRIBED_PLOTS]:
+        safe = "".join(c if c.isalnum() or c in "_-" else "_" for c in metric)
+        pngs.append(plot_matrix(metric, cells, run_dir / f"{safe}_matrix.png"))
+        alts.append(f"{metric}: peer about peer")
     page = render_html(
         title,
         _summary_table(summary, peers, final, messages, sent_bytes, dead, histories, faults),

@@ -95,6 +95,9 @@ class Worlds:
 def build_worlds(config: ExperimentConfig) -> Worlds:
     """Dataset, per-peer split and learner of a run; one function for both runtimes."""
     train, global_test = load_dataset(config.data, config.seed)
+    if config.data.test_samples is not None and config.data.test_samples < len(global_test):
+        keep = np.random.default_rng([config.seed, 4]).choice(len(global_test), size=config.data.test_samples, replace=False)
+        global_test = global_test.subset(np.sort(keep))
     peer_data = split_for_peers(train, config.peers, config.data, config.seed)
     learner = make_learner(config.train, train.feature_shape, train.num_classes)
     return Worlds(peer_data, global_test, learner, partition_stats(peer_data, train.num_classes))
@@ -241,6 +244,11 @@ class PeerContext:
         if byzantine is not None and byzantine.behaviour == "inflate_weight":
             return int(byzantine.weight)
         return len(self._data.train)
+
+    @property
+    def label_counts(self) -> tuple[int, ...]:
+        train = self._data.train
+        return tuple(int(c) for c in torch.bincount(train.y, minlength=train.num_classes).tolist())
 
     @property
     def store(self) -> Store:

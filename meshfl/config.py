@@ -52,7 +52,8 @@ class DataConfig(_Section):
 
 
 class TrainConfig(_Section):
-    model: str = Field("mlp", description="mlp (in-256-128-out), cnn (two convolutions), or your own `package.module:factory` "
+    model: str = Field("mlp", description="mlp (in-256-128-out), cnn (two convolutions), lenet5 (LeNet-5 with ReLU and max "
+                                        "pooling; images of at least 12x12), or your own `package.module:factory` "
                                         "returning a torch.nn.Module, imported on each peer's machine (see meshfl/learn/models.py)")
     model_options: dict[str, Any] = Field(default_factory=dict, description="keyword arguments for a `package.module:factory` model, "
                                                                           "besides feature_shape and num_classes")
@@ -79,7 +80,7 @@ class TrainConfig(_Section):
     @field_validator("model")
     @classmethod
     def _model_form(cls, value: str) -> str:
-        if value in ("mlp", "cnn"):
+        if value in ("mlp", "cnn", "lenet5"):
             return value
         from meshfl.learn.models import check_model_name  # imports torch: only for user models
 
@@ -210,7 +211,7 @@ class ComputeConfig(_Section):
     tiers: list[ComputeTier] = Field(default_factory=list, description="heterogeneous compute: tiers of {peers | count | fraction, speed} applied after the uniform draw")
     batching: Literal["auto", "on", "off"] = Field(
         "auto", description="simulator: training and evaluation requests of one virtual instant run together, as one vmapped "
-                            "batch of models (auto: training when train.model is mlp/cnn with the cross_entropy loss and no "
+                            "batch of models (auto: training when train.model is mlp/cnn/lenet5 with the cross_entropy loss and no "
                             "train.step/fedprox_mu/metrics, evaluation too on a GPU; on: both, refusing a config that cannot "
                             "batch; off: one by one)")
 

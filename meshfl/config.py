@@ -35,10 +35,15 @@ class DataConfig(_Section):
     label_column: str = Field("label", description="tables, sql, huggingface: name of the column holding the class label (any values; sorted, numbered 0..K-1)")
     feature_shape: list[int] | None = Field(None, description="tables, sql, huggingface, torch: reshape each row's features to this shape, e.g. [1, 8, 8] for a CNN (default: flat)")
     test_fraction: float = Field(0.2, gt=0, lt=1, description="every source without its own test split: fraction held out (stratified) as the global test set")
-    partition: Literal["iid", "dirichlet", "shards", "quantity"] = Field(
-        "iid", description="how training samples are split among peers")
+    partition: Literal["iid", "dirichlet", "shards", "quantity", "dominant"] = Field(
+        "iid", description="how training samples are split among peers (dominant: non-IID level chi, see dominant_fraction)")
     dirichlet_alpha: float = Field(0.5, gt=0, description="dirichlet: concentration; small values give strong label skew")
     classes_per_peer: int = Field(2, ge=1, description="shards: number of distinct classes each peer holds")
+    dominant_fraction: float = Field(
+        0.8, ge=0, le=1, description="dominant: the non-IID level chi, the fraction of each peer's samples that share its one "
+                                     "dominant label (peers take the labels in turn, in an order drawn from the seed); the rest "
+                                     "are spread evenly over the other labels, every peer gets as many samples as the data allows "
+                                     "for all of them alike")
     min_samples: int = Field(50, ge=1, description="quantity: smallest number of training samples a peer gets")
     max_samples: int = Field(500, ge=1, description="quantity: largest number of training samples a peer gets")
     local_test_fraction: float = Field(0.1, ge=0, lt=1, description="fraction of each peer's samples kept as its local test split")

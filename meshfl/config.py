@@ -166,9 +166,21 @@ class LinkConfig(_Section):
 class NetworkConfig(_Section):
     latency_s: float = Field(0.01, ge=0, description="one-way latency of every peer, seconds (a message takes the larger of its two ends')")
     bandwidth_mbps: float = Field(100.0, gt=0, description="bandwidth of every link, megabits per second (each link sends one message at a time)")
+    bandwidth_range_mbps: tuple[float, float] | None = Field(
+        None, description="heterogeneous links: each pair of peers gets its own bandwidth [low, high] megabits per second, drawn "
+                          "uniformly from the run seed (the same both ways, in both runtimes), instead of bandwidth_mbps; a "
+                          "pair's network.links bandwidth_mbps replaces its draw; uplinks, downlinks and slow_link faults still "
+                          "apply; over gRPC the sender waits size / bandwidth per message (none: every link bandwidth_mbps)")
     loss: float = Field(0.0, ge=0, lt=1, description="probability that a message is dropped on a link")
     peers: dict[int, PeerLinkConfig] = Field(default_factory=dict, description="per-peer overrides of uplink_mbps, downlink_mbps, latency_s, by peer id")
     links: list[LinkConfig] = Field(default_factory=list, description="per-pair overrides: peers [a, b], bandwidth_mbps, latency_s, loss (both directions)")
+
+    @field_validator("bandwidth_range_mbps")
+    @classmethod
+    def _range_ordered(cls, value: tuple[float, float] | None) -> tuple[float, float] | None:
+        if value is not None and not 0 < value[0] <= value[1]:
+            raise ValueError("must be [low, high] with 0 < low <= high")
+        return value
 
     @model_validator(mode="after")
     def _links_once(self) -> NetworkConfig:

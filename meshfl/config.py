@@ -35,10 +35,15 @@ class DataConfig(_Section):
     label_column: str = Field("label", description="tables, sql, huggingface: name of the column holding the class label (any values; sorted, numbered 0..K-1)")
     feature_shape: list[int] | None = Field(None, description="tables, sql, huggingface, torch: reshape each row's features to this shape, e.g. [1, 8, 8] for a CNN (default: flat)")
     test_fraction: float = Field(0.2, gt=0, lt=1, description="every source without its own test split: fraction held out (stratified) as the global test set")
-    partition: Literal["iid", "dirichlet", "shards", "quantity"] = Field(
-        "iid", description="how training samples are split among peers")
+    partition: Literal["iid", "dirichlet", "shards", "quantity", "dominant"] = Field(
+        "iid", description="how training samples are split among peers (dominant: non-IID level chi, see dominant_fraction)")
     dirichlet_alpha: float = Field(0.5, gt=0, description="dirichlet: concentration; small values give strong label skew")
     classes_per_peer: int = Field(2, ge=1, description="shards: number of distinct classes each peer holds")
+    dominant_fraction: float = Field(
+        0.8, ge=0, le=1, description="dominant: the non-IID level chi, the fraction of each peer's samples that share its one "
+                                     "dominant label (peers take the labels in turn, in an order drawn from the seed); the rest "
+                                     "are spread evenly over the other labels, every peer gets as many samples as the data allows "
+                                     "for all of them alike")
     min_samples: int = Field(50, ge=1, description="quantity: smallest number of training samples a peer gets")
     max_samples: int = Field(500, ge=1, description="quantity: largest number of training samples a peer gets")
     local_test_fraction: float = Field(0.1, ge=0, lt=1, description="fraction of each peer's samples kept as its local test split")
@@ -53,7 +58,8 @@ class DataConfig(_Section):
 
 
 class TrainConfig(_Section):
-    model: str = Field("mlp", description="mlp (in-256-128-out), cnn (two convolutions), or your own `package.module:factory` "
+    model: str = Field("mlp", description="mlp (in-256-128-out), cnn (two convolutions), lenet5 (LeNet-5 with ReLU and max "
+                                        "pooling; images of at least 12x12), or your own `package.module:factory` "
                                         "returning a torch.nn.Module, imported on each peer's machine (see meshfl/learn/models.py)")
     model_options: dict[str, Any] = Field(default_factory=dict, description="keyword arguments for a `package.module:factory` model, "
                                                                           "besides feature_shape and num_classes")
@@ -80,7 +86,7 @@ class TrainConfig(_Section):
     @field_validator("model")
     @classmethod
     def _model_form(cls, value: str) -> str:
-        if value in ("mlp", "cnn"):
+        if value in ("mlp", "cnn", "lenet5"):
             return value
         from meshfl.learn.models import check_model_name  # imports torch: only for user models
 
@@ -161,9 +167,21 @@ class LinkConfig(_Section):
 class NetworkConfig(_Section):
     latency_s: float = Field(0.01, ge=0, description="one-way latency of every peer, seconds (a message takes the larger of its two ends')")
     bandwidth_mbps: float = Field(100.0, gt=0, description="bandwidth of every link, megabits per second (each link sends one message at a time)")
+    bandwidth_range_mbps: tuple[float, float] | None = Field(
+        None, description="heterogeneous links: each pair of peers gets its own bandwidth [low, high] megabits per second, drawn "
+                          "uniformly from the run seed (the same both ways, in both runtimes), instead of bandwidth_mbps; a "
+                          "pair's network.links bandwidth_mbps replaces its draw; uplinks, downlinks and slow_link faults still "
+                          "apply; over gRPC the sender waits size / bandwidth per message (none: every link bandwidth_mbps)")
     loss: float = Field(0.0, ge=0, lt=1, description="probability that a message is dropped on a link")
     peers: dict[int, PeerLinkConfig] = Field(default_factory=dict, description="per-peer overrides of uplink_mbps, downlink_mbps, latency_s, by peer id")
     links: list[LinkConfig] = Field(default_factory=list, description="per-pair overrides: peers [a, b], bandwidth_mbps, latency_s, loss (both directions)")
+
+    @field_validator("bandwidth_range_mbps")
+    @classmethod
+    def _range_ordered(cls, value: tuple[float, float] | None) -> tuple[float, float] | None:
+        if value is not None and not 0 < value[0] <= value[1]:
+            raise ValueError("must be [low, high] with 0 < low <= high")
+        return value
 
     @model_validator(mode="after")
     def _links_once(self) -> NetworkConfig:
@@ -211,7 +229,7 @@ class ComputeConfig(_Section):
     tiers: list[ComputeTier] = Field(default_factory=list, description="heterogeneous compute: tiers of {peers | count | fraction, speed} applied after the uniform draw")
     batching: Literal["auto", "on", "off"] = Field(
         "auto", description="simulator: training and evaluation requests of one virtual instant run together, as one vmapped "
-                            "batch of models (auto: training when train.model is mlp/cnn with the cross_entropy loss and no "
+                            "batch of models (auto: training when train.model is mlp/cnn/lenet5 with the cross_entropy loss and no "
                             "train.step/fedprox_mu/metrics, evaluation too on a GPU; on: both, refusing a config that cannot "
                             "batch; off: one by one)")
 

@@ -76,7 +76,7 @@ def test_a_module_that_does_not_fit_is_refused_naming_the_difference(tmp_path):
     ("user_models_for_tests:missing", "train.model: module 'user_models_for_tests' has no attribute 'missing'"),
     ("user_models_for_tests:NOT_CALLABLE", "train.model: 'user_models_for_tests:NOT_CALLABLE' is not callable (it is a int)"),
     ("user_models_for_tests:not_a_module", "train.model: 'user_models_for_tests:not_a_module' returned a list, not a torch.nn.Module"),
-    ("not a reference", "train.model: must be mlp or cnn or a factory `package.module:factory`"),
+    ("not a reference", "train.model: must be mlp, cnn or lenet5 or a factory `package.module:factory`"),
 ])
 def test_model_errors_name_the_field(tmp_path, model, message):
     with pytest.raises((ModelError, ConfigError)) as info:

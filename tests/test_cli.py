@@ -13,7 +13,7 @@ runner = CliRunner()
 
 @pytest.mark.parametrize(("override", "expected"), [
     ("peers=0", "peers: Input should be greater than or equal to 1 (got 0)"),
-    ("train.model=resnet", "train.model: must be mlp or cnn or a factory `package.module:factory` returning a torch.nn.Module (got 'resnet')"),
+    ("train.model=resnet", "train.model: must be mlp, cnn or lenet5 or a factory `package.module:factory` returning a torch.nn.Module (got 'resnet')"),
     ("topology.kind=torus", "topology.kind: must be one of"),
     ("gossip.fanout=2", "gossip.fanout: is not a known field"),
     ("data.min_samples=900", "data.min_samples must be <= data.max_samples"),

@@ -2,10 +2,11 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from meshfl.config import ComputeConfig, ExperimentConfig, NetworkConfig, load_config
+from meshfl.config import ComputeConfig, ConfigError, ExperimentConfig, NetworkConfig, load_config
 from meshfl.faults import parse_faults, resolve_faults
+from meshfl.runtime.grpc.faults import TransportFaults
 from meshfl.runtime.sim.compute import peer_speeds
-from meshfl.runtime.sim.network import SimNetwork
+from meshfl.runtime.sim.network import SimNetwork, pair_bandwidth_mbps
 
 MB = 1_000_000  # bytes; 1 MB at 8 Mbps takes 1 s
 
@@ -246,3 +247,74 @@ def test_speed_tier_validation():
         peer_speeds(too_many, 4, 0)
     with pytest.raises(ValueError, match=r"compute.tiers.0.peers: peer 4 does not exist"):
         ComputeConfig.model_validate({"tiers": [{"peers": [4], "speed": 2}]}).check_peers(4)
+
+
+# ---------------------------------------------------------------- heterogeneous links and compute tiers
+
+
+def test_bandwidth_range_draws_each_pair_once_within_range_symmetric_and_from_the_seed():
+    net, _ = network(8, seed=4, bandwidth_range_mbps=[5, 25])
+    drawn = {(a, b): net.bandwidth_mbps(a, b) for a in range(8) for b in range(8) if a != b}
+    assert all(5 <= mbps <= 25 for mbps in drawn.values())
+    assert all(drawn[(a, b)] == pytest.approx(drawn[(b, a)]) for a, b in drawn)  # one draw per unordered pair
+    assert len({round(mbps, 9) for mbps in drawn.values()}) == 28  # heterogeneous: 8 x 7 / 2 different pairs
+    assert drawn[(2, 5)] == pytest.approx(pair_bandwidth_mbps(4, 5, 2, 5, 25))
+    again, _ = network(8, seed=4, bandwidth_range_mbps=[5, 25])
+    other, _ = network(8, seed=5, bandwidth_range_mbps=[5, 25])
+    assert all(again.bandwidth_mbps(a, b) == drawn[(a, b)] for a, b in drawn)
+    assert any(other.bandwidth_mbps(a, b) != pytest.approx(drawn[(a, b)]) for a, b in drawn)
+    bigger, _ = network(20, seed=4, bandwidth_range_mbps=[5, 25])  # a pair's draw does not depend on the number of peers
+    assert bigger.bandwidth_mbps(2, 5) == drawn[(2, 5)]
+    fixed, _ = network(3, seed=4, bandwidth_range_mbps=[10, 10])
+    assert fixed.bandwidth_mbps(0, 2) == pytest.approx(10)
+
+
+def test_a_messages_transfer_time_reflects_its_pairs_drawn_bandwidth():
+    net, out = network(4, seed=1, bandwidth_range_mbps=[5, 25], latency_s=0.1)
+    net.send(0.0, 0, 1, "a", MB)
+    net.send(0.0, 3, 2, "b", MB)
+    for (at, _target, _m), (s, t) in zip(out, [(0, 1), (3, 2)], strict=True):
+        assert at == pytest.approx(MB * 8 / (pair_bandwidth_mbps(1, s, t, 5, 25) * 1e6) + 0.1)
+    assert out[0][0] != pytest.approx(out[1][0])
+
+
+def test_links_override_the_draw_and_uplinks_and_slow_links_still_apply():
+    net, out = network(4, seed=1, bandwidth_range_mbps=[5, 25], links=[{"peers": [0, 1], "bandwidth_mbps": 40}],
+                       peers={3: {"uplink_mbps": 2}})
+    assert net.bandwidth_mbps(1, 0) == pytest.approx(40)  # the pair's own value wins over the draw, both ways
+    assert net.bandwidth_mbps(3, 2) == pytest.approx(2) and net.bandwidth_mbps(2, 3) == pytest.approx(pair_bandwidth_mbps(1, 2, 3, 5, 25))
+    net.slow_links("slow", [(0, 2)], bandwidth_mbps=1)
+    assert net.bandwidth_mbps(2, 0) == pytest.approx(1)
+    net.restore_links("slow")
+    assert net.bandwidth_mbps(2, 0) == pytest.approx(pair_bandwidth_mbps(1, 0, 2, 5, 25))
+    plain, _ = network(4, links=[{"peers": [0, 1], "bandwidth_mbps": 400}])
+    assert plain.bandwidth_mbps(0, 1) == pytest.approx(100)  # without a range a link's bandwidth caps bandwidth_mbps, as before
+
+
+def test_bandwidth_range_validation_names_the_field():
+    for bad in ("[25, 5]", "[0, 5]", "[-1, 5]"):
+        with pytest.raises(ConfigError, match=r"^network.bandwidth_range_mbps: must be \[low, high\] with 0 < low <= high"):
+            load_config(None, [f"network.bandwidth_range_mbps={bad}"])
+    assert load_config(None, ["network.bandwidth_range_mbps=[5, 25]"]).network.bandwidth_range_mbps == (5, 25)
+
+
+def test_grpc_peers_shape_their_sends_with_the_same_draw(tmp_path):
+    config = load_config(None, ["peers=5", "network.bandwidth_range_mbps=[5, 25]", "seed=7",
+                                "network.links=[{peers: [0, 4], bandwidth_mbps: 50, latency_s: 3}]"])
+    shaping = TransportFaults(config, 0, tmp_path)
+    sim, _ = network(5, seed=7, **config.network.model_dump())
+    assert shaping.active and not shaping.actions
+    for target in (1, 2, 3):
+        assert shaping.delay(target, MB) == pytest.approx(MB * 8 / (sim.bandwidth_mbps(0, target) * 1e6))  # no latency of its own
+    assert shaping.delay(4, MB) == pytest.approx(MB * 8 / 50e6) and not shaping.drops(1)
+    unshaped = TransportFaults(load_config(None, ["peers=5", "network.links=[{peers: [0, 4], bandwidth_mbps: 50}]"]), 0, tmp_path)
+    assert not unshaped.active and unshaped.delay(4, MB) == 0  # without a range, configured bandwidths stay the simulator's
+
+
+def test_six_compute_tiers_of_five_give_thirty_peers_the_six_speeds():
+    """The edge setting of 30 devices in 6 power modes, 5 per mode, is compute.tiers with count 5 each."""
+    modes = [0.2, 0.35, 0.5, 0.65, 0.8, 1.0]
+    config = load_config(None, ["peers=30", "compute.tiers=" + str([{"count": 5, "speed": s} for s in modes])])
+    speeds = peer_speeds(config.compute, 30, config.seed)
+    assert sorted(set(speeds.tolist())) == modes and all((speeds == s).sum() == 5 for s in modes)
+    assert not np.array_equal(speeds, peer_speeds(config.compute, 30, config.seed + 1))  # who is in which mode: the seed

@@ -203,3 +203,76 @@ def test_train_samples_takes_a_seeded_subset_before_partitioning() -> None:
     assert all(torch.equal(a.train.y, b.train.y) for a, b in zip(peers, again, strict=True))
     whole = split_for_peers(train, 5, DataConfig(train_samples=10**6), seed=3)  # more than there is: all of it
     assert sum(len(p.train) + len(p.test) for p in whole) == len(train)
+
+
+# ---------------------------------------------------------------- dominant (non-IID level chi)
+
+
+def _dominant_histograms(labels: np.ndarray, parts: list[np.ndarray]) -> np.ndarray:
+    return np.stack([np.bincount(labels[p], minlength=10) for p in parts])
+
+
+@pytest.mark.parametrize(("peers", "chi"), [(30, 0.8), (10, 0.5), (7, 0.95), (100, 0.1), (30, 1.0), (30, 0.0)])
+def test_dominant_gives_each_peer_chi_of_one_label_and_the_rest_evenly(mnist_labels: np.ndarray, peers: int, chi: float) -> None:
+    parts = _partition(mnist_labels, peers, seed=3, partition="dominant", dominant_fraction=chi)
+    _check_valid(parts, len(mnist_labels), peers)  # disjoint: no sample given to two peers
+    size = len(parts[0])
+    assert all(len(p) == size for p in parts) and size >= 1
+    hist = _dominant_histograms(mnist_labels, parts)
+    main = int(np.floor(chi * size + 0.5))
+    dominant = [int(np.argmax(h)) if chi > 0.5 else None for h in hist]
+    for peer, h in enumerate(hist):
+        label = dominant[peer] if dominant[peer] is not None else int(np.flatnonzero(h == main)[0])
+        assert h[label] == main  # chi of its samples, to the nearest sample
+        others = np.delete(h, label)
+        share = (size - main) / 9
+        assert others.sum() == size - main and np.all(np.abs(others - share) < 1)  # floor or ceil of the even share
+    assert abs(hist.max(axis=1) / size - max(chi, (1 - chi) / 9)).max() <= 1 / size + 1e-12
+    if chi > 0.5:  # peers take the labels in turn: every label is dominant for peers // 10 or one more peers
+        counts = np.bincount(dominant, minlength=10)
+        assert counts.max() - counts.min() <= 1
+
+
+def test_dominant_sizes_are_as_large_as_the_classes_allow(mnist_labels: np.ndarray) -> None:
+    """30 peers, 10 labels, chi 0.8: each label is dominant for 3 peers, so each class must hold about
+    3 x 0.8 m + 27 x 0.2 m / 9 = 3 m; the smallest class (5421) bounds m, one more sample would not fit."""
+    parts = _partition(mnist_labels, 30, partition="dominant", dominant_fraction=0.8)
+    size = len(parts[0])
+    assert 5421 // 3 - 5 <= size <= 5421 // 3
+    demand = _dominant_histograms(mnist_labels, parts).sum(axis=0)
+    assert np.all(demand <= MNIST_COUNTS) and np.any(np.array(MNIST_COUNTS) - demand < 3)
+
+
+def test_dominant_labels_and_samples_come_from_the_seed(mnist_labels: np.ndarray) -> None:
+    def run(seed: int) -> list[np.ndarray]:
+        return _partition(mnist_labels, 20, seed=seed, partition="dominant", dominant_fraction=0.9)
+
+    a, b, c = run(1), run(1), run(2)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+    assert not all(np.array_equal(x, y) for x, y in zip(a, c, strict=True))
+    labels_a = [int(np.argmax(h)) for h in _dominant_histograms(mnist_labels, a)]
+    assert sorted(labels_a[:10]) == list(range(10)) and labels_a[10:] == labels_a[:10]  # peers cycle over the labels
+
+
+def test_dominant_through_split_for_peers_on_digits(digits_labels: np.ndarray) -> None:
+    train = _indexed_dataset(digits_labels)
+    peers = split_for_peers(train, 10, DataConfig(partition="dominant", dominant_fraction=0.6, local_test_fraction=0.0), seed=0)
+    stats = partition_stats(peers, 10)
+    rows = torch.cat([p.train.x for p in peers])[:, 0].long().numpy()
+    assert len(np.unique(rows)) == len(rows)
+    sizes = {s["train_samples"] for s in stats}
+    assert len(sizes) == 1
+    size = sizes.pop()
+    assert sorted(max(s["train_label_counts"]) for s in stats) == [round(0.6 * size)] * 10
+
+
+def test_dominant_refuses_data_it_cannot_satisfy_naming_the_field() -> None:
+    with pytest.raises(DataError, match="data.dominant_fraction: the training set has one label only"):
+        _partition(np.zeros(50, dtype=np.int64), 5, partition="dominant", dominant_fraction=0.5)
+    assert [len(p) for p in _partition(np.zeros(50, dtype=np.int64), 5, partition="dominant", dominant_fraction=1.0)] == [10] * 5
+    labels = np.array([0] * 30 + [1])  # 4 peers, 2 of them dominant in label 1, which has one sample
+    with pytest.raises(DataError, match=r"data.dominant_fraction: 4 peers cannot each get a sample") as info:
+        _partition(labels, 4, partition="dominant", dominant_fraction=0.9)
+    assert "\n" not in str(info.value)
+    with pytest.raises(ValueError, match="dominant_fraction"):
+        DataConfig(partition="dominant", dominant_fraction=1.5)

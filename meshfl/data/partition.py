@@ -1,4 +1,4 @@
-"""Split a training set among peers (iid, Dirichlet label skew, pathological shards, quantity skew).
+"""Split a training set among peers (iid, Dirichlet label skew, pathological shards, quantity skew, dominant label).
 
 All partitioners are vectorised over samples (60k labels x 1000 peers takes milliseconds),
 deterministic given the Generator, use every index at most once and return sorted arrays.
@@ -42,7 +42,7 @@ def partition_indices(labels: np.ndarray, num_peers: int, config: DataConfig, rn
     num_peers : int
         Peers to split among.
     config : DataConfig
-        `partition` (iid, dirichlet, shards, quantity) and its options.
+        `partition` (iid, dirichlet, shards, quantity, dominant) and its options.
     rng : numpy.random.Generator
         Where every draw comes from.
 
@@ -71,6 +71,8 @@ def partition_indices(labels: np.ndarray, num_peers: int, config: DataConfig, rn
         return _shards(labels, num_peers, config.classes_per_peer, rng)
     if config.partition == "quantity":
         return _quantity(n, num_peers, config.min_samples, config.max_samples, rng)
+    if config.partition == "dominant":
+        return _dominant(labels, num_peers, config.dominant_fraction, rng)
     raise DataError(f"data.partition: unknown partitioner {config.partition!r}")
 
 
@@ -237,6 +239,64 @@ def _apportion(total: int, sizes: np.ndarray, rng: np.random.Generator) -> np.nd
         pick = np.argsort(-priority, kind="stable")[: abs(gap)]
         pick = pick[np.isfinite(priority[pick])]
         counts[pick] += int(np.sign(gap))
+    return counts
+
+
+def _dominant(labels: np.ndarray, num_peers: int, chi: float, rng: np.random.Generator) -> list[np.ndarray]:
+    """Non-IID level chi: a fraction chi of each peer's samples share its dominant label, the rest spread evenly.
+
+    The labels present are put in an order drawn from `rng`; peer p's dominant label is the
+    (p mod K)-th of that order. Every peer gets the same number m of samples, the largest the
+    class sizes allow: round(chi m) of its dominant label and the other m - round(chi m) spread over
+    the K - 1 other labels, floor or ceil of their even share each (which labels get the ceil
+    rotates with the dominant label and with p // K, so the demand on the classes stays level).
+
+    Raises
+    ------
+    DataError
+        If not even one sample per peer can be given this way (naming data.dominant_fraction).
+    """
+    order, class_sizes = _shuffle_by_class(labels, rng)
+    k = len(class_sizes)
+    if k == 1 and chi < 1:
+        raise DataError(f"data.dominant_fraction: the training set has one label only, so no peer can hold {1 - chi:.0%} "
+                        "of other labels; use data.dominant_fraction=1 or data with more labels")
+    dominant = rng.permutation(k)[np.arange(num_peers) % k]
+    low, high = 0, len(labels) // num_peers  # the largest feasible size lies in [low, high]; 0 always is
+    while low < high:
+        mid = (low + high + 1) // 2
+        if (_dominant_counts(mid, chi, dominant, k).sum(axis=1) <= class_sizes).all():
+            low = mid
+        else:
+            high = mid - 1
+    if low == 0:
+        raise DataError(f"data.dominant_fraction: {num_peers} peers cannot each get a sample with {chi:g} of them of one "
+                        f"label: the training set's {k} labels have only {class_sizes.min()}..{class_sizes.max()} samples; "
+                        "lower peers or change data.dominant_fraction")
+    counts = _dominant_counts(low, chi, dominant, k)
+    demand = counts.sum(axis=1)
+    rank = np.arange(len(order)) - np.repeat(np.cumsum(class_sizes) - class_sizes, class_sizes)
+    used = rank < np.repeat(demand, class_sizes)  # the first `demand` samples of each (shuffled) class
+    owner = np.repeat(np.tile(np.arange(num_peers), k), counts.ravel())
+    return _group(order[used], owner, num_peers)
+
+
+def _dominant_counts(size: int, chi: float, dominant: np.ndarray, k: int) -> np.ndarray:
+    """[classes, peers] counts when every peer holds `size` samples, round(chi size) of its dominant class.
+
+    Every count is non-decreasing in `size`, so the largest feasible size can be bisected.
+    """
+    peers = len(dominant)
+    main = int(np.floor(chi * size + 0.5))
+    counts = np.zeros((k, peers), dtype=np.int64)
+    if k > 1:
+        rest = size - main
+        relative = (np.arange(k)[:, None] - dominant[None, :]) % k  # 1..k-1 for the other labels, 0 for the dominant one
+        position = (relative - 1 - np.arange(peers)[None, :] // k) % (k - 1)  # where the extra samples start rotates
+        counts = rest // (k - 1) + (position < rest % (k - 1)).astype(np.int64)
+    else:
+        main = size
+    counts[dominant, np.arange(peers)] = main
     return counts
 
 

@@ -69,10 +69,10 @@ def batching_refusal(config: TrainConfig) -> str | None:
     The batched step is plain cross-entropy through `functional_call`: a user model (random
     layers, buffers), a user loss or step, FedProx and user metrics go through TorchLearner.
     `train.buffers` needs no refusal: only a model with buffers is affected by it, and the batched
-    models (mlp, cnn) have none, so `local` and `average` batch alike (a model with buffers is refused
+    models (mlp, cnn, lenet5) have none, so `local` and `average` batch alike (a model with buffers is refused
     as a user model, and `BatchedTrainer` refuses any module with buffers)."""
     if is_user_model(config.model):
-        return f"train.model={config.model} is a user model (only mlp and cnn are batched)"
+        return f"train.model={config.model} is a user model (only the zoo models mlp, cnn and lenet5 are batched)"
     if config.loss != "cross_entropy":
         return f"train.loss={config.loss} (only cross_entropy is batched)"
     if config.step is not None:

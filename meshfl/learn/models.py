@@ -1,4 +1,4 @@
-"""Models: the built-in zoo (`mlp`, `cnn`) and the user's own `torch.nn.Module` factories.
+"""Models: the built-in zoo (`mlp`, `cnn`, `lenet5`) and the user's own `torch.nn.Module` factories.
 
 `train.model` is a zoo name, or `package.module:factory` naming a callable in the user's own
 code, imported on the machine that runs the peer (never from anything received over the
@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-MODELS = ("mlp", "cnn")
+MODELS = ("mlp", "cnn", "lenet5")
 SHAPE_ARGS = ("feature_shape", "num_classes")
 
 _REF = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*$")
@@ -75,6 +75,46 @@ def cnn(feature_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     )
 
 
+LENET5_MIN_SIDE = 12
+"""Smallest image side LeNet-5 takes: 12 -> 12 -> 6 -> 2 -> 1 after its convolutions and poolings."""
+
+
+def lenet5(feature_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """LeNet-5 (LeCun et al. 1998) as commonly used for MNIST, with ReLU and max pooling.
+
+    conv 6@5x5 (padding 2) -> ReLU -> max pool 2 -> conv 16@5x5 -> ReLU -> max pool 2 -> fc 120 -> ReLU
+    -> fc 84 -> ReLU -> fc `num_classes`. The original's tanh/sigmoid and average (subsampling)
+    pooling are replaced by ReLU and max pooling, as most MNIST baselines do. The flatten size is
+    computed from the input, so any [C, H, W] with H, W >= 12 works: 1x28x28 gives 16x5x5 and
+    61,706 parameters for 10 classes.
+
+    Raises
+    ------
+    ValueError
+        If `feature_shape` is not [channels, height, width] or an image side is below 12.
+    """
+    if len(feature_shape) != 3:
+        raise ValueError(f"train.model=lenet5 needs image data shaped [channels, height, width], got {list(feature_shape)}; "
+                         "use mlp (or data.feature_shape)")
+    channels, height, width = feature_shape
+    if min(height, width) < LENET5_MIN_SIDE:
+        raise ValueError(f"train.model=lenet5 needs images of at least {LENET5_MIN_SIDE}x{LENET5_MIN_SIDE}, got "
+                         f"{height}x{width}; use cnn")
+
+    def side(n: int) -> int:  # conv 5x5 pad 2 keeps n; pool halves; conv 5x5 takes 4; pool halves
+        return (n // 2 - 4) // 2
+
+    return nn.Sequential(
+        nn.Conv2d(channels, 6, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(16 * side(height) * side(width), 120), nn.ReLU(),
+        nn.Linear(120, 84), nn.ReLU(), nn.Linear(84, num_classes),
+    )
+
+
+_ZOO: dict[str, Callable[[tuple[int, ...], int], nn.Module]] = {"mlp": mlp, "cnn": cnn, "lenet5": lenet5}
+
+
 def check_model_name(name: str) -> str:
     """Check that `name` is a zoo name, `package.module:factory` or `python:<name>`, for the config's validation.
 
@@ -93,7 +133,12 @@ def check_model_name(name: str) -> str:
     """
     if name in MODELS or _REF.match(name) or (name.startswith(_PYTHON) and len(name) > len(_PYTHON)):
         return name
-    raise ValueError(f"must be {' or '.join(MODELS)} or a factory `package.module:factory` returning a torch.nn.Module")
+    raise ValueError(f"must be {_zoo_names()} or a factory `package.module:factory` returning a torch.nn.Module")
+
+
+def _zoo_names() -> str:
+    """'mlp, cnn or lenet5': the zoo's names, for errors."""
+    return f"{', '.join(MODELS[:-1])} or {MODELS[-1]}"
 
 
 def is_user_model(name: str) -> bool:
@@ -244,10 +289,8 @@ def resolve_factory(name: str) -> Callable[..., Any]:
     ModelError
         One line naming train.model, if it cannot be had.
     """
-    if name == "mlp":
-        return mlp
-    if name == "cnn":
-        return cnn
+    if name in _ZOO:
+        return _ZOO[name]
     if name.startswith(_PYTHON):
         if name not in _FACTORIES:
             raise ModelError(f"train.model: {name!r} is a factory object given to meshfl.run in another process; "
@@ -259,7 +302,7 @@ def resolve_factory(name: str) -> Callable[..., Any]:
 def _import_ref(ref: str, field: str = "train.model") -> Callable[..., Any]:
     if not _REF.match(ref):
         if field == "train.model":
-            raise ModelError(f"train.model: must be one of {', '.join(MODELS)} or `package.module:factory` (got {ref!r})")
+            raise ModelError(f"train.model: must be {_zoo_names()} or `package.module:factory` (got {ref!r})")
         raise ModelError(f"{field}: must be `package.module:function` (got {ref!r})")
     module_name, attribute = ref.split(":", 1)
     if "keras" not in sys.modules:  # user code that imports keras gets its torch backend (the only one meshfl trains)
@@ -312,7 +355,7 @@ def build_model(name: str, feature_shape: tuple[int, ...], num_classes: int,
         If the factory cannot be had or called, returns something else, has parameters that are
         not float32 or none at all, or a zoo model is given options.
     ValueError
-        If `cnn` is given data that is not [C, H, W].
+        If `cnn` or `lenet5` is given data that is not [C, H, W] (or `lenet5` images below 12x12).
     """
     factory = resolve_factory(name)
     if name in MODELS:

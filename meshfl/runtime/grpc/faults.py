@@ -8,7 +8,9 @@ actions (loss, partition, slow links, stragglers, byzantine on/off) are injected
 the launcher appends the fired action numbers to every peer's `faults.json`, and each peer
 applies them, in order, to its own copy of the simulator's network model (and its compute
 speed and Byzantine behaviour, which the shared `PeerContext.train` reads) — so a partition,
-a 10% loss or a sign-flipping peer means the same thing in both runtimes.
+a 10% loss or a sign-flipping peer means the same thing in both runtimes. Heterogeneous link
+bandwidths (`network.bandwidth_range_mbps`) are config, not faults: the same model holds them from
+the start, so a message waits size / its pair's bandwidth before it is sent, as in the simulator.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from meshfl.config import ExperimentConfig, NetworkConfig
+from meshfl.config import ExperimentConfig, LinkConfig, NetworkConfig
 from meshfl.faults import Byzantine, FaultAction, resolve_faults
 from meshfl.runtime.sim.compute import peer_speeds
 from meshfl.runtime.sim.network import SimNetwork
@@ -35,6 +37,22 @@ def write_fired(folder: Path, fired: list[int]) -> None:
     os.replace(tmp, folder / CONTROL_FILE)
 
 
+def shaping_config(network: NetworkConfig) -> NetworkConfig:
+    """The network model a real peer applies to its own sends: faults only, plus heterogeneous link bandwidths.
+
+    The real link's latency, loss and bandwidth are what they are, so the model has none of its
+    own (`UNLIMITED_MBPS`), except that `network.bandwidth_range_mbps`, when given, is emulated
+    as in the simulator: each pair's drawn bandwidth, or the bandwidth its `network.links` entry
+    gives instead (only then: without a range, configured bandwidths stay the simulator's).
+    """
+    if network.bandwidth_range_mbps is None:
+        return NetworkConfig(latency_s=0.0, bandwidth_mbps=UNLIMITED_MBPS, loss=0.0)
+    links = [LinkConfig(peers=link.peers, bandwidth_mbps=link.bandwidth_mbps)
+             for link in network.links if link.bandwidth_mbps is not None]
+    return NetworkConfig(latency_s=0.0, bandwidth_mbps=UNLIMITED_MBPS, loss=0.0,
+                         bandwidth_range_mbps=network.bandwidth_range_mbps, links=links)
+
+
 class TransportFaults:
     """One peer's view of the injected network and compute faults."""
 
@@ -42,8 +60,7 @@ class TransportFaults:
         self.peer = peer
         self.path = folder / CONTROL_FILE
         self.actions: list[FaultAction] = resolve_faults(list(config.faults), config.peers, config.seed)
-        model_config = NetworkConfig(latency_s=0.0, bandwidth_mbps=UNLIMITED_MBPS, loss=0.0)
-        self.model = SimNetwork(model_config, config.peers, config.seed, lambda *args: None)
+        self.model = SimNetwork(shaping_config(config.network), config.peers, config.seed, lambda *args: None)
         # compute.tiers / speed_min..max as in the simulator; real compute is speed 1, so only
         # slower peers can be emulated (they sleep (1/speed - 1) x their real training time)
         self.base_speed = float(peer_speeds(config.compute, config.peers, config.seed)[peer])
@@ -52,11 +69,13 @@ class TransportFaults:
         self._mtime: tuple[int, int] = (0, 0)
         self._rng = np.random.default_rng([config.seed, peer, 0x696E6A])
         self._byzantine: dict[int | None, Byzantine] = {}  # fault key -> behaviour, in start order
-        self.active = bool(self.actions)
+        self.shaped = config.network.bandwidth_range_mbps is not None
+        """Whether links are shaped without any fault (heterogeneous link bandwidths)."""
+        self.active = bool(self.actions) or self.shaped
 
     def refresh(self) -> None:
         """Apply actions the launcher fired since the last look (cheap when nothing changed)."""
-        if not self.active:
+        if not self.actions:
             return
         try:
             stat = self.path.stat()
@@ -100,7 +119,7 @@ class TransportFaults:
         return loss > 0 and self._rng.random() < loss
 
     def delay(self, target: int, size: int) -> float:
-        """Extra seconds a slow link adds to a message of `size` bytes."""
+        """Extra seconds a slow link (or a link's drawn bandwidth) adds to a message of `size` bytes."""
         bandwidth = self.model.bandwidth_mbps(self.peer, target)
         extra = self.model.latency(self.peer, target)
         if bandwidth < UNLIMITED_MBPS:

@@ -376,7 +376,7 @@ class PeerNode:
         for peer in self.neighbour_ids:
             self.link(peer, heartbeat=False)
         reaper: asyncio.Task | None = None
-        watcher = asyncio.create_task(self.watch_faults(), name="faults") if self.faults.active else None
+        watcher = asyncio.create_task(self.watch_faults(), name="faults") if self.faults.actions else None
         status = "stopped"
         try:
             layout = self.worlds.learner.layout

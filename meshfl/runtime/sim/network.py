@@ -6,7 +6,9 @@ an access link of its own (`network.peers`: uplink_mbps, downlink_mbps, latency_
 pair may override bandwidth, latency and loss (`network.links`, both directions). A message
 of `size` bytes from s to t:
 
-- bandwidth = min(link bandwidth, uplink of s, downlink of t, pair cap, active slow_link caps);
+- bandwidth = min(link bandwidth, uplink of s, downlink of t, pair cap, active slow_link caps); with
+  `network.bandwidth_range_mbps` the link bandwidth of a pair is its own draw from the run seed
+  (`pair_bandwidth_mbps`, both directions), and a pair cap replaces the draw instead of capping it;
 - it is serialised on its link (it starts when the previous message from s to t has left)
   and, when s has an uplink of its own, on that uplink too (shared by all of s's messages:
   a slow peer's fan-out queues behind itself); it takes size / bandwidth;
@@ -33,6 +35,7 @@ import numpy as np
 from meshfl.config import NetworkConfig
 
 NETWORK_SEED_TAG = 0x6E6574  # "net"
+BANDWIDTH_SEED_TAG = 0x627764  # "bwd"
 
 
 @dataclass
@@ -76,11 +79,36 @@ class _LinkFault:
         return True
 
 
+def pair_bandwidth_mbps(seed: int, a: int, b: int, low: float, high: float) -> float:
+    """The bandwidth of the link between peers a and b under `network.bandwidth_range_mbps: [low, high]`.
+
+    Uniform in [low, high) (exactly `low` when low == high), drawn from (run seed, the unordered pair)
+    alone: the same in both directions, in every process and whatever the number of peers.
+
+    Parameters
+    ----------
+    seed : int
+        The run seed.
+    a, b : int
+        The two peers, in either order.
+    low, high : float
+        The range, megabits per second.
+
+    Returns
+    -------
+    float
+        Megabits per second.
+    """
+    first, second = (a, b) if a <= b else (b, a)
+    return float(np.random.default_rng([seed, BANDWIDTH_SEED_TAG, first, second]).uniform(low, high))
+
+
 class SimNetwork:
     def __init__(self, config: NetworkConfig, peers: int, seed: int,
                  schedule: Callable[[float, int, Any], None]) -> None:
         self.config = config
         self.num_peers = peers
+        self._seed = seed
         self._rng = np.random.default_rng([seed, NETWORK_SEED_TAG])
         self._schedule = schedule
         self.traffic = TrafficCounters.for_peers(peers)
@@ -128,14 +156,18 @@ class SimNetwork:
             return cached
         self._check_peer(s, "send")
         self._check_peer(t, "send")
-        bps = min(self._link_bps, self._uplink[s], self._downlink[t])
         latency = max(self._latency[s], self._latency[t])
         keep = 1.0 - self.config.loss
         pair = self._pairs.get((s, t))
+        cap = pair[0] if pair is not None else None
+        drawn = self.config.bandwidth_range_mbps
+        if drawn is None:
+            link_bps = self._link_bps if cap is None else min(self._link_bps, cap)
+        else:  # heterogeneous links: the pair's own draw, unless network.links gives this pair a bandwidth
+            link_bps = cap if cap is not None else _bytes_per_second(pair_bandwidth_mbps(self._seed, s, t, *drawn))
+        bps = min(link_bps, self._uplink[s], self._downlink[t])
         if pair is not None:
-            cap, pair_latency, pair_loss = pair
-            if cap is not None:
-                bps = min(bps, cap)
+            _cap, pair_latency, pair_loss = pair
             if pair_latency is not None:
                 latency = pair_latency
             keep *= 1.0 - pair_loss

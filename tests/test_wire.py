@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from meshfl.algorithms.coordinator import Done, Held, Update, Work
+from meshfl.algorithms.dht import DhtRecord, FindNode, FindValue, FoundNodes, FoundValue, StoredValue, StoreValue
 from meshfl.algorithms.dpsgd import Model as DpsgdModel
 from meshfl.algorithms.gossip import (
     AggregatedModel,
@@ -369,6 +370,9 @@ def _mpls_messages(cls: type[Message]) -> Callable[[Codec], list[Message]]:
     return make
 
 
+_RECORD = DhtRecord(writer=2, value='{"a": 1}', expiration=12.5, signature="ab" * 64)
+
+
 FACTORIES: dict[type[Message], Callable[[Codec], list[Message]]] = {
     Heartbeat: _heartbeats,
     Goodbye: _goodbyes,
@@ -395,6 +399,12 @@ FACTORIES: dict[type[Message], Callable[[Codec], list[Message]]] = {
     Pull: _mpls_messages(Pull),
     Layers: _mpls_messages(Layers),
     MplsDone: _mpls_messages(MplsDone),
+    FindNode: lambda c: [FindNode(sender=1, request_id=3, target="0" * 40, exclude=frozenset({4, 9}))],
+    FoundNodes: lambda c: [FoundNodes(sender=2, in_reply_to=3, peers=(4, 5)), FoundNodes(sender=2, in_reply_to=3, peers=())],
+    FindValue: lambda c: [FindValue(sender=1, request_id=4, key="group/3")],
+    FoundValue: lambda c: [FoundValue(sender=2, in_reply_to=4, records=(_RECORD,), peers=(1,))],
+    StoreValue: lambda c: [StoreValue(sender=1, request_id=5, key="g", records=(_RECORD, _RECORD))],
+    StoredValue: lambda c: [StoredValue(sender=2, in_reply_to=5, accepted=2)],
     # meshfl.algorithms.recovery: registered by the algorithms that use it (under their names)
     Adjacency: _adjacencies,
     Replica: _replicas,

@@ -519,3 +519,23 @@ def test_smart_gossip_launch_matches_the_simulator_and_survives_a_killed_peer(tm
     assert min(summary["final_global_accuracy"].values()) > 0.8
     events = [json.loads(line) for line in (tmp_path / "async" / "metrics.jsonl").read_text().splitlines()]
     assert [e["value"] for e in events if e.get("metric") == "rejoined" and e["peer"] == 3][0] >= 1
+
+
+def test_mpls_launch_five_workers_on_a_ring_each_reach_090_with_measured_links(tmp_path):
+    """mpls over gRPC: 5 worker processes on a ring train and pull layers concurrently (training in a thread,
+    serving on the event loop); every worker reaches 0.9, pulls only from its ring neighbours and measures its links."""
+    base = ["algorithm=mpls", "peers=5", "rounds=30", "data.dataset=digits", "topology.kind=ring", "mpls.steps=10",
+            "train.optimizer=adam", "train.learning_rate=0.01", "liveness.heartbeat_interval_s=0.5", "liveness.timeout_s=3"]
+    done = meshfl("launch", "--local", "--quiet", "--timeout", "150", "--out", str(tmp_path / "run"),
+                  *sets(*base, "grpc.base_port=50890"), timeout=200)
+    assert done.returncode == 0, done.stdout + done.stderr
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["dead_peers"] == [] and all(summary["final_round"][str(p)] == 30 for p in range(5))
+    assert min(summary["final_global_accuracy"].values()) >= 0.9, summary["final_global_accuracy"]  # sim: 0.944 min
+    events = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    pulled = {(e["peer"], e["about"]): e["value"] for e in events if e.get("metric") == "layers_pulled"}
+    assert set(pulled) <= {(p, (p + d) % 5) for p in range(5) for d in (1, 4)} and sum(pulled.values()) > 0
+    links = [e for e in events if e.get("metric") == "link_mbps"]
+    assert links and all(e["value"] > 0 for e in links)
+    assert not [e for e in events if e.get("metric") == "refused"]
+    assert (tmp_path / "run" / "layers_pulled_matrix.png").is_file()

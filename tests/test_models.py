@@ -84,7 +84,7 @@ def test_lenet5_learns_mnist_in_a_few_steps(monkeypatch):
     monkeypatch.setenv("MESHFL_DATA", str(SHARED_DATA))
     torch.manual_seed(0)
     train, test = load_dataset(DataConfig(dataset="mnist", download=False), 0)
-    cfg = TrainConfig(model="lenet5", batch_size=32, learning_rate=0.05, momentum=0.9)
+    cfg = TrainConfig(model="lenet5", batch_size=32, learning_rate=0.01, momentum=0.9)
     learner = TorchLearner(cfg, train.feature_shape, train.num_classes)
     params = learner.init_params(0)
     subset = train.subset(torch.arange(2000))

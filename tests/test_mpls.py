@@ -184,3 +184,17 @@ def test_the_report_draws_the_layers_pulled_heat_map(tmp_path):
     run_experiment(config, tmp_path / "run")
     assert (tmp_path / "run" / "layers_pulled_matrix.png").is_file()
     assert "layers_pulled: peer about peer" in (tmp_path / "run" / "report.html").read_text()
+
+
+def test_a_restarted_worker_whose_store_was_wiped_starts_from_a_neighbours_model():
+    config = load_config(None, SMALL + ["peers=4", "rounds=20", "topology.kind=ring", "mpls.eval_every=1",
+                                        "faults=[{kind: crash, peers: [1], at_round: 10, wipe: true}, "
+                                        "{kind: restart, peers: [1], at_round: 12}]"])
+    result, metrics, _ = simulate(config)
+    summary = summarise(config, result, metrics, 0.0)
+    assert summary["dead_peers"] == [] and summary["incarnations"]["1"] == 2
+    assert [e["value"] for e in metric(metrics, "resumed") if e["peer"] == 1] == [0]  # no checkpoint left
+    adopted = [e["value"] for e in metric(metrics, "adopted_from") if e["peer"] == 1]
+    assert len(adopted) == 1 and adopted[0] in (0, 2)  # a ring neighbour
+    first_after = [e["value"] for e in metric(metrics, "global_accuracy") if e["peer"] == 1 and e.get("incarnation") == 1][0]
+    assert first_after > 0.4  # a neighbour's trained model, not the initial one (chance 0.1)

@@ -29,7 +29,8 @@ A received value moves nothing unchecked: a `Layers` reply counts only if it ans
 has our layout, exactly the requested layers and finite values; metadata only if its lengths fit
 and its numbers are finite and non-negative. A worker that has run its iterations tells its
 neighbours (`Done`) and keeps serving until every neighbour is done or gone, at most `linger_s`.
-The model after every iteration is checkpointed in `ctx.store`; a restarted worker goes on from it.
+The model after every iteration is checkpointed in `ctx.store`; a restarted worker goes on from it, or,
+when its store is gone, from a live neighbour's model (`adopted_from`).
 """
 
 from __future__ import annotations
@@ -200,8 +201,11 @@ class MplsPeer:
             model, meta = stored
             first = int(meta.get("iteration", 0)) + 1
             self.scores = tuple(float(s) for s in meta.get("scores", self.scores))
-            ctx.log("resumed", first - 1, round=max(first - 1, 0))
         self.model = model
+        if ctx.incarnation > 0:
+            ctx.log("resumed", first - 1, round=first - 1)  # the checkpoint iteration it goes on from (0: from scratch)
+            if stored is None:
+                await self.adopt(ctx)
         self.iteration = first - 1
         self.views = {n: PeerView() for n in ctx.neighbours}
         server = asyncio.ensure_future(self.serve(ctx))
@@ -215,9 +219,24 @@ class MplsPeer:
             await self.linger(ctx)
             for n, view in sorted(self.views.items()):
                 ctx.log("layers_pulled", view.layers_pulled, about=n)
+                if view.bandwidth is not None:
+                    ctx.log("link_mbps", view.bandwidth * 8 / 1e6, about=n)  # the measured speed of the link n -> here
         finally:
             server.cancel()
             await asyncio.gather(server, return_exceptions=True)
+
+    async def adopt(self, ctx: NodeContext) -> None:
+        """A restarted worker without a checkpoint starts from a live neighbour's model, not from scratch."""
+        everything = tuple(range(len(self.layers)))
+        for n in sorted(ctx.neighbours):
+            if not ctx.is_alive(n):
+                continue
+            reply = await ctx.request(n, Pull(sender=ctx.peer_id, layers=everything), self.config.pull_timeout_s)
+            if reply is not None and self._reply_fits(ctx, everything, reply):
+                assert isinstance(reply, Layers) and self.model is not None
+                self.model = reply.slice.apply_to(self.model)
+                ctx.log("adopted_from", n, round=0)  # the neighbour whose model it starts from
+                return
 
     async def linger(self, ctx: NodeContext) -> None:
         """Serve until every neighbour is done or gone (the server task answers meanwhile)."""

@@ -84,7 +84,10 @@ def lenet5(feature_shape: tuple[int, ...], num_classes: int) -> nn.Module:
 
     conv 6@5x5 (padding 2) -> ReLU -> max pool 2 -> conv 16@5x5 -> ReLU -> max pool 2 -> fc 120 -> ReLU
     -> fc 84 -> ReLU -> fc `num_classes`. The original's tanh/sigmoid and average (subsampling)
-    pooling are replaced by ReLU and max pooling, as most MNIST baselines do. The flatten size is
+    pooling are replaced by ReLU and max pooling, as most MNIST baselines do. Weights start from He
+    (Kaiming normal) initialisation for ReLU and biases from 0: with PyTorch's default initialisation
+    this 5-layer ReLU net sits ~250 steps on its initial loss at lr 0.01 (measured on MNIST) and the
+    plateau, not the algorithm, decides time-to-accuracy comparisons. The flatten size is
     computed from the input, so any [C, H, W] with H, W >= 12 works: 1x28x28 gives 16x5x5 and
     61,706 parameters for 10 classes.
 
@@ -104,12 +107,17 @@ def lenet5(feature_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     def side(n: int) -> int:  # conv 5x5 pad 2 keeps n; pool halves; conv 5x5 takes 4; pool halves
         return (n // 2 - 4) // 2
 
-    return nn.Sequential(
+    model = nn.Sequential(
         nn.Conv2d(channels, 6, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
         nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2),
         nn.Flatten(), nn.Linear(16 * side(height) * side(width), 120), nn.ReLU(),
         nn.Linear(120, 84), nn.ReLU(), nn.Linear(84, num_classes),
     )
+    for layer in model:
+        if isinstance(layer, (nn.Conv2d, nn.Linear)):
+            nn.init.kaiming_normal_(layer.weight, nonlinearity="relu")
+            nn.init.zeros_(layer.bias)
+    return model
 
 
 _ZOO: dict[str, Callable[[tuple[int, ...], int], nn.Module]] = {"mlp": mlp, "cnn": cnn, "lenet5": lenet5}

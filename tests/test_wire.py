@@ -24,6 +24,7 @@ from meshfl.algorithms.gossip import (
     Skip,
     Votes,
 )
+from meshfl.algorithms.moshpit import Begin, Join, Part, Reduced, State, StateReply
 from meshfl.algorithms.mpls import Done as MplsDone
 from meshfl.algorithms.mpls import Info, InfoReply, Layers, Pull
 from meshfl.algorithms.recovery import (
@@ -399,6 +400,15 @@ FACTORIES: dict[type[Message], Callable[[Codec], list[Message]]] = {
     Pull: _mpls_messages(Pull),
     Layers: _mpls_messages(Layers),
     MplsDone: _mpls_messages(MplsDone),
+    Join: lambda c: [Join(sender=1, request_id=11, group="moshpit/3/1/[2, 0]")],
+    Begin: lambda c: [Begin(sender=2, in_reply_to=11, group="moshpit/3/1/[2, 0]", members=(1, 2, 7)),
+                      Begin(sender=2, in_reply_to=11, group="g", members=(), leader=0)],
+    Part: lambda c: [Part(sender=1, group="g", index=2, weight=1437.0,
+                          values=ParamsSlice.of(Params(torch.arange(LAYOUT.numel, dtype=torch.float32), LAYOUT), ((7, 15),)))],
+    Reduced: lambda c: [Reduced(sender=3, group="g", index=0, contributors=4,
+                                values=ParamsSlice.of(Params(torch.full((LAYOUT.numel,), -2.5), LAYOUT), ((0, 8),)))],
+    State: lambda c: [State(sender=4, request_id=1)],
+    StateReply: lambda c: [StateReply(sender=2, in_reply_to=1, iteration=9, params=Params(torch.ones(LAYOUT.numel), LAYOUT))],
     FindNode: lambda c: [FindNode(sender=1, request_id=3, target="0" * 40, exclude=frozenset({4, 9}))],
     FoundNodes: lambda c: [FoundNodes(sender=2, in_reply_to=3, peers=(4, 5)), FoundNodes(sender=2, in_reply_to=3, peers=())],
     FindValue: lambda c: [FindValue(sender=1, request_id=4, key="group/3")],

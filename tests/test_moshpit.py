@@ -141,3 +141,28 @@ def test_real_peers_over_grpc_reach_the_exact_mean_without_a_coordinator(tmp_pat
     assert summary["dead_peers"] == [] and set(summary["peer_status"].values()) == {"finished"}
     models = {p: read_model(model_paths(Path(tmp_path / "run" / MODELS_DIR), p)[0])[0] for p in range(8)}
     assert max(relative_errors(mean, models)) <= 1e-6
+
+
+def test_differential_privacy_logs_a_growing_epsilon_and_every_peer_agrees_on_the_model_and_clip_norm():
+    overrides = ["algorithm=moshpit", "data.dataset=digits", "peers=8", "moshpit.group_size=2", "rounds=3",
+                 "moshpit.local_steps=4", "moshpit.dp.enabled=true", "moshpit.dp.noise_multiplier=0.5"]
+    config = load_config(None, overrides)
+    result, metrics, _ = simulate(config)
+    epsilons = {}
+    for e in metric(metrics, "epsilon"):
+        epsilons.setdefault(e["round"], set()).add(e["value"])
+    assert sorted(epsilons) == [1, 2, 3] and all(len(v) == 1 for v in epsilons.values())  # one accountant, same answer
+    values = [next(iter(epsilons[t])) for t in (1, 2, 3)]
+    assert 0 < values[0] < values[1] < values[2]
+    clip = {}
+    for e in metric(metrics, "clip_norm"):
+        clip.setdefault(e["round"], set()).add(round(e["value"], 12))
+    assert all(len(v) == 1 for v in clip.values())  # the noisy count is shared, so C moves the same everywhere
+    finals = list(result.final_params.values())
+    assert all(torch.allclose(f.flat, finals[0].flat, atol=1e-6) for f in finals)
+    assert all(f.finite for f in finals)
+
+
+def test_differential_privacy_refuses_a_noise_multiplier_the_count_noise_cannot_afford():
+    with pytest.raises(ValueError, match="moshpit.dp.noise_multiplier: must be below participants / 10 = 0.8"):
+        load_config(None, ["algorithm=moshpit", "peers=8", "moshpit.dp.enabled=true", "moshpit.dp.noise_multiplier=1.0"])

@@ -38,7 +38,9 @@ finite, weights positive and bounded by the number of samples a peer can have.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
@@ -46,13 +48,13 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from meshfl.algorithms import moshpit_math
+from meshfl.algorithms import moshpit_dp, moshpit_math
 from meshfl.algorithms.base import Algorithm, register
 from meshfl.algorithms.dht import Dht, DhtConfig
 from meshfl.core.context import NodeContext
 from meshfl.core.messages import Message, PeerLiveness, Reply, Request
 from meshfl.core.metrics import TRAIN_LOSS
-from meshfl.core.params import Params, ParamsSlice
+from meshfl.core.params import Layout, Params, ParamsSlice
 from meshfl.core.section import Section
 
 if TYPE_CHECKING:
@@ -63,6 +65,14 @@ STORE_ENTRY = "moshpit.model"
 PROGRESS_KEY = "moshpit/progress"
 TRAIN_SET_TAG = 0x6D6F7368  # "mosh": the train-set stream, apart from every other use of the seed
 MAX_WEIGHT = 1e9
+
+
+class DpConfig(Section):
+    enabled: bool = Field(False, description="distributed DP-FedAvg with adaptive clipping (Andrew et al. 2021): each participant clips its update, adds its share of the noise, smooths; the clip norm adapts")
+    noise_multiplier: float = Field(1.0, gt=0, description="z: noise multiplier of the whole mechanism (update and unclipped count); needs z < peers x (1 - dropout) / 10")
+    clip_norm: float = Field(0.1, gt=0, description="C0: initial clip norm of a participant's update")
+    delta: float | None = Field(None, gt=0, lt=1, description="delta of the (epsilon, delta) guarantee (default peers^-1.1)")
+    accountant: Literal["rdp", "pld"] = Field("rdp", description="dp-accounting's RDP or PLD accountant (Poisson-subsampled Gaussian, rate 1 - moshpit.dropout)")
 
 
 class MoshpitConfig(Section):
@@ -82,6 +92,7 @@ class MoshpitConfig(Section):
     eval_every: int = Field(5, ge=1, description="evaluate every this many iterations (and after the last)")
     linger_s: float = Field(30.0, ge=0, description="after its last iteration a peer keeps serving until every live peer has finished, at most this long")
     dht: DhtConfig = Field(default_factory=DhtConfig, description="the DHT used for matchmaking and progress")
+    dp: DpConfig = Field(default_factory=DpConfig, description="differential privacy (off by default)")
 
 
 # ---- messages -------------------------------------------------------------------------------
@@ -155,6 +166,10 @@ class MoshpitPeer:
         self.refused = 0
         self.last_averaging_s = 1.0
         self._expected: list[list[list[int]]] | None = None
+        self.vector_layout: Layout | None = None
+        self.smoothed: torch.Tensor | None = None  # DP: s, the smoothed noisy update
+        self.clip_norm = config.dp.clip_norm
+        self.dp_steps = 0
 
     # -- lifecycle
     async def run(self, ctx: NodeContext) -> None:
@@ -229,8 +244,10 @@ class MoshpitPeer:
             self.reduced[key] = message
 
     def slice_fits(self, piece: ParamsSlice) -> bool:
+        """Our averaged vector's layout (the model, or the model + DP state) and finite values."""
         assert self.model is not None
-        return piece.layout.fingerprint == self.model.layout.fingerprint and bool(torch.isfinite(piece.values).all())
+        layout = self.vector_layout or self.model.layout
+        return piece.layout.fingerprint == layout.fingerprint and bool(torch.isfinite(piece.values).all())
 
     # -- one iteration
     def train_set(self, ctx: NodeContext, t: int) -> set[int]:
@@ -244,18 +261,21 @@ class MoshpitPeer:
     async def run_iteration(self, ctx: NodeContext, t: int) -> None:
         assert self.model is not None and self.dht is not None
         weight = 1.0
+        start = self.model
         if ctx.peer_id in self.train_set(ctx, t) and self.config.local_steps > 0:
             result = await ctx.train(self.model, steps=self.config.local_steps)
             self.model = result.params
             ctx.log(TRAIN_LOSS, result.loss, round=t)
-        if self.config.weighting == "samples":
+        if self.config.weighting == "samples" and not self.config.dp.enabled:
             weight = float(max(ctx.num_samples, 1))
         started = ctx.now()
         if float(ctx.rng.random()) < self.config.dropout:
             ctx.log("sat_out", 1, round=t)
             await ctx.sleep(self.last_averaging_s)  # about as long as the others average, so it stays in step
         else:
-            await self.average(ctx, t, weight)
+            vector = self.private_vector(ctx, start) if self.config.dp.enabled else self.model
+            averaged = await self.average(ctx, t, vector, weight)
+            self.model = self.after_private(ctx, t, averaged) if self.config.dp.enabled else averaged
             self.last_averaging_s = max(ctx.now() - started, 1e-3)
         self.iteration = t
         ctx.store.put_params(STORE_ENTRY, self.model, {"iteration": t})
@@ -279,8 +299,10 @@ class MoshpitPeer:
             name = "moshpit" if m**d == n else moshpit_math.DEFAULT_SCHEME
         return moshpit_math.make_scheme(name, n, m, seed=self.seed)
 
-    async def average(self, ctx: NodeContext, t: int, weight: float) -> None:
+    async def average(self, ctx: NodeContext, t: int, vector: Params, weight: float) -> Params:
+        """`vector` averaged over this iteration's groups, round by round."""
         scheme = self.scheme(ctx)
+        self.vector_layout = vector.layout
         index = ctx.peers.index(ctx.peer_id)
         rounds = self.config.averaging_rounds
         if rounds is None:
@@ -295,10 +317,12 @@ class MoshpitPeer:
             mates = next((g for g in expected[r] if index in g), [index])
             members = await self.match(ctx, group, [ctx.peers[i] for i in mates])
             ctx.log("group_size", len(members), round=t)
-            sent_before += await self.all_reduce(ctx, group, members, weight, t, r)
+            vector, sent = await self.all_reduce(ctx, group, members, vector, weight, t)
+            sent_before += sent
             rank = members.index(ctx.peer_id)
             key = scheme.next_key(key, index, rank, r)
-        ctx.log("model_sizes_sent", sent_before / max(self.model.nbytes, 1), round=t)  # type: ignore[union-attr]
+        ctx.log("model_sizes_sent", sent_before / max(vector.nbytes, 1), round=t)
+        return vector
 
     # -- matchmaking
     async def match(self, ctx: NodeContext, group: str, expected: list[int]) -> list[int]:
@@ -368,13 +392,13 @@ class MoshpitPeer:
             held[request.sender] = request
 
     # -- butterfly all-reduce
-    async def all_reduce(self, ctx: NodeContext, group: str, members: list[int], weight: float, t: int, r: int) -> int:
-        """Average the model over `members`; returns the bytes this peer sent."""
-        assert self.model is not None
+    async def all_reduce(self, ctx: NodeContext, group: str, members: list[int], vector: Params, weight: float,
+                         t: int) -> tuple[Params, int]:
+        """`vector` averaged over `members` by reduce-scatter and all-gather; and the bytes this peer sent."""
         if len(members) < 2:
             self.forget(group)
-            return 0
-        model = self.model
+            return vector, 0
+        model = vector
         bounds = moshpit_math.part_bounds(model.layout.numel, len(members))
         me = members.index(ctx.peer_id)
         sent = 0
@@ -428,9 +452,8 @@ class MoshpitPeer:
                 lost += 1  # its reducer failed: this part keeps our own values
         if lost:
             ctx.log("reduced_missing", lost, round=t)
-        self.model = Params(flat, model.layout)
         self.forget(group)
-        return sent
+        return Params(flat, model.layout), sent
 
     def forget(self, group: str) -> None:
         self.live_groups.discard(group)
@@ -441,6 +464,45 @@ class MoshpitPeer:
             del self.parts[key]
         for key in [k for k in self.reduced if k[0] == group]:
             del self.reduced[key]
+
+    # -- differential privacy
+    def participants(self, ctx: NodeContext) -> int:
+        """m: the expected participants of an aggregation (each peer takes part with probability 1 - dropout)."""
+        return max(1, round(len(ctx.peers) * (1.0 - self.config.dropout)))
+
+    def private_vector(self, ctx: NodeContext, start: Params) -> Params:
+        """What a DP participant averages: theta_dp = theta_last + eta_s s, s itself, and its noisy unclipped bit.
+
+        The update is clipped to C and gets this peer's share of the noise (std z_delta C / sqrt(m)), so the
+        group means carry the noise of one Gaussian mechanism; the bit gets a share of the count noise likewise,
+        so every peer ends with the same noisy count and the same clip norm."""
+        assert self.model is not None
+        m = self.participants(ctx)
+        generator = torch.Generator().manual_seed(int(ctx.rng.integers(2**63 - 1)))
+        delta = self.model.flat - start.flat
+        noisy, unclipped = moshpit_dp.privatize_delta(delta, self.clip_norm, self.config.dp.noise_multiplier, m, generator)
+        self.smoothed = moshpit_dp.smooth(self.smoothed, noisy)
+        theta = moshpit_dp.dp_params(start.flat, self.smoothed)
+        count_share = float(unclipped) + float(torch.randn((), generator=generator)) * moshpit_dp.count_noise_std(m) / math.sqrt(m)
+        layout = Layout((*start.layout.names, "dp.smoothed", "dp.unclipped"),
+                        (*start.layout.shapes, (start.layout.numel,), (1,)))
+        return Params(torch.cat([theta, self.smoothed, torch.tensor([count_share])]).float(), layout)
+
+    def after_private(self, ctx: NodeContext, t: int, averaged: Params) -> Params:
+        """Unpack the averaged vector: the model, s, and the noisy unclipped fraction that moves C."""
+        assert self.model is not None
+        n = self.model.layout.numel
+        self.smoothed = averaged.flat[n:2 * n].clone()
+        fraction = min(1.0, max(0.0, float(averaged.flat[2 * n])))
+        self.clip_norm = moshpit_dp.update_clip_norm(self.clip_norm, fraction)
+        self.dp_steps += 1
+        dp = self.config.dp
+        delta = dp.delta if dp.delta is not None else moshpit_dp.default_delta(len(ctx.peers))
+        rate = min(1.0, self.participants(ctx) / len(ctx.peers))
+        ctx.log("epsilon", _epsilon(dp.noise_multiplier, rate, self.dp_steps, delta, dp.accountant), round=t)
+        ctx.log("clip_norm", self.clip_norm, round=t)
+        ctx.log("unclipped_fraction", fraction, round=t)
+        return Params(averaged.flat[:n].clone(), self.model.layout)
 
     # -- rejoining
     async def network_iteration(self, ctx: NodeContext) -> int:
@@ -467,11 +529,22 @@ class MoshpitPeer:
                 return
 
 
+_epsilon = functools.lru_cache(maxsize=1024)(moshpit_dp.epsilon)  # every simulated peer asks the same question
+
+
 # ---- declaration -------------------------------------------------------------------------------
 
 def _check(config: MoshpitConfig, experiment: ExperimentConfig) -> None:
     if experiment.peers < 2:
         raise ValueError("moshpit needs peers >= 2")
+    if config.dp.enabled:
+        m = max(1, round(experiment.peers * (1.0 - config.dropout)))
+        if config.dp.noise_multiplier >= m / 10:
+            raise ValueError(f"moshpit.dp.noise_multiplier: must be below participants / 10 = {m / 10:g} (peers x (1 - "
+                             f"dropout) = {m}), got {config.dp.noise_multiplier}: the count noise would need all the privacy")
+        if config.train_fraction < 1:
+            raise ValueError("moshpit.train_fraction: must be 1 with moshpit.dp.enabled (participation is the dropout's "
+                             "Poisson sampling, which the accountant assumes)")
     if config.scheme == "moshpit":
         d = moshpit_math.rounds_needed(experiment.peers, config.group_size)
         if config.group_size**d != experiment.peers:

@@ -24,6 +24,7 @@ Default delta = N^-1.1 (as MAR-FL).
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 
@@ -178,5 +179,11 @@ def epsilon(noise_multiplier: float, sampling_rate: float, steps: int, delta: fl
         raise ValueError(f"accountant must be 'rdp' or 'pld', got {accountant!r}")
     if steps == 0:
         return 0.0
-    acc.compose(dp_event.PoissonSampledDpEvent(float(sampling_rate), dp_event.GaussianDpEvent(z)), steps)
-    return float(acc.get_epsilon(delta))
+    absl = logging.getLogger("absl")  # the RDP accountant warns for every low order it cannot evaluate (harmless: it skips it)
+    level = absl.level
+    absl.setLevel(logging.ERROR)
+    try:
+        acc.compose(dp_event.PoissonSampledDpEvent(float(sampling_rate), dp_event.GaussianDpEvent(z)), steps)
+        return float(acc.get_epsilon(delta))
+    finally:
+        absl.setLevel(level)

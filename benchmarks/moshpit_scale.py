@@ -27,7 +27,7 @@ from meshfl.experiment.run import simulate, summarise
 from meshfl.learn.saved import MODELS_DIR, model_paths, read_model
 
 BASE = ["algorithm=moshpit", "data.dataset=digits", "rounds=1", "moshpit.weighting=uniform", "compute.batching=off",
-        "moshpit.local_steps=3"]
+        "train.local_steps=3"]
 AVERAGING_TYPES = ("Part", "Reduced")
 
 

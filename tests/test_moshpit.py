@@ -18,7 +18,7 @@ from meshfl.experiment.run import simulate, summarise
 from meshfl.learn.saved import MODELS_DIR, model_paths, read_model
 
 EXACT = ["algorithm=moshpit", "data.dataset=digits", "rounds=1", "moshpit.weighting=uniform", "compute.batching=off",
-         "moshpit.local_steps=3"]
+         "train.local_steps=3"]
 
 
 def metric(metrics, name: str) -> list[dict]:
@@ -57,7 +57,7 @@ def test_a_grid_that_is_not_a_perfect_power_still_reaches_the_mean_with_a_few_mo
 
 def test_peers_that_fail_mid_averaging_shrink_groups_and_the_others_finish():
     """2 of 20 peers (10%) crash inside the averaging phase; the 18 others finish every iteration."""
-    overrides = ["algorithm=moshpit", "data.dataset=digits", "peers=20", "rounds=3", "moshpit.local_steps=2",
+    overrides = ["algorithm=moshpit", "data.dataset=digits", "peers=20", "rounds=3", "train.local_steps=2",
                  "moshpit.averaging_rounds=4", "faults=[{kind: crash, peers: [3, 11], at_s: 0.5}]"]
     config = load_config(None, overrides)
     result, metrics, _ = simulate(config)
@@ -73,7 +73,7 @@ def test_peers_that_fail_mid_averaging_shrink_groups_and_the_others_finish():
 
 
 def test_learns_digits_and_the_same_seed_gives_the_same_run():
-    overrides = ["algorithm=moshpit", "data.dataset=digits", "peers=16", "rounds=6", "moshpit.local_steps=8",
+    overrides = ["algorithm=moshpit", "data.dataset=digits", "peers=16", "rounds=6", "train.local_steps=8",
                  "train.learning_rate=0.5", "moshpit.eval_every=3"]
     config = load_config(None, overrides)
     result, first, _ = simulate(config)
@@ -85,7 +85,7 @@ def test_learns_digits_and_the_same_seed_gives_the_same_run():
 
 def test_a_restarted_peer_rejoins_the_iteration_the_others_are_in():
     overrides = ["algorithm=moshpit", "data.dataset=digits", "peers=8", "moshpit.group_size=2", "rounds=10",
-                 "moshpit.local_steps=2", "faults=[{kind: crash, peers: [5], at_round: 2}, {kind: restart, peers: [5], at_round: 6}]"]
+                 "train.local_steps=2", "faults=[{kind: crash, peers: [5], at_round: 2}, {kind: restart, peers: [5], at_round: 6}]"]
     config = load_config(None, overrides)
     result, metrics, _ = simulate(config)
     summary = summarise(config, result, metrics, 0.0)
@@ -145,7 +145,7 @@ def test_real_peers_over_grpc_reach_the_exact_mean_without_a_coordinator(tmp_pat
 
 def test_differential_privacy_logs_a_growing_epsilon_and_every_peer_agrees_on_the_model_and_clip_norm():
     overrides = ["algorithm=moshpit", "data.dataset=digits", "peers=8", "moshpit.group_size=2", "rounds=3",
-                 "moshpit.local_steps=4", "moshpit.dp.enabled=true", "moshpit.dp.noise_multiplier=0.5"]
+                 "train.local_steps=4", "moshpit.dp.enabled=true", "moshpit.dp.noise_multiplier=0.5"]
     config = load_config(None, overrides)
     result, metrics, _ = simulate(config)
     epsilons = {}

@@ -198,3 +198,12 @@ def test_a_restarted_worker_whose_store_was_wiped_starts_from_a_neighbours_model
     assert len(adopted) == 1 and adopted[0] in (0, 2)  # a ring neighbour
     first_after = [e["value"] for e in metric(metrics, "global_accuracy") if e["peer"] == 1 and e.get("incarnation") == 1][0]
     assert first_after > 0.4  # a neighbour's trained model, not the initial one (chance 0.1)
+
+
+def test_a_slow_link_fault_shows_in_the_measured_link_speed_and_moves_pulls_away():
+    base = SMALL + ["peers=3", "rounds=8", "topology.kind=full", "mpls.tau1=1", "mpls.tau2=0", "network.bandwidth_mbps=20"]
+    plain = matrix_metrics(simulate(load_config(None, base))[1].events)
+    slowed = matrix_metrics(simulate(load_config(None, [*base, "faults=[{kind: slow_link, links: [[0, 1]], "
+                                                                 "bandwidth_mbps: 0.5, at_s: 0}]"]))[1].events)
+    assert slowed["link_mbps"][(0, 1)] < 0.2 * plain["link_mbps"][(0, 1)]  # measured from the pulls themselves
+    assert slowed["layers_pulled"].get((0, 1), 0.0) < plain["layers_pulled"].get((0, 1), 0.0)

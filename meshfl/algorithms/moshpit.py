@@ -2,7 +2,7 @@
 
 Every iteration t = 1..rounds, every live peer:
 
-1. trains `moshpit.local_steps` mini-batches if it is in the iteration's train set (a fraction
+1. trains (the train config's amount: `train.local_steps` or `train.local_epochs`) if it is in the iteration's train set (a fraction
    `train_fraction` drawn from (seed, t): every peer computes the same set, nobody announces it);
 2. runs `averaging_rounds` rounds (default d, the grid's dimension) of Moshpit averaging unless it
    sits this iteration out (probability `dropout`, from its own ctx.rng: churn). In round r:
@@ -81,7 +81,6 @@ class MoshpitConfig(Section):
         "auto", description="group keys: auto = moshpit (Moshpit's grid keys) when the peers are a perfect power M^d, "
                             f"else {moshpit_math.DEFAULT_SCHEME}; see meshfl/algorithms/moshpit_math.py")
     averaging_rounds: int | None = Field(None, ge=0, description="rounds of group averaging per iteration (default d = ceil(log_M peers): exact on a perfect grid)")
-    local_steps: int = Field(4, ge=0, description="mini-batches a peer trains per iteration")
     train_fraction: float = Field(1.0, gt=0, le=1, description="fraction of the peers that train in an iteration, drawn from (seed, iteration): the same at every peer")
     dropout: float = Field(0.0, ge=0, lt=1, description="probability that a peer sits out an iteration's averaging (churn; from its own random stream)")
     weighting: Literal["samples", "uniform"] = Field("samples", description="group means weighted by training samples (FedAvg) or unweighted (MAR-FL)")
@@ -262,8 +261,8 @@ class MoshpitPeer:
         assert self.model is not None and self.dht is not None
         weight = 1.0
         start = self.model
-        if ctx.peer_id in self.train_set(ctx, t) and self.config.local_steps > 0:
-            result = await ctx.train(self.model, steps=self.config.local_steps)
+        if ctx.peer_id in self.train_set(ctx, t):
+            result = await ctx.train(self.model)
             self.model = result.params
             ctx.log(TRAIN_LOSS, result.loss, round=t)
         if self.config.weighting == "samples" and not self.config.dp.enabled:
@@ -568,7 +567,7 @@ MOSHPIT = register(Algorithm(
     peer=lambda config, experiment: MoshpitPeer(config, experiment).run,
     check=_check,
     quick=("moshpit.matchmaking_timeout_s=2", "moshpit.join_timeout_s=1", "moshpit.allreduce_timeout_s=2",
-           "moshpit.dht.request_timeout_s=0.5", "moshpit.local_steps=2"),
+           "moshpit.dht.request_timeout_s=0.5", "train.local_steps=2"),
     worst_case_s=_worst_case_s,
 ))
 

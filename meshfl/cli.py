@@ -344,8 +344,10 @@ def node(
     Off loopback a peer needs mTLS (grpc.tls.mode=mtls) unless --insecure or grpc.insecure is given."""
     from meshfl.core.topology import TopologyError
     from meshfl.data import DataError
+    from meshfl.experiment.launch import pin_to_configured_cpu
     from meshfl.runtime.grpc.peer_config import load_peer_config
 
+    pin_to_configured_cpu()  # first, so every thread torch starts stays on the core
     try:
         peer_config = load_peer_config(config_path)
         from meshfl.runtime.grpc.node import run_node
@@ -407,6 +409,7 @@ def launch(
     timeout: Annotated[Optional[float], typer.Option("--timeout", help="stop every peer and fail after this many seconds")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
     insecure: Annotated[bool, typer.Option("--insecure", help="allow grpc.host off loopback without mTLS; every peer warns at start")] = False,
+    pin_cpus: Annotated[bool, typer.Option("--pin-cpus", help="--local: pin peer i to core i mod cores (and GPU i mod GPUs), to emulate many peers on one host")] = False,
     tensorboard: Annotated[bool, typer.Option("--tensorboard", help=TENSORBOARD_HELP)] = False,
     mlflow: Annotated[Optional[str], typer.Option("--mlflow", metavar="URI", help=MLFLOW_HELP)] = None,
 ) -> None:
@@ -436,7 +439,8 @@ def launch(
                 progress.update(task, completed=rounds, description=f"round {rounds}", running=running,
                                 mean="-" if math.isnan(mean) else f"{mean:.4f}")
 
-            result = launch_local(config, run_dir, timeout_s=timeout, progress=show, insecure=insecure, tracking=tracking)
+            result = launch_local(config, run_dir, timeout_s=timeout, progress=show, insecure=insecure, tracking=tracking,
+                                  pin_cpus=pin_cpus)
     except (ConfigError, TopologyError, LaunchError) as exc:
         if not isinstance(exc, LaunchError):
             discard_if_empty(run_dir)

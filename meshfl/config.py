@@ -330,6 +330,7 @@ class GrpcConfig(_Section):
     connect_retries: int = Field(8, ge=0, description="reconnect attempts (jittered exponential backoff) before a neighbour is given up")
     backoff_initial_s: float = Field(0.2, gt=0, description="first reconnect delay")
     backoff_max_s: float = Field(5.0, gt=0, description="largest reconnect delay")
+    resources_every_s: float = Field(5.0, ge=0, description="a peer process logs its CPU use (% of one core) and resident memory (MB) this often; 0: never")
     local_mtls: bool = Field(True, description="launch --local with grpc.tls.mode none: make a CA, certificates and signing keys for the run in <run>/certs and use mTLS (false: plaintext on loopback, where any local process can speak as any peer)")
     insecure: bool = Field(False, description="allow listening on a non-loopback address without mTLS (plaintext or tls); "
                                               "a warning is printed and logged at every start")

@@ -523,11 +523,12 @@ def test_smart_gossip_launch_matches_the_simulator_and_survives_a_killed_peer(tm
 
 def test_mpls_launch_five_workers_on_a_ring_each_reach_090_with_measured_links(tmp_path):
     """mpls over gRPC: 5 worker processes on a ring train and pull layers concurrently (training in a thread,
-    serving on the event loop); every worker reaches 0.9, pulls only from its ring neighbours and measures its links."""
+    serving on the event loop); every worker reaches 0.9, pulls only from its ring neighbours and measures its links.
+    Launched with --pin-cpus: each process on its core, logging CPU and memory for the report."""
     base = ["algorithm=mpls", "peers=5", "rounds=30", "data.dataset=digits", "topology.kind=ring", "mpls.steps=10",
             "train.optimizer=adam", "train.learning_rate=0.01", "liveness.heartbeat_interval_s=0.5", "liveness.timeout_s=3"]
-    done = meshfl("launch", "--local", "--quiet", "--timeout", "150", "--out", str(tmp_path / "run"),
-                  *sets(*base, "grpc.base_port=50890"), timeout=200)
+    done = meshfl("launch", "--local", "--pin-cpus", "--quiet", "--timeout", "150", "--out", str(tmp_path / "run"),
+                  *sets(*base, "grpc.base_port=50890", "grpc.resources_every_s=0.5"), timeout=200)
     assert done.returncode == 0, done.stdout + done.stderr
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["dead_peers"] == [] and all(summary["final_round"][str(p)] == 30 for p in range(5))
@@ -539,3 +540,9 @@ def test_mpls_launch_five_workers_on_a_ring_each_reach_090_with_measured_links(t
     assert links and all(e["value"] > 0 for e in links)
     assert not [e for e in events if e.get("metric") == "refused"]
     assert (tmp_path / "run" / "layers_pulled_matrix.png").is_file()
+    cores = sorted(os.sched_getaffinity(0))  # --pin-cpus: peer i on core i mod cores
+    started = {e["peer"]: e["cpus"] for e in events if e.get("event") == "peer_started"}
+    assert started == {p: [cores[p % len(cores)]] for p in range(5)}
+    usage = [e for e in events if e.get("metric") in ("cpu_percent", "memory_mb")]
+    assert {e["peer"] for e in usage} == set(range(5)) and all(e["value"] >= 0 for e in usage)
+    assert (tmp_path / "run" / "resources_per_peer.png").is_file()

@@ -253,6 +253,39 @@ class PeerProcess:
         return lines[-1].strip() if lines else ""
 
 
+CPU_ENV = "MESHFL_CPU"
+"""`meshfl node` pins itself to this core (set by `launch --local --pin-cpus`)."""
+
+
+def peer_placement(peers: int) -> dict[int, dict[str, str]]:
+    """Per peer, the environment that places it: MESHFL_CPU (core i mod the usable cores) and, with GPUs,
+    CUDA_VISIBLE_DEVICES (GPU i mod their count)."""
+    import torch  # only here: the launcher itself trains nothing
+
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    placement = {}
+    for peer in range(peers):
+        env = {CPU_ENV: str(cores[peer % len(cores)])}
+        if gpus:
+            env["CUDA_VISIBLE_DEVICES"] = str(peer % gpus)
+        placement[peer] = env
+    return placement
+
+
+def pin_to_configured_cpu() -> int | None:
+    """In a peer process: pin to the core MESHFL_CPU names (Linux); returns it, or None when not asked or not possible."""
+    wanted = os.environ.get(CPU_ENV)
+    if not wanted or not hasattr(os, "sched_setaffinity"):
+        return None
+    try:
+        core = int(wanted)
+        os.sched_setaffinity(0, {core})
+    except (ValueError, OSError):
+        return None
+    return core
+
+
 def start_peer(peer: int, config_path: Path, folder: Path, env: dict[str, str]) -> PeerProcess:
     log_path = folder / "log.txt"
     with log_path.open("wb") as log:
@@ -483,8 +516,12 @@ class LaunchResult:
 def launch_local(config: ExperimentConfig, run_dir: Path, *, timeout_s: float | None = None, report: bool = True,
                  progress: ProgressCallback | None = None, linger_s: float = 1.0,
                  on_started: Callable[[list[PeerProcess]], None] | None = None,
-                 env: dict[str, str] | None = None, insecure: bool = False, tracking: Tracking | None = None) -> LaunchResult:
+                 env: dict[str, str] | None = None, insecure: bool = False, tracking: Tracking | None = None,
+                 pin_cpus: bool = False) -> LaunchResult:
     """Run every peer as a `meshfl node` process on grpc.host; write the merged run folder to `run_dir`.
+
+    `pin_cpus`: peer i runs on core i mod (cores this launcher may use) and, when GPUs are visible,
+    sees GPU i mod (GPUs) only, so many emulated peers share a host predictably.
 
     grpc.host off loopback needs mTLS (grpc.tls) or `insecure` (then recorded as grpc.insecure in
     the run's config, and every peer warns at start); checked before any process starts. `tracking`: the
@@ -521,10 +558,12 @@ def launch_local(config: ExperimentConfig, run_dir: Path, *, timeout_s: float | 
     interrupted: Interrupted | None = None
     gate = _InterruptGate()
 
+    placement = peer_placement(config.peers) if pin_cpus else {}
+
     def start(peer: int) -> PeerProcess:
         folder = peers_dir / f"peer-{peer}"
         with gate.held():  # a started process is always recorded, so always stopped
-            process = start_peer(peer, folder / "peer.yaml", folder, child_env)
+            process = start_peer(peer, folder / "peer.yaml", folder, {**child_env, **placement.get(peer, {})})
             processes.append(process)
         return process
 

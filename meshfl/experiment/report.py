@@ -598,6 +598,35 @@ def plot_described(metric: str, lines: dict[int, tuple[list[float], list[float]]
     return _save(fig, path)
 
 
+RESOURCE_METRICS = (("cpu_percent", "CPU (% of one core)"), ("memory_mb", "resident memory (MB)"))
+
+
+def plot_resources(events: list[Any], path: Path) -> Path | None:
+    """CPU and memory of every peer process against wall time (what `meshfl node` logs every grpc.resources_every_s);
+    None when the run logged neither (the simulator: one process for every peer)."""
+    series = {metric: collect_series(events, metric, "wall_time") for metric, _ in RESOURCE_METRICS}
+    if not any(series.values()):
+        return None
+    fig = _new_figure(10.0, 4.0)
+    for i, (metric, label) in enumerate(RESOURCE_METRICS):
+        ax = fig.add_subplot(1, 2, i + 1)
+        peers = sorted(series[metric])
+        labelled = len(peers) <= MAX_LEGEND_PEERS
+        for j, peer in enumerate(peers):
+            xs, ys = series[metric][peer]
+            ax.plot(xs, ys, lw=1.0, alpha=0.85 if labelled else 0.5,
+                    color=PEER_PALETTE[j % len(PEER_PALETTE)] if labelled else PEER_COLOR, label=f"peer {peer}" if labelled else None)
+        ax.set_xlabel("wall time (s)")
+        ax.set_ylabel(label)
+        top = max((float(np.nanmax(ys)) for _, ys in series[metric].values() if ys.size), default=1.0)
+        ax.set_ylim(0, max(top, 1e-9) * 1.15)
+        ax.grid(alpha=0.3)
+        if labelled and peers and i == 0:
+            ax.legend(loc="best", fontsize=7, ncols=2 if len(peers) > 6 else 1)
+    fig.suptitle(f"resources per peer process ({len(series['cpu_percent']) or len(series['memory_mb'])} processes)")
+    return _save(fig, path)
+
+
 def matrix_metrics(events: Iterable[Any]) -> dict[str, dict[tuple[int, int], float]]:
     """Totals one peer logged `about` another without a round (MPLS's layers pulled per peer, smart
     gossip's interactions), as {metric: {(peer, described peer): value}}; a repeated pair sums."""
@@ -769,6 +798,10 @@ def write_report(run_dir: Path, events: list[dict], summary: dict, config_yaml: 
         safe = "".join(c if c.isalnum() or c in "_-" else "_" for c in metric)
         pngs.append(plot_described(metric, lines, run_dir / f"{safe}_per_peer.png"))
         alts.append(f"{metric} per peer")
+    resources = plot_resources(events, run_dir / "resources_per_peer.png")
+    if resources is not None:
+        pngs.append(resources)
+        alts.append("CPU and memory per peer process")
     for metric, cells in sorted(matrix_metrics(events).items())[:MAX_DESCRIBED_PLOTS]:
         safe = "".join(c if c.isalnum() or c in "_-" else "_" for c in metric)
         pngs.append(plot_matrix(metric, cells, run_dir / f"{safe}_matrix.png"))

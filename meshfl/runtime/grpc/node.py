@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import os
 import signal
 import sys
 import threading
@@ -126,6 +127,17 @@ class GrpcContext(PeerContext):
         return self._node.faults.byzantine
 
 
+def resident_mb() -> float:
+    """This process's resident memory in MB (Linux /proc; elsewhere its peak, from getrusage)."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+        return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 # ---- the peer process -----------------------------------------------------------------------
 
 class MetricsFile:
@@ -225,6 +237,18 @@ class PeerNode:
         if len(self._encoded) > ENCODED_KEPT:
             self._encoded.popitem(last=False)
         return data
+
+    async def log_resources(self, every_s: float) -> None:
+        """`cpu_percent` (of one core, since the last line) and `memory_mb` (resident) of this process, every `every_s`:
+        with many peers on one host, the report shows which ones starve or swell."""
+        cpu, wall = time.process_time(), time.monotonic()
+        while True:
+            await asyncio.sleep(every_s)
+            now_cpu, now_wall = time.process_time(), time.monotonic()
+            percent = 100.0 * (now_cpu - cpu) / max(now_wall - wall, 1e-9)
+            cpu, wall = now_cpu, now_wall
+            self.metrics.metric(self.peer_id, None, "cpu_percent", round(percent, 2), incarnation=self.incarnation)
+            self.metrics.metric(self.peer_id, None, "memory_mb", round(resident_mb(), 2), incarnation=self.incarnation)
 
     def record(self, event: str, **fields: Any) -> None:
         self.metrics.record(event, peer=self.peer_id, incarnation=self.incarnation, **fields)
@@ -377,11 +401,14 @@ class PeerNode:
             self.link(peer, heartbeat=False)
         reaper: asyncio.Task | None = None
         watcher = asyncio.create_task(self.watch_faults(), name="faults") if self.faults.actions else None
+        usage = (asyncio.create_task(self.log_resources(self.config.grpc.resources_every_s), name="resources")
+                 if self.config.grpc.resources_every_s > 0 else None)
         status = "stopped"
         try:
             layout = self.worlds.learner.layout
             self.record(PEER_STARTED, listen=self.peer_config.listen, neighbours=list(self.neighbour_ids),
                         unix_time=time.time() - self.now(), partition=self.partition,
+                        cpus=sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
                         parameters=layout.numel, layout=layout.fingerprint)
             if not await _until_stopped(self.wait_for_neighbours(), stop):
                 return status
@@ -413,7 +440,7 @@ class PeerNode:
             status = "failed"
             raise
         finally:
-            for task in (reaper, watcher):
+            for task in (reaper, watcher, usage):
                 if task is not None:
                     task.cancel()
             await asyncio.gather(*(link.say_goodbye(GOODBYE_TIMEOUT_S) for link in self.links.values() if link.alive),

@@ -211,14 +211,14 @@ def _validate(tree: dict[str, Any], overrides: list[str]) -> ExperimentConfig:
     return config_from_tree(tree, overrides)
 
 
-def _tracking(tensorboard: bool, mlflow: str | None, out: str | Path | bool | None) -> Any:
+def _tracking(tensorboard: bool, mlflow: str | None, out: str | Path | bool | None, wandb: bool = False) -> Any:
     """The Tracking asked for, checked (missing package, no run folder) before any run folder is claimed."""
     from meshfl.experiment.tracking import Tracking, TrackingError, check_tracking
 
-    tracking = Tracking(bool(tensorboard), None if mlflow is None else str(mlflow))
+    tracking = Tracking(bool(tensorboard), None if mlflow is None else str(mlflow), bool(wandb))
     check_tracking(tracking)
     if tracking and out is False:
-        raise TrackingError("tensorboard/mlflow tracking needs a run folder (out=False writes none)")
+        raise TrackingError("tensorboard/mlflow/wandb tracking needs a run folder (out=False writes none)")
     return tracking
 
 
@@ -256,7 +256,7 @@ def _run_dir(out: str | Path | bool | None, config: ExperimentConfig) -> Path | 
 def run(config: ConfigLike = None, *, model: Any = None, dataset: Any = None, out: str | Path | bool | None = None,
         seed: int | None = None, progress: bool = True, overrides: list[str] | tuple[str, ...] = (),
         report: bool = True, loss: Any = None, metrics: Mapping[str, Any] | None = None,
-        train_step: Any = None, tensorboard: bool = False, mlflow: str | None = None) -> Result:
+        train_step: Any = None, tensorboard: bool = False, mlflow: str | None = None, wandb: bool = False) -> Result:
     """Run an experiment in the simulator, as `meshfl run` does, and return its results.
 
     Parameters
@@ -295,6 +295,9 @@ def run(config: ConfigLike = None, *, model: Any = None, dataset: Any = None, ou
         Also write TensorBoard event files to ``<run folder>/tensorboard`` (needs ``meshfl[tensorboard]``).
     mlflow : str, optional
         Also record the run in MLflow at this tracking URI, e.g. ``"file:./mlruns"`` (needs ``meshfl[mlflow]``).
+    wandb : bool
+        Also record the run with Weights & Biases, offline into ``<run folder>/wandb`` unless WANDB_MODE says
+        otherwise (needs ``meshfl[wandb]``).
 
     Returns
     -------
@@ -319,7 +322,7 @@ def run(config: ConfigLike = None, *, model: Any = None, dataset: Any = None, ou
         overrides = [f"data.dataset={kind}", f"data.path={key}", *overrides]
     resolved = resolve_config(config, model=model, seed=seed, overrides=overrides, loss=loss, metrics=metrics,
                               train_step=train_step)
-    tracking = _tracking(tensorboard, mlflow, out)
+    tracking = _tracking(tensorboard, mlflow, out, wandb)
     run_dir = _run_dir(out, resolved)
     try:
         outcome = simulate_with_progress(resolved, run_dir, show=progress, report=report, tracking=tracking)
@@ -335,7 +338,7 @@ def launch(config: ConfigLike = None, *, model: Any = None, dataset: Any = None,
            seed: int | None = None, progress: bool = True, overrides: list[str] | tuple[str, ...] = (),
            timeout_s: float | None = None, report: bool = True, loss: str | None = None,
            metrics: Mapping[str, str] | None = None, train_step: str | None = None, tensorboard: bool = False,
-           mlflow: str | None = None) -> Result:
+           mlflow: str | None = None, wandb: bool = False) -> Result:
     """Run an experiment as real peer processes on this host (`meshfl launch --local`) and return its results.
 
     Parameters
@@ -362,8 +365,8 @@ def launch(config: ConfigLike = None, *, model: Any = None, dataset: Any = None,
         Write the plots and `report.html` too.
     loss, metrics, train_step : str or mapping of str, optional
         As for `run`, as ``"package.module:function"`` references the peer processes can import.
-    tensorboard, mlflow : bool, str
-        As for `run`: the merged metrics of every peer go to TensorBoard / MLflow.
+    tensorboard, mlflow, wandb : bool, str, bool
+        As for `run`: the merged metrics of every peer go to TensorBoard / MLflow / Weights & Biases.
 
     Returns
     -------
@@ -390,7 +393,7 @@ def launch(config: ConfigLike = None, *, model: Any = None, dataset: Any = None,
 
     resolved = resolve_config(config, model=model, seed=seed, overrides=overrides, loss=loss, metrics=metrics,
                               train_step=train_step)
-    tracking = _tracking(tensorboard, mlflow, out)
+    tracking = _tracking(tensorboard, mlflow, out, wandb)
     frame = _frame_for_peers(dataset)
     run_dir = _run_dir(out, resolved)
     assert run_dir is not None

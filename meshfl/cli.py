@@ -58,13 +58,14 @@ def _claim_run_dir(out: Optional[Path], config: ExperimentConfig) -> Path:
 
 TENSORBOARD_HELP = "also write TensorBoard event files to <run folder>/tensorboard (needs: pip install 'meshfl[tensorboard]')"
 MLFLOW_HELP = "also record the run in MLflow at this tracking URI, e.g. file:./mlruns (needs: pip install 'meshfl[mlflow]')"
+WANDB_HELP = "also record the run with Weights & Biases, offline into <run folder>/wandb unless WANDB_MODE=online (needs: pip install 'meshfl[wandb]')"
 
 
-def _tracking(tensorboard: bool, mlflow: Optional[str]) -> Tracking:
+def _tracking(tensorboard: bool, mlflow: Optional[str], wandb: bool = False) -> Tracking:
     """The tracking asked for on the command line; a missing package is one line and exit code 2, before any work."""
     from meshfl.experiment.tracking import Tracking, TrackingError, check_tracking
 
-    tracking = Tracking(tensorboard, mlflow)
+    tracking = Tracking(tensorboard, mlflow, wandb)
     try:
         check_tracking(tracking)
     except TrackingError as exc:
@@ -89,6 +90,7 @@ def run(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
     tensorboard: Annotated[bool, typer.Option("--tensorboard", help=TENSORBOARD_HELP)] = False,
     mlflow: Annotated[Optional[str], typer.Option("--mlflow", metavar="URI", help=MLFLOW_HELP)] = None,
+    wandb: Annotated[bool, typer.Option("--wandb", help=WANDB_HELP)] = False,
 ) -> None:
     """Run a simulated experiment and write its run folder (config, metrics, summary, plots, report).
 
@@ -103,7 +105,7 @@ def run(
         config = load_config(config_path, set_)
     except ConfigError as exc:
         _fail(str(exc))
-    tracking = _tracking(tensorboard, mlflow)
+    tracking = _tracking(tensorboard, mlflow, wandb)
     run_dir = _claim_run_dir(out, config)
     try:
         result = simulate_with_progress(config, run_dir, console=console, show=not quiet, tracking=tracking)
@@ -412,6 +414,7 @@ def launch(
     pin_cpus: Annotated[bool, typer.Option("--pin-cpus", help="--local: pin peer i to core i mod cores (and GPU i mod GPUs), to emulate many peers on one host")] = False,
     tensorboard: Annotated[bool, typer.Option("--tensorboard", help=TENSORBOARD_HELP)] = False,
     mlflow: Annotated[Optional[str], typer.Option("--mlflow", metavar="URI", help=MLFLOW_HELP)] = None,
+    wandb: Annotated[bool, typer.Option("--wandb", help=WANDB_HELP)] = False,
 ) -> None:
     """Run an experiment with real peer processes talking gRPC, then write the same run folder as `meshfl run`.
 
@@ -427,7 +430,7 @@ def launch(
         config = load_config(config_path, set_)
     except ConfigError as exc:
         _fail(str(exc))
-    tracking = _tracking(tensorboard, mlflow)
+    tracking = _tracking(tensorboard, mlflow, wandb)
     run_dir = _claim_run_dir(out, config)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("peers running {task.fields[running]}  mean acc {task.fields[mean]}"), TimeElapsedColumn())

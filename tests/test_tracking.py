@@ -103,9 +103,19 @@ def test_mlflow_run_in_a_file_store_holds_config_metrics_summary_and_artifacts(t
     assert json.loads(local.read_text()) == json.loads((result.run_dir / "summary.json").read_text())
 
 
+def test_wandb_records_the_run_offline_in_the_run_folder(tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)  # offline is the default: nothing leaves the machine
+    result = meshfl.run(SMALL, out=tmp_path / "run", progress=False, report=False, wandb=True)
+    (record,) = (result.run_dir / "wandb").glob("wandb/offline-run-*/run-*.wandb")
+    data = record.read_bytes()
+    for tag in ("global_accuracy/mean", "global_accuracy/peer_0", "mean_final_accuracy", "train.local_steps"):
+        assert tag.encode() in data, tag  # metrics, summary and config went into the run's record file
+
+
 @pytest.mark.parametrize(("flag", "module", "message"), [
     (["--tensorboard"], "tensorboardX", "--tensorboard needs the tensorboardX package: pip install 'meshfl[tensorboard]'"),
     (["--mlflow", "file:./mlruns"], "mlflow", "--mlflow needs the mlflow package (mlflow-skinny is enough): pip install 'meshfl[mlflow]'"),
+    (["--wandb"], "wandb", "--wandb needs the wandb package: pip install 'meshfl[wandb]'"),
 ])
 def test_a_missing_package_is_one_line_naming_the_extra_before_any_work(tmp_path, monkeypatch, flag, module, message):
     monkeypatch.setitem(sys.modules, module, None)  # `import module` raises ImportError
@@ -114,7 +124,7 @@ def test_a_missing_package_is_one_line_naming_the_extra_before_any_work(tmp_path
                                   if command == "launch" else [command, "-q", *flag, "--out", str(tmp_path / command)])
         assert done.exit_code == 2 and message in done.output and "Traceback" not in done.output, done.output
         assert not (tmp_path / command).exists()
-    keyword = {"tensorboard": True} if module == "tensorboardX" else {"mlflow": "file:./mlruns"}
+    keyword = {"tensorboardX": {"tensorboard": True}, "mlflow": {"mlflow": "file:./mlruns"}, "wandb": {"wandb": True}}[module]
     with pytest.raises(TrackingError, match="pip install 'meshfl\\["):
         meshfl.run(SMALL, out=tmp_path / "api", progress=False, **keyword)
     assert not (tmp_path / "api").exists()

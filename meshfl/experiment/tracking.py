@@ -57,13 +57,17 @@ class Tracking:
         Write TensorBoard event files to `<run>/tensorboard/`.
     mlflow : str or None
         MLflow tracking URI (`file:/path/mlruns`, a plain path, or a tracking server's http(s) URL).
+    wandb : bool
+        Record the run with Weights & Biases: offline into `<run>/wandb` unless WANDB_MODE says otherwise
+        (`wandb sync` uploads it later).
     """
 
     tensorboard: bool = False
     mlflow: str | None = None
+    wandb: bool = False
 
     def __bool__(self) -> bool:
-        return self.tensorboard or self.mlflow is not None
+        return self.tensorboard or self.mlflow is not None or self.wandb
 
 
 def check_tracking(tracking: Tracking | None) -> None:
@@ -94,6 +98,11 @@ def check_tracking(tracking: Tracking | None) -> None:
             import mlflow  # noqa: F401
         except ImportError:
             raise TrackingError("--mlflow needs the mlflow package (mlflow-skinny is enough): pip install 'meshfl[mlflow]'") from None
+    if tracking.wandb:
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            raise TrackingError("--wandb needs the wandb package: pip install 'meshfl[wandb]'") from None
 
 
 @dataclass(frozen=True)
@@ -226,7 +235,30 @@ def write_tracking(tracking: Tracking | None, run_dir: Path, config: ExperimentC
         written["tensorboard"] = str(_tensorboard(run_dir / TENSORBOARD_DIR, config, points, finals, summary))
     if tracking.mlflow is not None:
         written["mlflow"] = _mlflow(tracking.mlflow, run_dir, config, points, finals, summary, runtime)
+    if tracking.wandb:
+        written["wandb"] = _wandb(run_dir, config, points, finals, runtime)
     return written
+
+
+WANDB_DIR = "wandb"
+
+
+def _wandb(run_dir: Path, config: ExperimentConfig, points: list[Scalar], finals: dict[str, float], runtime: str) -> str:
+    """One W&B run per meshfl run, offline into <run>/wandb unless WANDB_MODE is set (e.g. online); returns its folder."""
+    import wandb
+
+    folder = run_dir / WANDB_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    run = wandb.init(project=os.environ.get("WANDB_PROJECT", "meshfl"), name=f"{config.name}-{run_dir.name}",
+                     dir=str(folder), mode=os.environ.get("WANDB_MODE", "offline"), config=flat_config(config),
+                     tags=[config.algorithm, runtime], reinit="create_new", settings=wandb.Settings(silent=True))
+    try:
+        for step in sorted({p.step for p in points}):
+            run.log({p.tag: p.value for p in points if p.step == step}, step=step)
+        run.summary.update(finals)
+    finally:
+        run.finish()
+    return str(folder)
 
 
 def _tensorboard(folder: Path, config: ExperimentConfig, points: list[Scalar], finals: dict[str, float],

@@ -166,3 +166,49 @@ def test_differential_privacy_logs_a_growing_epsilon_and_every_peer_agrees_on_th
 def test_differential_privacy_refuses_a_noise_multiplier_the_count_noise_cannot_afford():
     with pytest.raises(ValueError, match="moshpit.dp.noise_multiplier: must be below participants / 10 = 0.8"):
         load_config(None, ["algorithm=moshpit", "peers=8", "moshpit.dp.enabled=true", "moshpit.dp.noise_multiplier=1.0"])
+
+
+def test_killing_two_real_peers_mid_run_does_not_stop_the_others(tmp_path):
+    """8 peer processes (M = 2, d = 3); peers 2 and 5 are SIGKILLed once peer 0 has evaluated iteration 2: the six
+    others finish every iteration (their groups shrink, their waits end at the detector's notice) and still learn."""
+    import os
+    import signal
+    import threading
+    import time
+
+    from meshfl.experiment.launch import launch_local
+
+    config = load_config(None, ["algorithm=moshpit", "data.dataset=digits", "peers=8", "moshpit.group_size=2", "rounds=8",
+                                "train.local_steps=8", "train.learning_rate=0.5", "moshpit.eval_every=2",
+                                "liveness.heartbeat_interval_s=0.5", "liveness.timeout_s=2", "grpc.base_port=51750"])
+    killed: list[int] = []
+
+    def kill_two(processes):
+        def evaluated(peer: int, iteration: int) -> bool:
+            path = processes[peer].folder / "metrics.jsonl"
+            for line in path.read_text().splitlines() if path.exists() else []:
+                try:
+                    event = json.loads(line)
+                except ValueError:
+                    continue
+                if event.get("metric") == "global_accuracy" and event.get("round") == iteration:
+                    return True
+            return False
+
+        def watch() -> None:
+            deadline = time.monotonic() + 100
+            while time.monotonic() < deadline and not evaluated(0, 2):
+                time.sleep(0.02)
+            for peer in (2, 5):
+                os.kill(processes[peer].process.pid, signal.SIGKILL)
+                killed.append(peer)
+
+        threading.Thread(target=watch, daemon=True).start()
+
+    launch_local(config, tmp_path / "run", timeout_s=150, on_started=kill_two)
+    assert killed == [2, 5]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["dead_peers"] == [2, 5]
+    survivors = [str(p) for p in range(8) if p not in (2, 5)]
+    assert all(summary["peer_status"][p] == "finished" and summary["final_round"][p] == 8 for p in survivors)
+    assert min(summary["final_global_accuracy"][p] for p in survivors) > 0.7  # measured 0.744 (no kills: 0.797; chance 0.1)

@@ -14,8 +14,9 @@ MNIST = Path(os.environ.get("MESHFL_DATA", ROOT.parent / "shared" / "data")) / "
 
 
 @pytest.mark.skipif(not (MNIST / "train-images-idx3-ubyte.gz").exists(), reason="MNIST not available")
-def test_mnist_gossip_example_every_peer_reaches_097(tmp_path):
-    config = load_config(ROOT / "examples" / "mnist_gossip.yaml", [f"data.path={MNIST}"])
+def test_mnist_gossip_example_every_peer_reaches_097_by_round_10(tmp_path):
+    # 10 of the example's 20 rounds keep the suite inside CI's budget (measured: 0.9741 at round 10, 0.9799 at 20)
+    config = load_config(ROOT / "examples" / "mnist_gossip.yaml", [f"data.path={MNIST}", "rounds=10"])
     result = run_experiment(config, tmp_path / "run")
     final = result.summary["final_global_accuracy"]
     assert len(final) == 10
@@ -25,7 +26,8 @@ def test_mnist_gossip_example_every_peer_reaches_097(tmp_path):
 
 @pytest.mark.skipif(not (MNIST / "train-images-idx3-ubyte.gz").exists(), reason="MNIST not available")
 def test_mnist_gossip_faults_example_survives_a_crash_a_restart_and_loss(tmp_path):
-    config = load_config(ROOT / "examples" / "mnist_gossip_faults.yaml", [f"data.path={MNIST}"])
+    # the faults end at round 12; 13 of the example's 20 rounds (measured: 0.9753 for every other peer at round 13)
+    config = load_config(ROOT / "examples" / "mnist_gossip_faults.yaml", [f"data.path={MNIST}", "rounds=13"])
     result = run_experiment(config, tmp_path / "run")
     summary = result.summary
     assert summary["dead_peers"] == [] and summary["incarnations"]["3"] == 2 and summary["crashes"]["3"] == 1

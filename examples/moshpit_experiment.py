@@ -26,6 +26,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from meshfl.config import load_config  # noqa: E402
+from meshfl.experiment.report import mean_of_latest  # noqa: E402
 from meshfl.experiment.sweep import Axis, Plan, Point, Task, run_tasks, sweep_results, write_results  # noqa: E402
 from meshfl.learn.saved import MODELS_DIR, model_paths, read_model  # noqa: E402
 
@@ -52,19 +53,6 @@ def plan(variants: dict[str, list[str]], extra: list[str]) -> Plan:
     return Plan("moshpit", None, extra, [Axis("variant", tuple(variants))], points, [0], tasks)
 
 
-def mean_accuracy_curve(events: list[dict], peers: int) -> tuple[list[float], list[float]]:
-    evaluations = sorted((e["virtual_time"], e["peer"], e["value"]) for e in events
-                         if e.get("event") == "metric" and e.get("metric") == "global_accuracy")
-    latest: dict[int, float] = {}
-    times, means = [], []
-    for t, peer, value in evaluations:
-        latest[peer] = value
-        if len(latest) == peers:
-            times.append(t)
-            means.append(sum(latest.values()) / peers)
-    return times, means
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("runs/moshpit"))
@@ -87,7 +75,7 @@ def main(argv: list[str] | None = None) -> None:
         layout_bytes = 4 * read_model(model_paths(folder / MODELS_DIR, 0)[0])[0].layout.numel
         per_peer = summary["total_bytes"] / summary["peers"] / summary["rounds"]
         epsilons = [e["value"] for e in events if e.get("metric") == "epsilon"]
-        times, means = mean_accuracy_curve(events, summary["peers"])
+        times, means = mean_of_latest(events, "global_accuracy", summary["peers"])
         rows.append({"variant": label, "status": "ok", "mean_final_accuracy": summary["mean_final_accuracy"],
                      "min_final_accuracy": summary["min_final_accuracy"], "mb_per_peer_per_aggregation": per_peer / 1e6,
                      "model_sizes_per_peer_per_aggregation": per_peer / layout_bytes,

@@ -31,6 +31,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from meshfl.config import load_config  # noqa: E402
+from meshfl.experiment.report import mean_of_latest  # noqa: E402
 from meshfl.experiment.sweep import Axis, Plan, Point, Task, run_tasks, sweep_results, write_results  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -71,20 +72,6 @@ def read_run(out: Path, record: dict) -> tuple[list[dict], dict]:
     return events, json.loads((folder / "summary.json").read_text())
 
 
-def mean_accuracy_curve(events: list[dict], peers: int) -> tuple[np.ndarray, np.ndarray]:
-    """(virtual times, mean over workers of each one's latest global accuracy), from when every worker has one."""
-    evaluations = sorted((e["virtual_time"], e["peer"], e["value"]) for e in events
-                         if e.get("event") == "metric" and e.get("metric") == "global_accuracy")
-    latest: dict[int, float] = {}
-    times, means = [], []
-    for t, peer, value in evaluations:
-        latest[peer] = value
-        if len(latest) == peers:
-            times.append(t)
-            means.append(sum(latest.values()) / peers)
-    return np.array(times), np.array(means)
-
-
 def time_to(times: np.ndarray, means: np.ndarray, target: float) -> float | None:
     reached = np.flatnonzero(means >= target)
     return float(times[reached[0]]) if reached.size else None
@@ -108,7 +95,7 @@ def run_part(name: str, variants: dict[str, list[str]], out: Path, seeds: int, w
         if record.get("status") != "ok":
             continue
         events, summary = read_run(out, record)
-        times, means = mean_accuracy_curve(events, summary["peers"])
+        times, means = map(np.array, mean_of_latest(events, "global_accuracy", summary["peers"]))
         t90 = time_to(times, means, TARGET)
         rows[label].append({
             "seed": record.get("seed"), "time_to_target_s": t90, "curve": [times.tolist(), means.tolist()],

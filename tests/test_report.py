@@ -230,3 +230,14 @@ def test_lifecycle_markers_statuses_and_interrupted(tmp_path: Path, with_rounds:
     assert '<tr class="dead"><td class="num">2</td>' in table and "<td>crashed</td>" in table
     assert '<tr class="stopped"><td class="num">3</td>' in table and "<td>stopped</td>" in table
     assert "dead" not in table.split('<td class="num">3</td>')[1]  # a stopped peer is not dead
+
+
+def test_mean_of_latest_averages_each_peers_newest_value_once_every_peer_has_one():
+    from meshfl.experiment.report import mean_of_latest
+
+    events = [{"event": "metric", "metric": "global_accuracy", "peer": p, "value": v, "virtual_time": t}
+              for p, v, t in ((0, 0.2, 1.0), (0, 0.4, 2.0), (1, 0.6, 3.0), (0, 0.8, 4.0), (1, 1.0, 5.0))]
+    events.append({"event": "metric", "metric": "train_loss", "peer": 1, "value": 9.0, "virtual_time": 0.5})
+    xs, means = mean_of_latest(events, "global_accuracy", 2)
+    assert xs == [3.0, 4.0, 5.0]
+    assert means == pytest.approx([0.5, 0.7, 0.9])

@@ -85,7 +85,7 @@ class NodeContext(Protocol):
 
     @property
     def label_counts(self) -> tuple[int, ...]:
-        """Samples of each class in the local training split: metadata a peer may share (MPLS's data divergence), never the data."""
+        """Samples of each class in the local training split: metadata a peer may share (a data-divergence peer choice), never the data."""
         ...
 
     @property

@@ -246,7 +246,7 @@ class Params:
 class ParamsSlice:
     """Some entries of a model: sorted, disjoint ranges of the layout's flat vector and their values.
 
-    A set of layers (MPLS pulls), a contiguous chunk (reduce-scatter) or a sparse delta
+    A set of layers (layer-wise pulls), a contiguous chunk (reduce-scatter) or a sparse delta
     travels as one, never as a whole model.
 
     Parameters

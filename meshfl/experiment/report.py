@@ -147,6 +147,22 @@ def collect_series(events: Iterable[Any], metric: str, x_key: str) -> Series:
     return {p: (np.asarray(xs), np.asarray(ys)) for p, (xs, ys) in sorted(points.items())}
 
 
+def mean_of_latest(events: Iterable[Any], metric: str, peers: int, x_key: str = "virtual_time") -> tuple[list[float], list[float]]:
+    """The mean over peers of each one's latest `metric` value, at every new value once all `peers` have one:
+    accuracy against time for algorithms whose peers evaluate at their own pace."""
+    points = sorted((float(e[x_key]), int(e["peer"]), float(e["value"])) for e in events
+                    if isinstance(e, dict) and e.get("event") == METRIC and e.get("metric") == metric
+                    and isinstance(e.get("value"), (int, float)) and x_key in e)
+    latest: dict[int, float] = {}
+    xs, means = [], []
+    for x, peer, value in points:
+        latest[peer] = value
+        if len(latest) >= peers:
+            xs.append(x)
+            means.append(sum(latest.values()) / len(latest))
+    return xs, means
+
+
 # --- summary helpers -------------------------------------------------------------------------
 
 
@@ -628,8 +644,8 @@ def plot_resources(events: list[Any], path: Path) -> Path | None:
 
 
 def matrix_metrics(events: Iterable[Any]) -> dict[str, dict[tuple[int, int], float]]:
-    """Totals one peer logged `about` another without a round (MPLS's layers pulled per peer, smart
-    gossip's interactions), as {metric: {(peer, described peer): value}}; a repeated pair sums."""
+    """Totals one peer logged `about` another without a round (layers pulled from each neighbour,
+    interactions with each neighbour), as {metric: {(peer, described peer): value}}; a repeated pair sums."""
     found: dict[str, dict[tuple[int, int], float]] = {}
     for e in events:
         if not isinstance(e, dict) or e.get("event") != METRIC or "about" not in e or e.get("round") is not None:

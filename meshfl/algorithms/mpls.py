@@ -77,7 +77,8 @@ class MplsConfig(Section):
     guard: bool = Field(True, description="fall back to each layer's fastest peer when Algorithm 1's plan is slower (the paper's "
                         "list scheduling can be up to ~2x slower than that plan; see mpls_math.schedule); false: the paper's plan as is")
     eval_every: int = Field(5, ge=1, description="evaluate every this many iterations (and after the last)")
-    linger_s: float = Field(60.0, ge=0, description="after its last iteration a worker serves until every neighbour is done or gone, at most this long")
+    linger_s: float = Field(3600.0, ge=0, description="after its last iteration a worker serves until every neighbour is done or gone, at most this long "
+                            "(a worker that leaves earlier makes a slower neighbour's pull wait out pull_timeout_s)")
 
     def model_post_init(self, _context: object) -> None:
         if abs(self.tau1 + self.tau2 - 1.0) > 1e-9:

@@ -525,7 +525,7 @@ def test_mpls_launch_five_workers_on_a_ring_each_reach_090_with_measured_links(t
     """mpls over gRPC: 5 worker processes on a ring train and pull layers concurrently (training in a thread,
     serving on the event loop); every worker reaches 0.9, pulls only from its ring neighbours and measures its links.
     Launched with --pin-cpus: each process on its core, logging CPU and memory for the report."""
-    base = ["algorithm=mpls", "peers=5", "rounds=30", "data.dataset=digits", "topology.kind=ring", "mpls.steps=10",
+    base = ["algorithm=mpls", "peers=5", "rounds=30", "data.dataset=digits", "topology.kind=ring", "train.local_steps=10",
             "train.optimizer=adam", "train.learning_rate=0.01", "liveness.heartbeat_interval_s=0.5", "liveness.timeout_s=3"]
     done = meshfl("launch", "--local", "--pin-cpus", "--quiet", "--timeout", "150", "--out", str(tmp_path / "run"),
                   *sets(*base, "grpc.base_port=50890", "grpc.resources_every_s=0.5"), timeout=200)

@@ -13,7 +13,7 @@ from meshfl.core.params import Layout, Params, ParamsSlice
 from meshfl.experiment.report import matrix_metrics
 from meshfl.experiment.run import simulate, summarise
 
-SMALL = ["algorithm=mpls", "data.dataset=digits", "train.learning_rate=0.5", "mpls.steps=10"]
+SMALL = ["algorithm=mpls", "data.dataset=digits", "train.learning_rate=0.5", "train.local_steps=10"]
 
 
 def metric(metrics, name: str) -> list[dict]:
@@ -98,7 +98,7 @@ def test_a_pull_never_reads_a_half_updated_model_while_the_server_trains_slowly(
 
     monkeypatch.setattr(MplsPeer, "aggregate", aggregate)
     monkeypatch.setattr(MplsPeer, "answer", answer)
-    config = load_config(None, SMALL + ["peers=2", "rounds=20", "topology.kind=full", "mpls.steps=20",
+    config = load_config(None, SMALL + ["peers=2", "rounds=20", "topology.kind=full", "train.local_steps=20",
                                         "compute.seconds_per_sample=0.001",
                                         "compute.tiers=[{peers: [0], speed: 0.2}]"])
     _, metrics, _ = simulate(config)

@@ -2,7 +2,7 @@
 
 Every worker runs its own iterations at its own pace. One iteration k of worker i:
 
-1. training of the model w_i^k starts (`ctx.train`, `mpls.steps` mini-batches) and, overlapped with
+1. training of the model w_i^k starts (`ctx.train`: the train config's amount, e.g. `train.local_steps`) and, overlapped with
    it, the pull phase runs: the worker asks its live neighbours for their metadata (`Info`: label
    counts, the L layer scores g_s(l) of Eq. 5, whether they are done), computes the peer probability
    p_s (Eq. 2-4: measured link speed and data divergence, weighted by tau1 and tau2) and the layer
@@ -67,7 +67,6 @@ class MplsConfig(Section):
     mode: Mode = Field("mpls", description="mpls (peer and layer selection, list scheduling); peer (MPLS-Peer: q uniform); "
                        "layer (MPLS-Layer: p uniform); rand (Rand-MPLS: each layer from a random neighbour); appg (whole "
                        "models from every neighbour); netmax (a whole model from one neighbour drawn by link speed)")
-    steps: int = Field(10, ge=1, description="mini-batches a worker trains per iteration (the experiment's rounds are its iterations)")
     tau1: float = Field(0.5, ge=0, le=1, description="weight of link speed in the peer probability (Eq. 4); tau1 + tau2 = 1")
     tau2: float = Field(0.5, ge=0, le=1, description="weight of data divergence in the peer probability (Eq. 4)")
     bandwidth_ema: float = Field(0.5, gt=0, le=1, description="weight of the newest measurement in a link's speed estimate")
@@ -276,7 +275,7 @@ class MplsPeer:
     async def run_iteration(self, ctx: NodeContext, k: int) -> None:
         assert self.model is not None
         started = ctx.now()
-        training = asyncio.ensure_future(ctx.train(self.model, steps=self.config.steps))
+        training = asyncio.ensure_future(ctx.train(self.model))
         try:
             pulled, planned_delay, reachable = await self.pull_phase(ctx, k)
         except BaseException:
@@ -438,7 +437,7 @@ MPLS = register(Algorithm(
     messages=(Info, InfoReply, Pull, Layers, Done),
     peer=lambda config, experiment: MplsPeer(config, experiment.rounds).run,
     check=_check,
-    quick=("mpls.info_timeout_s=2", "mpls.pull_timeout_s=5", "mpls.linger_s=5", "mpls.steps=2"),
+    quick=("mpls.info_timeout_s=2", "mpls.pull_timeout_s=5", "mpls.linger_s=5", "train.local_steps=2"),
     worst_case_s=_worst_case_s,
 ))
 

@@ -17,7 +17,6 @@ import json
 import math
 import time
 
-import meshfl.algorithms.dht_probe  # noqa: F401 - registers the probe algorithm (not among the built-in ones)
 from meshfl.config import load_config
 from meshfl.experiment.run import simulate
 

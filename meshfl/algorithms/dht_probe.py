@@ -120,7 +120,7 @@ def _worst_case_s(config: DhtProbeConfig, experiment: ExperimentConfig) -> float
 
 DHT_PROBE = register(Algorithm(
     name="dht_probe",
-    summary="test algorithm: bootstrap a Kademlia DHT, store, look up and get on a fixed schedule, log hops and exactness",
+    summary="diagnostic: bootstrap a Kademlia DHT, store, look up and get on a fixed schedule, log hops and exactness",
     config=DhtProbeConfig,
     messages=(),
     peer=lambda config, experiment: lambda ctx: run_probe(ctx, config),

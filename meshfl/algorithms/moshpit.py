@@ -153,7 +153,6 @@ class MoshpitPeer:
         self.config = config
         self.iterations = experiment.rounds
         self.seed = experiment.seed
-        self.max_weight = float(MAX_WEIGHT)
         self.model: Params | None = None
         self.iteration = 0
         self.dht: Dht | None = None
@@ -232,7 +231,7 @@ class MoshpitPeer:
             key = (message.group, message.index)
             live = message.group in self.live_groups and 0 <= message.index < 2 * self.config.group_size
             held = self.parts.setdefault(key, {}) if live else None
-            if held is None or message.sender in held or not self.slice_fits(message.values) or not 0 < message.weight <= self.max_weight:
+            if held is None or message.sender in held or not self.slice_fits(message.values) or not 0 < message.weight <= MAX_WEIGHT:
                 self.refused += 1
                 return
             held[message.sender] = message
@@ -301,23 +300,22 @@ class MoshpitPeer:
 
     async def average(self, ctx: NodeContext, t: int, vector: Params, weight: float) -> Params:
         """`vector` averaged over this iteration's groups, round by round."""
-        scheme = self.scheme(ctx)
         self.vector_layout = vector.layout
         index = ctx.peers.index(ctx.peer_id)
         rounds = self.config.averaging_rounds
         if rounds is None:
             rounds = moshpit_math.rounds_needed(len(ctx.peers), self.config.group_size)
-        if self._expected is None or len(self._expected) != rounds:
-            self._expected = moshpit_math.schedule_groups(scheme, rounds)  # the plan: every peer computes the same
-        sent_before = 0
+        if self._expected is None:  # the plan, the same every iteration and at every peer: computed once
+            self._expected = moshpit_math.schedule_groups(self.scheme(ctx), rounds)
+        sent = 0
         for r in range(rounds):
             mates = next((g for g in self._expected[r] if index in g), [index])
             group = f"moshpit/{t}/{r}/{mates[0]}"  # the planned group, named by its first member
             members = await self.match(ctx, group, [ctx.peers[i] for i in mates])
             ctx.log("group_size", len(members), round=t)
-            vector, sent = await self.all_reduce(ctx, group, members, vector, weight, t)
-            sent_before += sent
-        ctx.log("model_sizes_sent", sent_before / max(vector.nbytes, 1), round=t)
+            vector, sent_now = await self.all_reduce(ctx, group, members, vector, weight, t)
+            sent += sent_now
+        ctx.log("model_sizes_sent", sent / max(vector.nbytes, 1), round=t)
         return vector
 
     # -- matchmaking
